@@ -1,0 +1,44 @@
+# Two commands for a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench install install-test redis-server clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flagproxy needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# The demo origin on 127.0.0.1:9000 and the proxy on 127.0.0.1:8080 in front of it (Ctrl-C stops both).
+run: install
+	@echo "demo origin on http://127.0.0.1:9000, flagproxy on http://127.0.0.1:8080"
+	@echo "try: curl -H 'X-User-Id: 42' localhost:8080/api/anything"
+	@trap 'kill $$origin 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/flagproxy demo-origin --port 9000 & origin=$$!; \
+	$(BIN)/flagproxy serve --config config/demo.toml
+
+redis-server:
+	@sh scripts/ensure-redis-server.sh
+
+test: install-test redis-server
+	$(BIN)/pytest
+
+lint: install-test
+	$(BIN)/ruff check proxy tests bench
+
+bench: install
+	$(PY) bench/proxy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""flagproxy: a feature-flag reverse proxy."""
+
+__version__ = "0.1.0"

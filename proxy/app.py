@@ -1,0 +1,71 @@
+"""The ASGI application: control plane under the reserved prefix, everything else forwarded."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from proxy.admin import build_control_app
+from proxy.config import Settings
+from proxy.context import ContextBuilder
+from proxy.forward import Forwarder, Receive, Send
+from proxy.header import FlagHeaders
+from proxy.resolver import FlagResolver
+from proxy.store import FlagStore, MemoryStore
+
+log = logging.getLogger("flagproxy")
+
+
+class FlagProxy:
+    def __init__(self, settings: Settings, store: FlagStore | None = None) -> None:
+        self.settings = settings
+        self.store: FlagStore = store or MemoryStore.from_file(settings.store.flags_file)
+        self.flag_headers = FlagHeaders(settings.header.name, settings.header.config_name)
+        self.resolver = FlagResolver(self.store, self.flag_headers, ContextBuilder(settings.context))
+        self.forwarder = Forwarder(settings, self.resolver)
+        self.control = build_control_app(self)
+        self.control_prefix = settings.server.control_prefix
+        self.control_prefix_slash = self.control_prefix + "/"
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path: str = scope["path"]
+            if path.startswith(self.control_prefix_slash) or path == self.control_prefix:
+                await self.control(scope, receive, send)
+            else:
+                await self.forwarder(scope, receive, send)
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def startup(self) -> None:
+        await self.store.start()
+        await self.forwarder.start()
+        log.info(
+            "flagproxy ready: %d flags (store version %d), origins: %s",
+            len(self.store.snapshot.flags),
+            self.store.snapshot.version,
+            ", ".join(f"{o.prefix}={o.url}" for o in self.settings.origins) or "none",
+        )
+
+    async def shutdown(self) -> None:
+        await self.forwarder.close()
+        await self.store.close()
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

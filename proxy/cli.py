@@ -1,0 +1,115 @@
+"""``flagproxy`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from proxy.config import ConfigError, Settings, load_settings
+from proxy.engine import FlagError
+
+EXIT_CONFIG = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "server": {"host": args.host, "port": args.port},
+        "store": {"flags_file": args.flags, "redis_url": args.redis_url},
+    }
+    return load_settings(config_file=args.config, overrides=overrides, origins=args.origin or None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.app import FlagProxy
+
+    settings = _settings_from_args(args)
+    if not settings.origins:
+        raise ConfigError("origins: at least one origin is required (--origin [PREFIX=]URL or [[origins]])")
+    app = FlagProxy(settings)
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def cmd_demo_origin(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.demo_origin import echo_app
+
+    uvicorn.run(
+        echo_app,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flagproxy", description="Feature-flag reverse proxy.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", metavar="FILE", help="TOML settings file")
+    serve.add_argument(
+        "--origin", action="append", metavar="[PREFIX=]URL", help="origin to forward to (repeatable)"
+    )
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--flags", metavar="FILE", help="native flags JSON for the embedded store")
+    serve.add_argument("--redis-url", metavar="URL", help="Redis flag store, e.g. redis://127.0.0.1:6379/0")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo-origin", help="run an echo API to put behind the proxy")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=9000)
+    demo.set_defaults(func=cmd_demo_origin)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"flagproxy: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FlagError as exc:
+        print(f"flagproxy: invalid flags: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"flagproxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""Settings: defaults < TOML file < environment < command line.
+
+Every scalar setting ``[section] key`` can be overridden by the environment variable
+``FLAGPROXY_<SECTION>_<KEY>``. Origins are an array of tables (``[[origins]]``) in the file,
+``FLAGPROXY_ORIGINS`` (comma-separated ``[PREFIX=]URL``) in the environment and repeated
+``--origin`` on the command line; a higher layer replaces the whole list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "FLAGPROXY_"
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or inconsistent; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    control_prefix: str = "/__flags"
+    max_request_head_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    pool_timeout_s: float = 10.0
+    pool_limit: int = 256
+    keepalive_timeout_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    trusted_proxies: tuple[str, ...] = ()
+    via: str = "flagproxy"
+    rewrite_host: bool = False
+
+
+@dataclass(frozen=True)
+class HeaderSettings:
+    name: str = "X-Feature-Flags"
+    config_name: str = "X-Feature-Flags-Config"
+    limit_bytes: int = 10240
+    reserve_bytes: int = 512
+    alert_ratio: float = 0.8
+    typical_request_bytes: int = 1500
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    key_header: str = "X-User-Id"
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    flags_file: str = "seeds/flags.json"
+    redis_url: str = ""
+    snapshot_path: str = ""
+
+
+@dataclass(frozen=True)
+class OriginSettings:
+    url: str
+    prefix: str = "/"
+    strip_prefix: bool = False
+    rewrite_host: bool | None = None
+    connect_timeout_s: float | None = None
+    read_timeout_s: float | None = None
+    pool_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    header: HeaderSettings = field(default_factory=HeaderSettings)
+    context: ContextSettings = field(default_factory=ContextSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    origins: tuple[OriginSettings, ...] = ()
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Settings)[f.name]
+    for f in dataclasses.fields(Settings)
+    if f.name != "origins"
+}
+
+
+# --- value coercion -------------------------------------------------------------------------------
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """Strip ``X | None`` to ``X``; report whether None is allowed."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(where: str, tp: Any, value: Any, from_text: bool) -> Any:
+    base, optional = _base_type(tp)
+    if value is None and optional:
+        return None
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if typing.get_origin(base) is tuple:
+        if from_text and isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    raise AssertionError(f"unsupported setting type {tp!r}")  # pragma: no cover
+
+
+def _apply(where_prefix: str, instance: Any, values: Mapping[str, Any], from_text: bool) -> Any:
+    hints = typing.get_type_hints(type(instance))
+    known = {f.name for f in dataclasses.fields(instance)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where_prefix} {key}: unknown setting")
+        changes[key] = _coerce(f"{where_prefix} {key}", hints[key], value, from_text)
+    return dataclasses.replace(instance, **changes)
+
+
+# --- origins --------------------------------------------------------------------------------------
+
+def parse_origin_spec(spec: str) -> OriginSettings:
+    """``[PREFIX=]URL`` as given to ``--origin`` / ``FLAGPROXY_ORIGINS``."""
+    spec = spec.strip()
+    prefix, sep, url = spec.partition("=")
+    if not sep or not prefix.startswith("/"):
+        prefix, url = "/", spec
+    return OriginSettings(url=url.strip(), prefix=prefix.strip())
+
+
+def _origin_from_table(index: int, table: Any) -> OriginSettings:
+    where = f"[[origins]] #{index + 1}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    if "url" not in table:
+        raise ConfigError(f"{where} url: missing")
+    base = OriginSettings(url="")
+    return _apply(where, base, table, from_text=False)
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {os.fspath(path)}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {os.fspath(path)}: invalid TOML: {exc}") from None
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    origins: list[str] | None = None,
+) -> Settings:
+    """Build validated settings from the four layers; raise ConfigError naming the bad field."""
+    env = os.environ if env is None else env
+    settings = Settings()
+    file_data = load_file(config_file) if config_file else {}
+
+    sections = {name: getattr(settings, name) for name in SECTIONS}
+    for name, value in file_data.items():
+        if name == "origins":
+            continue
+        if name not in SECTIONS:
+            raise ConfigError(f"[{name}]: unknown section")
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{name}]: expected a table")
+        sections[name] = _apply(f"[{name}]", sections[name], value, from_text=False)
+
+    for name, section in sections.items():
+        env_values = {}
+        for f in dataclasses.fields(section):
+            var = f"{ENV_PREFIX}{name.upper()}_{f.name.upper()}"
+            if var in env:
+                env_values[f.name] = env[var]
+        if env_values:
+            sections[name] = _apply(f"[{name}] (environment)", section, env_values, from_text=True)
+
+    for name, values in (overrides or {}).items():
+        present = {k: v for k, v in values.items() if v is not None}
+        if present:
+            sections[name] = _apply(f"[{name}] (command line)", sections[name], present, from_text=False)
+
+    origin_list: tuple[OriginSettings, ...] = ()
+    raw_origins = file_data.get("origins")
+    if raw_origins is not None:
+        if not isinstance(raw_origins, list):
+            raise ConfigError("[[origins]]: expected an array of tables")
+        origin_list = tuple(_origin_from_table(i, t) for i, t in enumerate(raw_origins))
+    if env.get(f"{ENV_PREFIX}ORIGINS"):
+        specs = env[f"{ENV_PREFIX}ORIGINS"].split(",")
+        origin_list = tuple(parse_origin_spec(s) for s in specs if s.strip())
+    if origins:
+        origin_list = tuple(parse_origin_spec(s) for s in origins)
+
+    settings = Settings(**sections, origins=origin_list)
+    validate(settings)
+    return settings
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_header_name(where: str, value: str) -> None:
+    _check(bool(_TOKEN.match(value)), f"{where}: {value!r} is not a valid header name")
+
+
+def validate(settings: Settings) -> None:
+    s = settings.server
+    _check(1 <= s.port <= 65535, f"[server] port: must be 1..65535, got {s.port}")
+    _check(
+        s.control_prefix.startswith("/") and s.control_prefix != "/" and not s.control_prefix.endswith("/"),
+        f"[server] control_prefix: must start with '/' and not end with '/', got {s.control_prefix!r}",
+    )
+    _check(s.max_request_head_bytes > 0, "[server] max_request_head_bytes: must be positive")
+
+    u = settings.upstream
+    for name in ("connect_timeout_s", "read_timeout_s", "pool_timeout_s", "keepalive_timeout_s"):
+        _check(getattr(u, name) > 0, f"[upstream] {name}: must be positive, got {getattr(u, name)}")
+    _check(u.pool_limit > 0, f"[upstream] pool_limit: must be positive, got {u.pool_limit}")
+
+    for cidr in settings.proxy.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"[proxy] trusted_proxies: {cidr!r} is not an IP network (CIDR)") from None
+    _check("\r" not in settings.proxy.via and "\n" not in settings.proxy.via, "[proxy] via: no line breaks")
+
+    h = settings.header
+    _check_header_name("[header] name", h.name)
+    _check_header_name("[header] config_name", h.config_name)
+    _check(h.limit_bytes > 0, f"[header] limit_bytes: must be positive, got {h.limit_bytes}")
+    _check(h.reserve_bytes >= 0, f"[header] reserve_bytes: must not be negative, got {h.reserve_bytes}")
+    _check(
+        h.reserve_bytes < h.limit_bytes,
+        f"[header] reserve_bytes: must be below limit_bytes ({h.limit_bytes}), got {h.reserve_bytes}",
+    )
+    _check(0 < h.alert_ratio <= 1, f"[header] alert_ratio: must be in (0, 1], got {h.alert_ratio}")
+    _check_header_name("[context] key_header", settings.context.key_header)
+
+    if settings.store.redis_url:
+        scheme = urlsplit(settings.store.redis_url).scheme
+        _check(
+            scheme in ("redis", "rediss", "unix"),
+            f"[store] redis_url: expected redis://, rediss:// or unix://, got {settings.store.redis_url!r}",
+        )
+
+    seen: set[str] = set()
+    for i, origin in enumerate(settings.origins):
+        where = f"origin #{i + 1} ({origin.prefix}={origin.url})"
+        parts = urlsplit(origin.url)
+        _check(parts.scheme in ("http", "https"), f"{where}: url must start with http:// or https://")
+        _check(bool(parts.hostname), f"{where}: url has no host")
+        _check(not parts.query and not parts.fragment, f"{where}: url must not have a query or fragment")
+        _check(origin.prefix.startswith("/"), f"{where}: prefix must start with '/'")
+        _check(origin.prefix not in seen, f"{where}: prefix {origin.prefix!r} is configured twice")
+        seen.add(origin.prefix)
+        norm = origin.prefix.rstrip("/") or "/"
+        ctl = settings.server.control_prefix
+        _check(
+            not (norm == ctl or norm.startswith(ctl + "/")),
+            f"{where}: prefix is inside the reserved control prefix {ctl!r}",
+        )
+        for name in ("connect_timeout_s", "read_timeout_s", "pool_limit"):
+            value = getattr(origin, name)
+            _check(value is None or value > 0, f"{where} {name}: must be positive")
+
+
+def flags_path(settings: Settings) -> Path:
+    return Path(settings.store.flags_file)

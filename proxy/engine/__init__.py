@@ -1,0 +1,9 @@
+"""Pure flag evaluation: no I/O, no web imports.
+
+Documents are validated and compiled once (``compile_document``) into ``Flag`` objects whose
+``evaluate(context)`` returns a pre-encoded ``Served`` outcome.
+"""
+
+from proxy.engine.model import Flag, FlagError, Served, compile_document, compile_flag
+
+__all__ = ["Flag", "FlagError", "Served", "compile_document", "compile_flag"]

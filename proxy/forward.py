@@ -1,0 +1,379 @@
+"""Data plane: forward one request to its origin, streaming both ways, flags added on the way.
+
+Read top to bottom: route → resolve flags → rewrite request headers → send upstream →
+rewrite response headers → stream the body back. Header rules are data (the sets below).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
+
+from proxy.config import OriginSettings, Settings
+from proxy.resolver import Resolver
+
+log = logging.getLogger("flagproxy.forward")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+# RFC 9110 §7.6.1: meaningful for one connection only; never forwarded in either direction.
+# Every header named by a Connection header is dropped too.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+# Set by the proxy from what it saw; from an untrusted peer they are dropped, not passed on.
+FORWARDING: frozenset[bytes] = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+)
+# What aiohttp would otherwise add on its own: the origin sees only what the client sent.
+SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class ClientGone(Exception):
+    """The downstream client disconnected while we were reading its request body."""
+
+
+@dataclass
+class Origin:
+    """One upstream, matched by raw path prefix (on segment boundaries)."""
+
+    prefix: bytes  # normalised: no trailing slash, b"" for the root
+    base: str  # scheme://host[:port]
+    base_path: str  # path on the origin to prepend, no trailing slash
+    netloc: bytes
+    strip_prefix: bool
+    rewrite_host: bool
+    timeout: aiohttp.ClientTimeout
+    pool_limit: int
+    keepalive_timeout_s: float
+    session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_settings(cls, origin: OriginSettings, settings: Settings) -> Origin:
+        parts = urlsplit(origin.url)
+        up = settings.upstream
+        connect = origin.connect_timeout_s or up.connect_timeout_s
+        return cls(
+            prefix=origin.prefix.rstrip("/").encode("latin-1"),
+            base=f"{parts.scheme}://{parts.netloc}",
+            base_path=parts.path.rstrip("/"),
+            netloc=parts.netloc.encode("latin-1"),
+            strip_prefix=origin.strip_prefix,
+            rewrite_host=settings.proxy.rewrite_host if origin.rewrite_host is None else origin.rewrite_host,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=up.pool_timeout_s + connect,
+                sock_connect=connect,
+                sock_read=origin.read_timeout_s or up.read_timeout_s,
+            ),
+            pool_limit=origin.pool_limit or up.pool_limit,
+            keepalive_timeout_s=up.keepalive_timeout_s,
+        )
+
+    def matches(self, raw_path: bytes) -> bool:
+        p = self.prefix
+        return not p or raw_path == p or (raw_path.startswith(p) and raw_path[len(p) : len(p) + 1] == b"/")
+
+    def target(self, raw_path: bytes, query: bytes) -> URL:
+        path = raw_path[len(self.prefix) :] if self.strip_prefix else raw_path
+        if not path.startswith(b"/"):
+            path = b"/" + path
+        url = self.base + self.base_path + path.decode("latin-1")
+        if query:
+            url += "?" + query.decode("latin-1")
+        return URL(url, encoded=True)
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.pool_limit,
+            limit_per_host=0,
+            keepalive_timeout=self.keepalive_timeout_s,
+            ttl_dns_cache=300,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self.timeout,
+            auto_decompress=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+class Router:
+    """Longest prefix wins."""
+
+    def __init__(self, origins: list[Origin]) -> None:
+        self.origins = sorted(origins, key=lambda o: len(o.prefix), reverse=True)
+
+    def match(self, raw_path: bytes) -> Origin | None:
+        for origin in self.origins:
+            if origin.matches(raw_path):
+                return origin
+        return None
+
+
+class RequestBody:
+    """The client's request body as an async iterator, streamed to the origin chunk by chunk."""
+
+    __slots__ = ("complete", "receive")
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.complete = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.complete = True
+                return
+
+
+def has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value.strip() != b"0"
+    return False
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def error_body(error: str, detail: str) -> bytes:
+    return json.dumps({"error": error, "detail": detail}).encode()
+
+
+async def send_json_error(send: Send, status: int, error: str, detail: str) -> None:
+    body = error_body(error, detail)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Forwarder:
+    """The raw ASGI handler for proxied traffic (no framework objects on this path)."""
+
+    def __init__(self, settings: Settings, resolver: Resolver) -> None:
+        self.router = Router([Origin.from_settings(o, settings) for o in settings.origins])
+        self.resolver = resolver
+        self.flag_headers = resolver.headers
+        self.trusted = [ipaddress.ip_network(c, strict=False) for c in settings.proxy.trusted_proxies]
+        self.via_name = settings.proxy.via
+
+    async def start(self) -> None:
+        for origin in self.router.origins:
+            await origin.open()
+
+    async def close(self) -> None:
+        for origin in self.router.origins:
+            await origin.close()
+
+    def is_trusted(self, client: tuple[str, int] | None) -> bool:
+        if not self.trusted or not client:
+            return False
+        try:
+            address = ipaddress.ip_address(client[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted)
+
+    def request_headers(self, scope: Scope, origin: Origin, flag_headers: list[tuple[bytes, bytes]]) -> list:
+        """Incoming headers minus hop-by-hop and spoofed flags, plus forwarding info and our flags."""
+        incoming: list[tuple[bytes, bytes]] = scope["headers"]
+        drop = connection_tokens(incoming) | HOP_BY_HOP if any(n == b"connection" for n, _ in incoming) else HOP_BY_HOP
+        trusted = self.is_trusted(scope.get("client"))
+        reserved = self.flag_headers.is_reserved
+
+        out: list[tuple[str, str]] = []
+        host = xff = xfp = xfh = via = None
+        te_trailers = False
+        for name, value in incoming:
+            if name in drop:
+                if name == b"te" and b"trailers" in value.lower():
+                    te_trailers = True
+                continue
+            if reserved(name):
+                continue
+            if name == b"host":
+                host = value
+            elif name in FORWARDING:
+                if trusted:
+                    if name == b"x-forwarded-for":
+                        xff = value if xff is None else xff + b", " + value
+                    elif name == b"x-forwarded-proto":
+                        xfp = value
+                    elif name == b"x-forwarded-host":
+                        xfh = value
+                    else:
+                        out.append(("forwarded", value.decode("latin-1")))
+            elif name == b"via":
+                via = value if via is None else via + b", " + value
+            else:
+                out.append((name.decode("latin-1"), value.decode("latin-1")))
+
+        outgoing_host = origin.netloc if origin.rewrite_host or host is None else host
+        out.insert(0, ("Host", outgoing_host.decode("latin-1")))
+        client = scope.get("client")
+        if client:
+            ip = client[0].encode("latin-1")
+            xff = ip if xff is None else xff + b", " + ip
+        if xff is not None:
+            out.append(("X-Forwarded-For", xff.decode("latin-1")))
+        out.append(("X-Forwarded-Proto", (xfp or scope.get("scheme", "http").encode()).decode("latin-1")))
+        if xfh is not None or host is not None:
+            out.append(("X-Forwarded-Host", (xfh or host or b"").decode("latin-1")))
+        if self.via_name:
+            hop = f"{scope.get('http_version', '1.1')} {self.via_name}"
+            out.append(("Via", f"{via.decode('latin-1')}, {hop}" if via else hop))
+        if te_trailers:
+            out.append(("TE", "trailers"))
+            out.append(("Connection", "TE"))
+        for name, value in flag_headers:
+            out.append((name.decode("latin-1"), value.decode("ascii")))
+        return out
+
+    @staticmethod
+    def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+        drop = HOP_BY_HOP
+        if any(n.lower() == b"connection" for n, _ in raw):
+            drop = HOP_BY_HOP | connection_tokens([(n.lower(), v) for n, v in raw])
+        out = []
+        for name, value in raw:
+            lname = name.lower()
+            if lname not in drop:
+                out.append((lname, value))
+        return out
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        origin = self.router.match(raw_path)
+        if origin is None or origin.session is None:
+            await send_json_error(send, 404, "no_route", "no origin is configured for this path")
+            return
+
+        resolution = self.resolver.resolve(scope)
+        headers = self.request_headers(scope, origin, resolution.request_headers)
+        body = RequestBody(receive) if has_body(scope["headers"]) else None
+        url = origin.target(raw_path, scope.get("query_string", b""))
+
+        try:
+            response = await origin.session.request(
+                scope["method"],
+                url,
+                headers=headers,
+                data=body.__aiter__() if body is not None else None,
+                allow_redirects=False,
+                compress=False,
+            )
+        except ClientGone:
+            return
+        except TimeoutError:
+            await send_json_error(send, 504, "gateway_timeout", "the origin did not answer in time")
+            return
+        except aiohttp.ClientConnectorError as exc:
+            await send_json_error(send, 502, "bad_gateway", f"origin unreachable: {exc.os_error.strerror or exc}")
+            return
+        except (aiohttp.ClientError, OSError) as exc:
+            if body is not None and isinstance(exc.__cause__, ClientGone):
+                return
+            log.warning("upstream request failed: %s: %s", type(exc).__name__, exc)
+            await send_json_error(send, 502, "bad_gateway", f"origin request failed: {type(exc).__name__}")
+            return
+
+        try:
+            await self.stream_response(scope, receive, send, response, body, resolution.response_headers)
+        finally:
+            response.release()
+
+    async def stream_response(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        response: aiohttp.ClientResponse,
+        body: RequestBody | None,
+        extra_headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        headers = self.response_headers(response.raw_headers)
+        if extra_headers:
+            headers.extend(extra_headers)
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+
+        content = response.content
+        try:
+            chunk = await content.readany()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("origin response broke before its body: %s", type(exc).__name__)
+            return
+        if content.at_eof():
+            await send({"type": "http.response.body", "body": chunk})
+            return
+
+        # A longer body: watch for the client going away so the upstream connection is freed at once.
+        watcher = None
+        if body is None or body.complete:
+            watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+            watcher.add_done_callback(lambda task: task.cancelled() or response.close())
+        try:
+            while chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if watcher is not None and watcher.done():
+                    return
+                chunk = await content.readany()
+            await send({"type": "http.response.body", "body": b""})
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if watcher is None or not watcher.done():
+                # Headers are out: the only honest signal left is an incomplete response.
+                log.warning("origin response broke mid-body: %s", type(exc).__name__)
+        finally:
+            if watcher is not None:
+                watcher.cancel()

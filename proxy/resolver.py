@@ -1,0 +1,44 @@
+"""The seam between the data plane and flag evaluation: one call per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from proxy.context import ContextBuilder, Header, Scope
+from proxy.header import FlagHeaders
+from proxy.store import FlagStore
+
+
+@dataclass(slots=True)
+class Resolution:
+    request_headers: list[Header]
+    response_headers: list[Header] = field(default_factory=list)
+
+
+class Resolver(Protocol):
+    headers: FlagHeaders
+
+    def resolve(self, scope: Scope) -> Resolution: ...
+
+
+class FlagResolver:
+    """Resolves every flag that applies to the request path against the store's current snapshot."""
+
+    def __init__(self, store: FlagStore, headers: FlagHeaders, context: ContextBuilder) -> None:
+        self.store = store
+        self.headers = headers
+        self.context = context
+
+    def evaluate(self, context: dict[str, Any]) -> dict[str, Any]:
+        """Flag key → header value, for the CLI and admin API."""
+        path = context.get("path", "/")
+        return {
+            f.key: f.evaluate(context).value for f in self.store.snapshot.ordered if f.applies_to(path)
+        }
+
+    def resolve(self, scope: Scope) -> Resolution:
+        context, response_headers = self.context.build(scope)
+        path = context["path"]
+        resolved = [(f, f.evaluate(context)) for f in self.store.snapshot.ordered if f.applies_to(path)]
+        return Resolution(self.headers.encode(resolved), response_headers)
