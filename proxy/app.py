@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from proxy.admin import build_control_app
-from proxy.config import Settings
+from proxy.config import Settings, StoreSettings
 from proxy.context import ContextBuilder
 from proxy.forward import Forwarder, Receive, Send
 from proxy.header import FlagHeaders
@@ -19,7 +19,9 @@ log = logging.getLogger("flagproxy")
 class FlagProxy:
     def __init__(self, settings: Settings, store: FlagStore | None = None) -> None:
         self.settings = settings
-        self.store: FlagStore = store or MemoryStore.from_file(settings.store.flags_file)
+        self.store: FlagStore = store or MemoryStore.from_file(
+            settings.store.flags_file, required=settings.store.flags_file != StoreSettings.flags_file
+        )
         self.flag_headers = FlagHeaders(settings.header.name, settings.header.config_name)
         self.resolver = FlagResolver(self.store, self.flag_headers, ContextBuilder(settings.context))
         self.forwarder = Forwarder(settings, self.resolver)

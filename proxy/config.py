@@ -159,14 +159,20 @@ def _coerce(where: str, tp: Any, value: Any, from_text: bool) -> Any:
     raise AssertionError(f"unsupported setting type {tp!r}")  # pragma: no cover
 
 
-def _apply(where_prefix: str, instance: Any, values: Mapping[str, Any], from_text: bool) -> Any:
+def _apply(
+    where_prefix: str, instance: Any, values: Mapping[str, Any], from_text: bool, source: str = ""
+) -> Any:
+    """Return ``instance`` with ``values`` applied; ``source`` says where they came from, for errors."""
     hints = typing.get_type_hints(type(instance))
     known = {f.name for f in dataclasses.fields(instance)}
     changes: dict[str, Any] = {}
     for key, value in values.items():
+        where = f"{where_prefix} {key}"
+        if source:
+            where += f" ({source.format(key=key.upper())})"
         if key not in known:
-            raise ConfigError(f"{where_prefix} {key}: unknown setting")
-        changes[key] = _coerce(f"{where_prefix} {key}", hints[key], value, from_text)
+            raise ConfigError(f"{where}: unknown setting")
+        changes[key] = _coerce(where, hints[key], value, from_text)
     return dataclasses.replace(instance, **changes)
 
 
@@ -231,12 +237,15 @@ def load_settings(
             if var in env:
                 env_values[f.name] = env[var]
         if env_values:
-            sections[name] = _apply(f"[{name}] (environment)", section, env_values, from_text=True)
+            source = f"from {ENV_PREFIX}{name.upper()}_{{key}}"
+            sections[name] = _apply(f"[{name}]", section, env_values, from_text=True, source=source)
 
     for name, values in (overrides or {}).items():
         present = {k: v for k, v in values.items() if v is not None}
         if present:
-            sections[name] = _apply(f"[{name}] (command line)", sections[name], present, from_text=False)
+            sections[name] = _apply(
+                f"[{name}]", sections[name], present, from_text=False, source="from the command line"
+            )
 
     origin_list: tuple[OriginSettings, ...] = ()
     raw_origins = file_data.get("origins")

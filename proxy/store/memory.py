@@ -31,8 +31,11 @@ class MemoryStore:
             self.replace(document)
 
     @classmethod
-    def from_file(cls, path: str | Path | None) -> MemoryStore:
-        if path is None or not Path(path).exists():
+    def from_file(cls, path: str | Path, required: bool = True) -> MemoryStore:
+        """Load a native flags file; a missing optional file (the default seeds) means no flags."""
+        if not Path(path).exists():
+            if required:
+                raise FileNotFoundError(f"flags file {path} not found")
             log.warning("no flags file at %s: starting with no flags", path)
             return cls({"flags": {}})
         return cls(load_document_file(path))
