@@ -1,0 +1,39 @@
+# flagproxy: feature-flag reverse proxy.
+#
+#   docker build -t flagproxy .
+#   docker run --rm -p 8080:8080 -e FLAGPROXY_ORIGINS=http://origin.internal:9000 flagproxy
+#
+# Origins come from FLAGPROXY_ORIGINS: comma-separated [PREFIX=]URL, e.g.
+#   FLAGPROXY_ORIGINS="/api=http://api:9000,http://web:3000"
+# (or from `--origin` arguments / a TOML file given with `--config config/<file>.toml`).
+# Every other setting can be overridden as FLAGPROXY_<SECTION>_<KEY>, e.g. FLAGPROXY_STORE_REDIS_URL.
+# Arguments after the image name replace the default CMD, so keep `--host 0.0.0.0` when passing your own.
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN groupadd --system --gid 10001 flagproxy \
+    && useradd --system --no-log-init --uid 10001 --gid flagproxy --home-dir /app --shell /usr/sbin/nologin flagproxy
+
+# Install the package (runtime dependencies only, no [test] extra) from a throwaway source tree.
+COPY pyproject.toml README.md* /src/
+COPY proxy /src/proxy
+RUN pip install /src && rm -rf /src
+
+# Relative paths in the settings (store.flags_file = "seeds/flags.json") resolve against /app.
+WORKDIR /app
+COPY seeds ./seeds
+COPY config ./config
+
+USER flagproxy
+EXPOSE 8080
+
+# python:slim has no curl. Assumes the default port 8080 and control prefix /__flags.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/__flags/healthz', timeout=2)"]
+
+ENTRYPOINT ["flagproxy", "serve"]
+CMD ["--host", "0.0.0.0"]
