@@ -48,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,
         server_header=False,
         date_header=False,
+        # X-Forwarded-* trust is the proxy's own decision ([proxy] trusted_proxies), never uvicorn's.
+        proxy_headers=False,
         log_level=args.log_level,
     )
     return 0
@@ -65,6 +67,7 @@ def cmd_demo_origin(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        proxy_headers=False,
         log_level=args.log_level,
     )
     return 0
@@ -72,10 +75,11 @@ def cmd_demo_origin(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flagproxy", description="Feature-flag reverse proxy.")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the proxy")
+    serve = sub.add_parser("serve", parents=[common], help="run the proxy")
     serve.add_argument("--config", metavar="FILE", help="TOML settings file")
     serve.add_argument(
         "--origin", action="append", metavar="[PREFIX=]URL", help="origin to forward to (repeatable)"
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", metavar="URL", help="Redis flag store, e.g. redis://127.0.0.1:6379/0")
     serve.set_defaults(func=cmd_serve)
 
-    demo = sub.add_parser("demo-origin", help="run an echo API to put behind the proxy")
+    demo = sub.add_parser("demo-origin", parents=[common], help="run an echo API to put behind the proxy")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9000)
     demo.set_defaults(func=cmd_demo_origin)
