@@ -178,6 +178,15 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
+def field_text(value: bytes) -> str:
+    """aiohttp writes header fields as UTF-8, so decode them as UTF-8: the origin gets the client's bytes.
+
+    (Decoding as latin-1 double-encoded every non-ASCII byte.) Bytes that are not UTF-8 (obs-text)
+    cannot pass through aiohttp unchanged; they arrive as U+FFFD.
+    """
+    return value.decode("utf-8", "replace")
+
+
 def error_body(error: str, detail: str) -> bytes:
     return json.dumps({"error": error, "detail": detail}).encode()
 
@@ -229,7 +238,9 @@ class Forwarder:
     def request_headers(self, scope: Scope, origin: Origin, flag_headers: list[tuple[bytes, bytes]]) -> list:
         """Incoming headers minus hop-by-hop and spoofed flags, plus forwarding info and our flags."""
         incoming: list[tuple[bytes, bytes]] = scope["headers"]
-        drop = connection_tokens(incoming) | HOP_BY_HOP if any(n == b"connection" for n, _ in incoming) else HOP_BY_HOP
+        drop = HOP_BY_HOP
+        if any(n == b"connection" for n, _ in incoming):
+            drop = HOP_BY_HOP | connection_tokens(incoming)
         trusted = self.is_trusted(scope.get("client"))
         reserved = self.flag_headers.is_reserved
 
@@ -254,26 +265,26 @@ class Forwarder:
                     elif name == b"x-forwarded-host":
                         xfh = value
                     else:
-                        out.append(("forwarded", value.decode("latin-1")))
+                        out.append(("forwarded", field_text(value)))
             elif name == b"via":
                 via = value if via is None else via + b", " + value
             else:
-                out.append((name.decode("latin-1"), value.decode("latin-1")))
+                out.append((name.decode("latin-1"), field_text(value)))
 
         outgoing_host = origin.netloc if origin.rewrite_host or host is None else host
-        out.insert(0, ("Host", outgoing_host.decode("latin-1")))
+        out.insert(0, ("Host", field_text(outgoing_host)))
         client = scope.get("client")
         if client:
             ip = client[0].encode("latin-1")
             xff = ip if xff is None else xff + b", " + ip
         if xff is not None:
-            out.append(("X-Forwarded-For", xff.decode("latin-1")))
-        out.append(("X-Forwarded-Proto", (xfp or scope.get("scheme", "http").encode()).decode("latin-1")))
+            out.append(("X-Forwarded-For", field_text(xff)))
+        out.append(("X-Forwarded-Proto", field_text(xfp or scope.get("scheme", "http").encode())))
         if xfh is not None or host is not None:
-            out.append(("X-Forwarded-Host", (xfh or host or b"").decode("latin-1")))
+            out.append(("X-Forwarded-Host", field_text(xfh or host or b"")))
         if self.via_name:
             hop = f"{scope.get('http_version', '1.1')} {self.via_name}"
-            out.append(("Via", f"{via.decode('latin-1')}, {hop}" if via else hop))
+            out.append(("Via", f"{field_text(via)}, {hop}" if via else hop))
         if te_trailers:
             out.append(("TE", "trailers"))
             out.append(("Connection", "TE"))
@@ -294,6 +305,11 @@ class Forwarder:
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if sum(name == b"host" for name, _ in scope["headers"]) > 1:
+            # RFC 9112 §3.2. Also how a Host sent as a chunked trailer field shows up here (uvicorn
+            # appends trailer fields to the headers): it must not replace the real Host upstream.
+            await send_json_error(send, 400, "bad_request", "more than one Host header")
+            return
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         origin = self.router.match(raw_path)
         if origin is None or origin.session is None:
@@ -320,7 +336,8 @@ class Forwarder:
             await send_json_error(send, 504, "gateway_timeout", "the origin did not answer in time")
             return
         except aiohttp.ClientConnectorError as exc:
-            await send_json_error(send, 502, "bad_gateway", f"origin unreachable: {exc.os_error.strerror or exc}")
+            reason = exc.os_error.strerror or exc
+            await send_json_error(send, 502, "bad_gateway", f"origin unreachable: {reason}")
             return
         except (aiohttp.ClientError, OSError) as exc:
             if body is not None and isinstance(exc.__cause__, ClientGone):
