@@ -50,6 +50,10 @@ FORWARDING: frozenset[bytes] = frozenset(
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
+class BadRequest(Exception):
+    """The request cannot be forwarded as it is; the message goes into the 400 body."""
+
+
 class ClientGone(Exception):
     """The downstream client disconnected while we were reading its request body."""
 
@@ -255,6 +259,8 @@ class Forwarder:
             if reserved(name):
                 continue
             if name == b"host":
+                if host is not None:
+                    raise BadRequest("more than one Host header")  # RFC 9112 §3.2
                 host = value
             elif name in FORWARDING:
                 if trusted:
@@ -271,6 +277,8 @@ class Forwarder:
             else:
                 out.append((name.decode("latin-1"), field_text(value)))
 
+        if host is None and scope.get("http_version") == "1.1":
+            raise BadRequest("an HTTP/1.1 request needs a Host header")  # RFC 9112 §3.2
         outgoing_host = origin.netloc if origin.rewrite_host or host is None else host
         out.insert(0, ("Host", field_text(outgoing_host)))
         client = scope.get("client")
@@ -305,11 +313,6 @@ class Forwarder:
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if sum(name == b"host" for name, _ in scope["headers"]) > 1:
-            # RFC 9112 §3.2. Also how a Host sent as a chunked trailer field shows up here (uvicorn
-            # appends trailer fields to the headers): it must not replace the real Host upstream.
-            await send_json_error(send, 400, "bad_request", "more than one Host header")
-            return
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         origin = self.router.match(raw_path)
         if origin is None or origin.session is None:
@@ -317,7 +320,11 @@ class Forwarder:
             return
 
         resolution = self.resolver.resolve(scope)
-        headers = self.request_headers(scope, origin, resolution.request_headers)
+        try:
+            headers = self.request_headers(scope, origin, resolution.request_headers)
+        except BadRequest as exc:
+            await send_json_error(send, 400, "bad_request", str(exc))
+            return
         body = RequestBody(receive) if has_body(scope["headers"]) else None
         url = origin.target(raw_path, scope.get("query_string", b""))
 
