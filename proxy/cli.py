@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from proxy.config import ConfigError, Settings, load_settings
 from proxy.engine import FlagError
@@ -33,6 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.app import FlagProxy
+    from proxy.server import ProxyHttpProtocol
 
     settings = _settings_from_args(args)
     if not settings.origins:
@@ -43,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
-        http="httptools",
+        http=ProxyHttpProtocol,
         lifespan="on",
         access_log=False,
         server_header=False,
@@ -73,6 +76,48 @@ def cmd_demo_origin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attr_value(text: str) -> Any:
+    """``--attr`` values are JSON when they parse as JSON (30, true), strings otherwise."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from proxy.evaluate import KeysFileError, evaluate_all, evaluate_lines, make_context
+    from proxy.sources import load_flags
+
+    try:
+        flags = load_flags(args.source, args.flags, args.segments)
+    except ValueError as exc:  # FlagError included
+        print(f"flagproxy: invalid flags in {args.flags}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    ordered = [flags[k] for k in sorted(flags)]
+    if args.key is not None:
+        attributes = {}
+        for item in args.attr or []:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                print(f"flagproxy: --attr {item!r}: expected name=value", file=sys.stderr)
+                return EXIT_CONFIG
+            attributes[name] = _attr_value(value)
+        context = make_context(args.key, attributes, args.bucketing_key)
+        print(json.dumps(evaluate_all(ordered, context), separators=(",", ":"), ensure_ascii=False))
+        return 0
+    stream = sys.stdin if args.keys_file == "-" else open(args.keys_file, encoding="utf-8")  # noqa: SIM115
+    out = sys.stdout
+    try:
+        with stream:
+            for line in evaluate_lines(ordered, stream):
+                out.write(line)
+                out.write("\n")
+    except KeysFileError as exc:
+        print(f"flagproxy: {args.keys_file}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flagproxy", description="Feature-flag reverse proxy.")
     common = argparse.ArgumentParser(add_help=False)
@@ -89,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--flags", metavar="FILE", help="native flags JSON for the embedded store")
     serve.add_argument("--redis-url", metavar="URL", help="Redis flag store, e.g. redis://127.0.0.1:6379/0")
     serve.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("eval", parents=[common], help="print the flag values a key would get")
+    ev.add_argument("--flags", required=True, metavar="FILE", help="flag definitions")
+    ev.add_argument("--source", default="native", help="format of --flags: native (default) or split")
+    ev.add_argument("--segments", metavar="DIR", help="split: segmentChanges files <name>.json")
+    who = ev.add_mutually_exclusive_group(required=True)
+    who.add_argument("--key", help="evaluate for one key; prints {flagKey: value}")
+    who.add_argument(
+        "--keys-file", metavar="KEYS.jsonl", help="a key or {key, bucketingKey, attributes} a line; - = stdin"
+    )
+    ev.add_argument("--attr", action="append", metavar="NAME=VALUE", help="attribute for --key (repeatable)")
+    ev.add_argument("--bucketing-key", help="separate bucketing key for --key")
+    ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo-origin", parents=[common], help="run an echo API to put behind the proxy")
     demo.add_argument("--host", default="127.0.0.1")
