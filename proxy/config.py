@@ -65,7 +65,25 @@ class HeaderSettings:
 
 @dataclass(frozen=True)
 class ContextSettings:
+    key_sources: tuple[str, ...] = ("header", "cookie", "query", "jwt", "telegram")
     key_header: str = "X-User-Id"
+    key_cookie: str = ""
+    key_query: str = ""
+    jwt_claim: str = "sub"
+    jwt_secret: str = ""
+    jwt_public_key: str = ""
+    jwt_verify: bool = True
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    telegram_bot_token: str = ""
+    telegram_header: str = "X-Telegram-Init-Data"
+    telegram_max_age_s: int = 86400
+    anonymous_cookie: str = "flag_uid"
+    anonymous_max_age_s: int = 31536000
+    anonymous_cookie_secure: bool = False
+    header_attributes: tuple[str, ...] = ()
+    query_attributes: tuple[str, ...] = ()
+    jwt_attributes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -306,7 +324,20 @@ def validate(settings: Settings) -> None:
         f"[header] reserve_bytes: must be below limit_bytes ({h.limit_bytes}), got {h.reserve_bytes}",
     )
     _check(0 < h.alert_ratio <= 1, f"[header] alert_ratio: must be in (0, 1], got {h.alert_ratio}")
-    _check_header_name("[context] key_header", settings.context.key_header)
+    c = settings.context
+    if c.key_header:
+        _check_header_name("[context] key_header", c.key_header)
+    _check_header_name("[context] telegram_header", c.telegram_header)
+    _check(c.telegram_max_age_s >= 0, "[context] telegram_max_age_s: must not be negative")
+    _check(c.anonymous_max_age_s > 0, "[context] anonymous_max_age_s: must be positive")
+    _check(
+        not c.anonymous_cookie or bool(_TOKEN.match(c.anonymous_cookie)),
+        f"[context] anonymous_cookie: {c.anonymous_cookie!r} is not a valid cookie name",
+    )
+    _check(
+        not (c.jwt_secret and c.jwt_public_key),
+        "[context] jwt_secret and jwt_public_key: configure one (HS256 secret or RS256 public key), not both",
+    )
 
     if settings.store.redis_url:
         scheme = urlsplit(settings.store.redis_url).scheme

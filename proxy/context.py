@@ -1,28 +1,283 @@
-"""Request context: who is calling and what we know about the request, for the engine."""
+"""Request context: who is calling and what we know about the request, for the engine.
+
+The key comes from the first configured source that yields one (``[context] key_sources``):
+a header, a cookie, a query parameter, a JWT claim (``Authorization: Bearer``), or Telegram WebApp
+``initData``. Callers with none get a random id in a sticky cookie, so they keep their variants.
+``path`` and ``method`` are always present; more attributes come from configured headers, query
+parameters and JWT claims.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
-from proxy.config import ContextSettings
+from proxy.config import ConfigError, ContextSettings
 
 Scope = dict[str, Any]
 Header = tuple[bytes, bytes]
+KEY_SOURCES = ("header", "cookie", "query", "jwt", "telegram")
+_CACHE_LIMIT = 10_000
+_ABSENT = object()
+
+
+def parse_mapping(where: str, entries: tuple[str, ...]) -> dict[str, str]:
+    """``("X-Country=country", "plan")`` → ``{"X-Country": "country", "plan": "plan"}``."""
+    out = {}
+    for entry in entries:
+        source, sep, attr = entry.partition("=")
+        source, attr = source.strip(), (attr.strip() if sep else source.strip())
+        if not source or not attr:
+            raise ConfigError(f"[context] {where}: {entry!r} is not NAME or NAME=attribute")
+        out[source] = attr
+    return out
+
+
+def parse_cookies(header: str) -> dict[str, str]:
+    cookies = {}
+    for part in header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name and name not in cookies:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            cookies[name] = value
+    return cookies
+
+
+def dotted(claims: Mapping[str, Any], path: str) -> Any:
+    current: Any = claims
+    for part in path.split("."):
+        if not isinstance(current, Mapping):
+            return None
+        current = current.get(part)
+    return current
+
+
+def key_string(value: Any) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (str, int)):
+        text = str(value).strip()
+        return text or None
+    return None
+
+
+class BoundedCache(dict[str, Any]):
+    """Verified tokens by their text: verification is the expensive part of a JWT or initData."""
+
+    def put(self, key: str, value: Any) -> Any:
+        if len(self) >= _CACHE_LIMIT:
+            self.clear()
+        self[key] = value
+        return value
+
+
+class JwtReader:
+    """Claims from a bearer token; a token that fails verification yields nothing."""
+
+    def __init__(self, settings: ContextSettings) -> None:
+        import jwt  # PyJWT: HS256 and RS256 (with cryptography)
+
+        self._jwt = jwt
+        self.verify = settings.jwt_verify
+        self.audience = settings.jwt_audience or None
+        self.issuer = settings.jwt_issuer or None
+        self.key: Any = None
+        self.algorithms: list[str] = []
+        if settings.jwt_public_key:
+            pem = settings.jwt_public_key
+            if not pem.lstrip().startswith("-----BEGIN"):
+                try:
+                    pem = Path(pem).read_text()
+                except OSError as exc:
+                    raise ConfigError(f"[context] jwt_public_key: cannot read {pem!r}: {exc}") from None
+            self.key, self.algorithms = pem, ["RS256"]
+        elif settings.jwt_secret:
+            self.key, self.algorithms = settings.jwt_secret, ["HS256"]
+        self.enabled = self.key is not None or not self.verify
+        self.cache = BoundedCache()
+
+    def claims(self, authorization: str) -> Mapping[str, Any] | None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        token = token.strip()
+        cached = self.cache.get(token, _ABSENT)
+        if cached is not _ABSENT:
+            claims, expires = cached
+            if claims is None or expires is None or expires > time.time():
+                return claims
+        return self.cache.put(token, self._decode(token))[0]
+
+    def _decode(self, token: str) -> tuple[Mapping[str, Any] | None, float | None]:
+        try:
+            if self.key is None:
+                claims = self._jwt.decode(token, options={"verify_signature": False})
+            else:
+                claims = self._jwt.decode(
+                    token,
+                    self.key,
+                    algorithms=self.algorithms,
+                    audience=self.audience,
+                    issuer=self.issuer,
+                    options={"verify_aud": self.audience is not None},
+                )
+        except Exception:  # any malformed or unverifiable token is simply ignored
+            return None, None
+        if not isinstance(claims, dict):
+            return None, None
+        exp = claims.get("exp")
+        return claims, float(exp) if isinstance(exp, (int, float)) else None
+
+
+class TelegramReader:
+    """Telegram WebApp initData, verified with the bot token (HMAC-SHA256, "WebAppData" key)."""
+
+    def __init__(self, settings: ContextSettings) -> None:
+        self.secret = hmac.new(b"WebAppData", settings.telegram_bot_token.encode(), hashlib.sha256).digest()
+        self.max_age_s = settings.telegram_max_age_s
+        self.cache = BoundedCache()
+
+    def user(self, init_data: str) -> Mapping[str, Any] | None:
+        cached = self.cache.get(init_data, _ABSENT)
+        if cached is _ABSENT:
+            cached = self.cache.put(init_data, self._verify(init_data))
+        if cached is None:
+            return None
+        auth_date, user = cached
+        if self.max_age_s > 0 and time.time() - auth_date > self.max_age_s:
+            return None
+        return user
+
+    def _verify(self, init_data: str) -> tuple[int, Mapping[str, Any]] | None:
+        try:
+            pairs = dict(parse_qsl(init_data, keep_blank_values=True, strict_parsing=True))
+        except ValueError:
+            return None
+        received = pairs.pop("hash", "")
+        check = "\n".join(f"{k}={v}" for k, v in sorted(pairs.items()))
+        expected = hmac.new(self.secret, check.encode(), hashlib.sha256).hexdigest()
+        if not received or not hmac.compare_digest(expected, received.lower()):
+            return None
+        try:
+            auth_date = int(pairs["auth_date"])
+            user = json.loads(pairs["user"])
+        except (KeyError, ValueError):
+            return None
+        if not isinstance(user, dict) or key_string(user.get("id")) is None:
+            return None
+        return auth_date, user
 
 
 class ContextBuilder:
     """Turns an ASGI scope into the engine's context mapping (``key``, ``path``, ``method``, ...)."""
 
     def __init__(self, settings: ContextSettings) -> None:
-        self.key_header = settings.key_header.lower().encode("latin-1")
+        self.settings = settings
+        for source in settings.key_sources:
+            if source not in KEY_SOURCES:
+                raise ConfigError(
+                    f"[context] key_sources: unknown source {source!r} (use {', '.join(KEY_SOURCES)})"
+                )
+        self.key_header = settings.key_header.lower().encode("latin-1") if settings.key_header else None
+        self.key_cookie = settings.key_cookie
+        self.key_query = settings.key_query
+        self.header_attrs = {
+            k.lower().encode("latin-1"): v
+            for k, v in parse_mapping("header_attributes", settings.header_attributes).items()
+        }
+        self.query_attrs = parse_mapping("query_attributes", settings.query_attributes)
+        self.jwt_attrs = parse_mapping("jwt_attributes", settings.jwt_attributes)
+        self.jwt = JwtReader(settings) if (settings.jwt_claim or self.jwt_attrs) else None
+        if self.jwt is not None and not self.jwt.enabled:
+            self.jwt = None
+        self.telegram = TelegramReader(settings) if settings.telegram_bot_token else None
+        self.telegram_header = settings.telegram_header.lower().encode("latin-1")
+        self.anonymous_cookie = settings.anonymous_cookie
+        self.cookie_suffix = f"; Path=/; Max-Age={settings.anonymous_max_age_s}; HttpOnly; SameSite=Lax"
+        if settings.anonymous_cookie_secure:
+            self.cookie_suffix += "; Secure"
+        self.sources = [s for s in settings.key_sources if self._configured(s)]
+        self.needs_cookies = bool(self.key_cookie or self.anonymous_cookie)
+        self.needs_query = bool(self.key_query or self.query_attrs)
+
+    def _configured(self, source: str) -> bool:
+        return {
+            "header": self.key_header is not None,
+            "cookie": bool(self.key_cookie),
+            "query": bool(self.key_query),
+            "jwt": self.jwt is not None and bool(self.settings.jwt_claim),
+            "telegram": self.telegram is not None,
+        }[source]
 
     def build(self, scope: Scope) -> tuple[dict[str, Any], list[Header]]:
-        """Return the context and any response headers the caller must get (e.g. a sticky cookie)."""
+        """Return the context and any response headers the caller must get (a new sticky cookie)."""
         context: dict[str, Any] = {"path": scope["path"], "method": scope["method"]}
+        header_key = cookie_header = authorization = init_data = None
+        attrs = self.header_attrs
         for name, value in scope["headers"]:
             if name == self.key_header:
-                key = value.decode("latin-1").strip()
-                if key:
-                    context["key"] = key
-                break
-        return context, []
+                header_key = value
+            elif name == b"cookie":
+                cookie_header = value if cookie_header is None else cookie_header + b"; " + value
+            elif name == b"authorization":
+                authorization = value
+            elif name == self.telegram_header:
+                init_data = value
+            if attrs and name in attrs:
+                context[attrs[name]] = value.decode("latin-1").strip()
+
+        query: dict[str, str] = {}
+        if self.needs_query and scope.get("query_string"):
+            query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+            for param, attr in self.query_attrs.items():
+                if param in query:
+                    context[attr] = query[param]
+        cookies = (
+            parse_cookies(cookie_header.decode("latin-1")) if cookie_header and self.needs_cookies else {}
+        )
+        claims = None
+        if self.jwt is not None and authorization:
+            claims = self.jwt.claims(authorization.decode("latin-1"))
+            if claims is not None:
+                for claim, attr in self.jwt_attrs.items():
+                    value = dotted(claims, claim)
+                    if value is not None:
+                        context[attr] = value
+
+        key = None
+        for source in self.sources:
+            if source == "header" and header_key:
+                key = key_string(header_key.decode("latin-1"))
+            elif source == "cookie":
+                key = key_string(cookies.get(self.key_cookie))
+            elif source == "query":
+                key = key_string(query.get(self.key_query))
+            elif source == "jwt" and claims is not None:
+                key = key_string(dotted(claims, self.settings.jwt_claim))
+            elif source == "telegram" and init_data and self.telegram is not None:
+                user = self.telegram.user(init_data.decode("latin-1"))
+                if user is not None:
+                    key = key_string(user.get("id"))
+            if key is not None:
+                context["key"] = key
+                return context, []
+
+        if not self.anonymous_cookie:
+            return context, []
+        anonymous = cookies.get(self.anonymous_cookie)
+        if anonymous and len(anonymous) <= 64 and anonymous.isascii():
+            context["key"] = anonymous
+            return context, []
+        anonymous = secrets.token_hex(16)
+        context["key"] = anonymous
+        cookie = f"{self.anonymous_cookie}={anonymous}{self.cookie_suffix}".encode("latin-1")
+        return context, [(b"set-cookie", cookie)]

@@ -66,6 +66,7 @@ def pattern_digest(total: int) -> str:
 
 # --- the raw scripted origin ------------------------------------------------------------------------
 
+
 @dataclass
 class RecordedRequest:
     """One request exactly as the origin received it."""
@@ -443,6 +444,7 @@ class RawOrigin:
 
 # --- the real proxy as a subprocess -----------------------------------------------------------------
 
+
 class ProxyProcess:
     """``python -m proxy serve`` on a free port, with its own temp config, flags file and env."""
 
@@ -497,8 +499,12 @@ class ProxyProcess:
         env = clean_env(self.env)
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
-                self.command(), cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=stderr,
+                self.command(),
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
             )
         deadline = time.monotonic() + self.startup_timeout_s
         with httpx.Client(timeout=1.0) as client:
@@ -567,11 +573,17 @@ def run_serve(
     """Run ``python -m proxy serve ARGS`` to completion (for startup failures)."""
     return subprocess.run(
         [PYTHON, "-m", "proxy", "serve", *args],
-        cwd=REPO, env=clean_env(env), capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=REPO,
+        env=clean_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
 # --- a raw HTTP/1.1 client --------------------------------------------------------------------------
+
 
 @dataclass
 class RawResponse:

@@ -57,7 +57,10 @@ def test_origins_layers_replace_whole_list(tmp_path: Path) -> None:
     s = load_settings(config_file=cfg, env={})
     assert [(o.prefix, o.url, o.strip_prefix) for o in s.origins] == [("/a", "http://127.0.0.1:1", True)]
     s = load_settings(config_file=cfg, env={"FLAGPROXY_ORIGINS": "/b=http://127.0.0.1:2,http://127.0.0.1:3"})
-    assert [(o.prefix, o.url) for o in s.origins] == [("/b", "http://127.0.0.1:2"), ("/", "http://127.0.0.1:3")]
+    assert [(o.prefix, o.url) for o in s.origins] == [
+        ("/b", "http://127.0.0.1:2"),
+        ("/", "http://127.0.0.1:3"),
+    ]
     s = load_settings(config_file=cfg, env={}, origins=["http://127.0.0.1:4"])
     assert [(o.prefix, o.url) for o in s.origins] == [("/", "http://127.0.0.1:4")]
 

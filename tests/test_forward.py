@@ -76,6 +76,7 @@ EXPECTED_CONFIG_CFG = {"theme": {"accent": "#111", "density": 2}}
 # What the proxy adds to every forwarded request (lower case), whatever the client sent.
 PROXY_ADDED = {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-feature-flags"}
 
+
 @functools.cache
 def digest_of_pattern(total: int) -> str:
     return pattern_digest(total)
@@ -93,6 +94,7 @@ def assert_json_error(response, status: int, error: str) -> dict:
 
 
 # --- proxies ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def proxy(proxy_factory: Callable[..., ProxyProcess], origin: RawOrigin) -> ProxyProcess:
@@ -126,6 +128,7 @@ def timeout_proxy(proxy_factory, origin, dead_port) -> ProxyProcess:
 
 
 # --- 1. hop-by-hop headers --------------------------------------------------------------------------
+
 
 def test_request_hop_by_hop_headers_are_not_forwarded(proxy: ProxyProcess, origin: RawOrigin) -> None:
     request = raw_request(
@@ -277,7 +280,8 @@ def test_response_hop_by_hop_headers_are_not_returned(proxy, origin) -> None:
             b"body",
         ),
     )
-    response = raw_exchange(proxy.port, raw_request("GET", "/hop/response"))
+    # With a caller key the proxy adds no sticky anonymous cookie: only the origin's headers come back.
+    response = raw_exchange(proxy.port, raw_request("GET", "/hop/response", [("X-User-Id", "u1")]))
 
     assert response.status == 200
     assert response.body == b"body"
@@ -362,6 +366,7 @@ def test_via_is_added_when_the_client_sent_none(proxy, origin) -> None:
 
 # --- 3./4. the flag headers ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("path", "flags", "config"),
     [("/flags/plain", EXPECTED_FLAGS, None), ("/cfg/spoofed", EXPECTED_FLAGS_CFG, EXPECTED_CONFIG_CFG)],
@@ -411,6 +416,7 @@ def test_flag_header_is_compact_json_with_config_only_when_a_variant_has_one(pro
 
 
 # --- 5. streaming, memory ---------------------------------------------------------------------------
+
 
 def report_rss(label: str, sampler: RssSampler) -> None:
     print(
@@ -467,6 +473,7 @@ def test_large_download_streams_through_complete(proxy, origin, chunked: bool) -
 
 
 # --- 6. origin failures -----------------------------------------------------------------------------
+
 
 def test_origin_down_is_502_with_a_json_body(timeout_proxy) -> None:
     response = raw_exchange(timeout_proxy.port, raw_request("GET", "/down/anything"))
@@ -597,6 +604,7 @@ def test_aborted_clients_release_their_upstream_connections(origin_factory, prox
 
 # --- 8. Set-Cookie and status codes -------------------------------------------------------------------
 
+
 def test_several_set_cookie_headers_arrive_separately(proxy, origin) -> None:
     cookies = [
         "session=abc; Path=/; HttpOnly",
@@ -604,7 +612,7 @@ def test_several_set_cookie_headers_arrive_separately(proxy, origin) -> None:
         "empty=; Max-Age=0",
     ]
     origin.route("/cookies", http_response(200, [("Set-Cookie", c) for c in cookies], b"ok"))
-    response = raw_exchange(proxy.port, raw_request("GET", "/cookies"))
+    response = raw_exchange(proxy.port, raw_request("GET", "/cookies", [("X-User-Id", "u1")]))
     assert response.status == 200
     assert response.values("set-cookie") == cookies
 
@@ -624,6 +632,7 @@ def test_origin_status_codes_pass_through(proxy, origin, status: int) -> None:
 
 # --- 9. raw path and query --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "target",
     [
@@ -640,6 +649,7 @@ def test_raw_path_and_query_arrive_byte_exact(proxy, origin, target: str) -> Non
 
 
 # --- 10. prefix routing -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def route_origins(origin_factory) -> dict[str, RawOrigin]:
@@ -718,6 +728,7 @@ def test_strip_prefix_and_origin_base_path(
 
 # --- 11. methods, bodies, no invented headers ---------------------------------------------------------
 
+
 def test_get_without_body_has_no_framing_and_no_invented_headers(proxy, origin) -> None:
     assert raw_exchange(proxy.port, raw_request("GET", "/method/get")).status == 200
     seen = origin.only_request_to("/method/get")
@@ -772,6 +783,7 @@ def test_head_and_delete_pass_through(proxy, origin) -> None:
 
 
 # --- 12. config errors --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("args", "env", "config", "field"),

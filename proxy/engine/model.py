@@ -14,14 +14,27 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from proxy.engine.bucketing import BUCKETS, boundaries, bucket, bucket_value
+import mmh3
+
+from proxy.engine.bucketing import BUCKETS, boundaries, bucket_value
+from proxy.engine.jsonlogic import Logic, LogicError, compile_logic, truthy
 
 Context = Mapping[str, Any]
 
 FLAG_FIELDS = frozenset(
     {
-        "enabled", "variants", "defaultVariant", "rules", "percentage", "bucketBy", "salt",
-        "priority", "routes", "note", "updatedAt", "expiresAt",
+        "enabled",
+        "variants",
+        "defaultVariant",
+        "rules",
+        "percentage",
+        "bucketBy",
+        "salt",
+        "priority",
+        "routes",
+        "note",
+        "updatedAt",
+        "expiresAt",
     }
 )
 VARIANT_FIELDS = frozenset({"weight", "config"})
@@ -86,6 +99,7 @@ class Flag:
 
 # --- helpers --------------------------------------------------------------------------------------
 
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -135,6 +149,7 @@ def compile_routes(path: str, routes: Any) -> tuple[tuple[str, ...], Callable[[s
 
 # --- compilation ----------------------------------------------------------------------------------
 
+
 def compile_flag(key: str, definition: Any) -> Flag:
     """Validate one native flag definition and compile it."""
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
@@ -170,8 +185,6 @@ def compile_flag(key: str, definition: Any) -> Flag:
     route_match = None
     if "routes" in definition:
         routes, route_match = compile_routes(f"{where}.routes", definition["routes"])
-    if "rules" in definition:
-        raise FlagError(f"{where}.rules", "targeting rules are not supported by this build")
 
     if "variants" in definition:
         evaluate, explain, served = _compile_variants(where, definition, enabled, bucket_by, salt)
@@ -190,6 +203,196 @@ def compile_flag(key: str, definition: Any) -> Flag:
     )
 
 
+RULE_FIELDS_VARIANTS = frozenset({"if", "variant", "rollout", "note"})
+RULE_FIELDS_BOOLEAN = frozenset({"if", "value", "percentage", "note"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Split:
+    """A weighted choice over outcomes by bucket (the fallthrough, or a rule's rollout)."""
+
+    bounds: tuple[int, ...]
+    outcomes: tuple[Served, ...]
+
+    def pick(self, b: int) -> Served:
+        return self.outcomes[bisect_right(self.bounds, b)]
+
+
+def make_bucketer(bucket_by: str, salt: str) -> Callable[[Context], int | None]:
+    """``ctx → bucket`` (None when there is nothing to bucket by), specialised once per flag.
+
+    The default attribute ``key`` means the bucketing key: a separate one when supplied, else the key.
+    """
+    prefix = salt + ":"
+    murmur = mmh3.hash
+
+    def slow(raw: Any) -> int | None:
+        value = bucket_value(raw)
+        return None if value is None else murmur(prefix + value, 0, False) % BUCKETS
+
+    if bucket_by == "key":
+
+        def by_key(ctx: Context) -> int | None:
+            raw = ctx.get("bucketingKey") or ctx.get("key")
+            if type(raw) is str and raw:
+                return murmur(prefix + raw, 0, False) % BUCKETS
+            return slow(raw)
+
+        return by_key
+
+    def by_attribute(ctx: Context) -> int | None:
+        raw = ctx.get(bucket_by)
+        if type(raw) is str and raw:
+            return murmur(prefix + raw, 0, False) % BUCKETS
+        return slow(raw)
+
+    return by_attribute
+
+
+def _compile_rules(
+    where: str, rules: Any, boolean: bool, served: Mapping[str, Served], default: Served
+) -> list[tuple[Logic, Callable[[int | None], tuple[Served, int | None]]]]:
+    """Each rule → (condition, outcome(bucket) → (served, bucket used or None))."""
+    if not isinstance(rules, list):
+        raise FlagError(f"{where}.rules", "expected a list of rules")
+    compiled = []
+    allowed = RULE_FIELDS_BOOLEAN if boolean else RULE_FIELDS_VARIANTS
+    for i, rule in enumerate(rules):
+        rwhere = f"{where}.rules[{i}]"
+        if not isinstance(rule, dict):
+            raise FlagError(rwhere, "expected an object with 'if' and an outcome")
+        unknown = sorted(set(rule) - allowed)
+        if unknown:
+            hint = " (boolean flags use value or percentage)" if boolean else " (use variant or rollout)"
+            raise FlagError(f"{rwhere}.{unknown[0]}", "unknown field" + hint)
+        if "if" not in rule:
+            raise FlagError(f"{rwhere}.if", "missing condition")
+        try:
+            condition = compile_logic(rule["if"], "if")
+        except LogicError as exc:
+            raise FlagError(f"{rwhere}.{exc.path}", exc.message) from None
+        outcomes = [k for k in (("value", "percentage") if boolean else ("variant", "rollout")) if k in rule]
+        if len(outcomes) != 1:
+            names = "'value' or 'percentage'" if boolean else "'variant' or 'rollout'"
+            raise FlagError(rwhere, f"needs exactly one of {names}")
+        kind = outcomes[0]
+        compiled.append((condition, _rule_outcome(f"{rwhere}.{kind}", kind, rule[kind], served, default)))
+    return compiled
+
+
+def _rule_outcome(
+    where: str, kind: str, spec: Any, served: Mapping[str, Served], default: Served
+) -> Callable[[int | None], tuple[Served, int | None]]:
+    if kind == "value":
+        if not isinstance(spec, bool):
+            raise FlagError(where, "expected true or false")
+        fixed = served[spec]  # type: ignore[index]
+        return lambda b: (fixed, None)
+    if kind == "variant":
+        if not isinstance(spec, str) or spec not in served:
+            raise FlagError(where, f"{spec!r} is not one of the variants")
+        fixed = served[spec]
+        return lambda b: (fixed, None)
+    if kind == "percentage":
+        if not _is_number(spec) or not 0 <= spec <= 100:
+            raise FlagError(where, "expected a number from 0 to 100")
+        threshold = round(spec * 100)
+        on, off = served[True], served[False]  # type: ignore[index]
+        return lambda b: (off, b) if b is None else ((on if b < threshold else off), b)
+    # rollout
+    if not isinstance(spec, dict) or not spec:
+        raise FlagError(where, "expected an object of variant weights")
+    weights = []
+    outcomes = []
+    for name, weight in spec.items():
+        if name not in served:
+            raise FlagError(f"{where}.{name}", f"{name!r} is not one of the variants")
+        if not _is_int(weight) or weight < 0:
+            raise FlagError(f"{where}.{name}", "expected an integer weight >= 0")
+        weights.append(weight)
+        outcomes.append(served[name])
+    if not any(weights):
+        raise FlagError(where, "all weights are zero")
+    split = _Split(boundaries(weights), tuple(outcomes))
+    return lambda b: (default, None) if b is None else (split.pick(b), b)
+
+
+def _assemble(
+    enabled: bool,
+    default: Served,
+    rules: list[tuple[Logic, Callable[[int | None], tuple[Served, int | None]]]],
+    fallthrough: Callable[[int | None], tuple[Served, int | None]],
+    pick: Callable[[int], Served] | None,
+    bucket_of: Callable[[Context], int | None],
+    bucket_by: str,
+) -> tuple[Evaluate, Explain]:
+    """Build evaluate/explain: disabled → default; first matching rule; else the fallthrough.
+
+    ``pick`` is the fallthrough's bucket → outcome (None when no bucketing is needed: one outcome).
+    ``evaluate`` is the hot path; ``explain`` (admin, CLI) also says why.
+    """
+    if not enabled:
+        return (lambda ctx: default), (lambda ctx: (default, {"reason": "disabled"}))
+
+    def explain(ctx: Context) -> tuple[Served, dict[str, Any]]:
+        b = bucket_of(ctx)
+        for index, (condition, outcome) in enumerate(rules):
+            try:
+                matched = truthy(condition(ctx))
+            except Exception:  # a condition must never break a request
+                matched = False
+            if matched:
+                result, used = outcome(b)
+                detail: dict[str, Any] = {"reason": "rule", "rule": index}
+                if used is not None:
+                    detail["bucket"] = used
+                return result, detail
+        result, used = fallthrough(b)
+        if used is None and pick is not None:
+            return result, {"reason": "default", "detail": f"no {bucket_by!r} to bucket by"}
+        if used is None:
+            return result, {"reason": "fallthrough"}
+        return result, {"reason": "split", "bucket": used}
+
+    if pick is None:
+        fixed = fallthrough(None)[0]
+        if not rules:
+            return (lambda ctx: fixed), explain
+
+        def evaluate_rules_fixed(ctx: Context) -> Served:
+            try:
+                for condition, outcome in rules:
+                    matched = condition(ctx)
+                    if matched is True or (matched is not False and truthy(matched)):
+                        return outcome(bucket_of(ctx))[0]
+            except Exception:
+                return default
+            return fixed
+
+        return evaluate_rules_fixed, explain
+
+    if not rules:
+
+        def evaluate_split(ctx: Context) -> Served:
+            b = bucket_of(ctx)
+            return default if b is None else pick(b)
+
+        return evaluate_split, explain
+
+    def evaluate(ctx: Context) -> Served:
+        try:
+            for condition, outcome in rules:
+                matched = condition(ctx)
+                if matched is True or (matched is not False and truthy(matched)):
+                    return outcome(bucket_of(ctx))[0]
+        except Exception:
+            return default
+        b = bucket_of(ctx)
+        return default if b is None else pick(b)
+
+    return evaluate, explain
+
+
 def _compile_boolean(
     where: str, definition: dict[str, Any], enabled: bool, bucket_by: str, salt: str
 ) -> tuple[Evaluate, Explain, tuple[Served, ...]]:
@@ -199,28 +402,20 @@ def _compile_boolean(
     if not _is_number(percentage) or not 0 <= percentage <= 100:
         raise FlagError(f"{where}.percentage", "expected a number from 0 to 100")
     on, off = Served.make(True), Served.make(False)
+    served: dict[Any, Served] = {True: on, False: off}
     threshold = round(percentage * 100)
+    rules = _compile_rules(where, definition["rules"], True, served, off) if "rules" in definition else []
 
-    if not enabled:
-        return (lambda ctx: off), (lambda ctx: (off, {"reason": "disabled"})), (on, off)
+    pick: Callable[[int], Served] | None = None
     if threshold >= BUCKETS:
-        return (lambda ctx: on), (lambda ctx: (on, {"reason": "percentage", "percentage": 100})), (on, off)
-    if threshold <= 0:
-        return (lambda ctx: off), (lambda ctx: (off, {"reason": "percentage", "percentage": 0})), (on, off)
-
-    def evaluate(ctx: Context) -> Served:
-        value = bucket_value(ctx.get(bucket_by))
-        if value is None:
-            return off
-        return on if bucket(salt, value) < threshold else off
-
-    def explain(ctx: Context) -> tuple[Served, dict[str, Any]]:
-        value = bucket_value(ctx.get(bucket_by))
-        if value is None:
-            return off, {"reason": "default", "detail": f"no {bucket_by!r} to bucket by"}
-        b = bucket(salt, value)
-        return (on if b < threshold else off), {"reason": "percentage", "bucket": b, "percentage": percentage}
-
+        fallthrough: Callable[[int | None], tuple[Served, int | None]] = lambda b: (on, None)  # noqa: E731
+    elif threshold <= 0:
+        fallthrough = lambda b: (off, None)  # noqa: E731
+    else:
+        fallthrough = lambda b: (off, None) if b is None else ((on if b < threshold else off), b)  # noqa: E731
+        pick = lambda b: on if b < threshold else off  # noqa: E731
+    bucket_of = make_bucketer(bucket_by, salt)
+    evaluate, explain = _assemble(enabled, off, rules, fallthrough, pick, bucket_of, bucket_by)
     return evaluate, explain, (on, off)
 
 
@@ -258,32 +453,25 @@ def _compile_variants(
     default = served[default_name]
     if not any(weights) and "rules" not in definition:
         raise FlagError(f"{where}.variants", "all weights are zero")
+    rules = []
+    if "rules" in definition:
+        rules = _compile_rules(where, definition["rules"], False, served, default)
 
     outcomes = tuple(served.values())
-    bounds = boundaries(weights)
     positive = [s for s, w in zip(outcomes, weights, strict=True) if w > 0]
-
-    if not enabled:
-        return (lambda ctx: default), (lambda ctx: (default, {"reason": "disabled"})), outcomes
+    split = _Split(boundaries(weights), outcomes)
+    pick: Callable[[int], Served] | None = None
     if len(positive) == 1:
         only = positive[0]
-        return (lambda ctx: only), (lambda ctx: (only, {"reason": "split", "detail": "single variant"})), outcomes
-    if not positive:
-        return (lambda ctx: default), (lambda ctx: (default, {"reason": "default"})), outcomes
-
-    def evaluate(ctx: Context) -> Served:
-        value = bucket_value(ctx.get(bucket_by))
-        if value is None:
-            return default
-        return outcomes[bisect_right(bounds, bucket(salt, value))]
-
-    def explain(ctx: Context) -> tuple[Served, dict[str, Any]]:
-        value = bucket_value(ctx.get(bucket_by))
-        if value is None:
-            return default, {"reason": "default", "detail": f"no {bucket_by!r} to bucket by"}
-        b = bucket(salt, value)
-        return outcomes[bisect_right(bounds, b)], {"reason": "split", "bucket": b}
-
+        fallthrough: Callable[[int | None], tuple[Served, int | None]] = lambda b: (only, None)  # noqa: E731
+    elif not positive:
+        fallthrough = lambda b: (default, None)  # noqa: E731
+    else:
+        fallthrough = lambda b: (default, None) if b is None else (split.pick(b), b)  # noqa: E731
+        bounds = split.bounds
+        pick = lambda b: outcomes[bisect_right(bounds, b)]  # noqa: E731
+    bucket_of = make_bucketer(bucket_by, salt)
+    evaluate, explain = _assemble(enabled, default, rules, fallthrough, pick, bucket_of, bucket_by)
     return evaluate, explain, outcomes
 
 
