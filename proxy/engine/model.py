@@ -354,30 +354,20 @@ def _assemble(
             return result, {"reason": "fallthrough"}
         return result, {"reason": "split", "bucket": used}
 
-    if pick is None:
+    if pick is None:  # one possible outcome: no hashing at all
         fixed = fallthrough(None)[0]
-        if not rules:
-            return (lambda ctx: fixed), explain
 
-        def evaluate_rules_fixed(ctx: Context) -> Served:
-            try:
-                for condition, outcome in rules:
-                    matched = condition(ctx)
-                    if matched is True or (matched is not False and truthy(matched)):
-                        return outcome(bucket_of(ctx))[0]
-            except Exception:
-                return default
+        def rest(ctx: Context) -> Served:
             return fixed
 
-        return evaluate_rules_fixed, explain
+    else:
 
-    if not rules:
-
-        def evaluate_split(ctx: Context) -> Served:
+        def rest(ctx: Context) -> Served:
             b = bucket_of(ctx)
             return default if b is None else pick(b)
 
-        return evaluate_split, explain
+    if not rules:
+        return rest, explain
 
     def evaluate(ctx: Context) -> Served:
         try:
@@ -385,10 +375,9 @@ def _assemble(
                 matched = condition(ctx)
                 if matched is True or (matched is not False and truthy(matched)):
                     return outcome(bucket_of(ctx))[0]
-        except Exception:
+        except Exception:  # a condition must never break a request
             return default
-        b = bucket_of(ctx)
-        return default if b is None else pick(b)
+        return rest(ctx)
 
     return evaluate, explain
 
