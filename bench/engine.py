@@ -102,7 +102,7 @@ def main() -> int:
             f.evaluate(context)
 
     settings = load_settings(env={})
-    store = MemoryStore(document)
+    store = MemoryStore.from_document(document)
     resolver = FlagResolver(store, FlagHeaders(), ContextBuilder(settings.context))
     scope = {
         "type": "http",

@@ -11,17 +11,31 @@ from proxy.context import ContextBuilder
 from proxy.forward import Forwarder, Receive, Send
 from proxy.header import FlagHeaders
 from proxy.resolver import FlagResolver
-from proxy.store import FlagStore, MemoryStore
+from proxy.store import FlagStore, MemoryStore, initial_state
+from proxy.store.redis import RedisStore
+from proxy.store.state import RawState
 
 log = logging.getLogger("flagproxy")
+
+
+def build_store(settings: Settings) -> FlagStore:
+    """Redis when configured, else the embedded memory store; both start from the flags file."""
+    path = settings.store.flags_file
+    required = path != StoreSettings.flags_file  # the default seeds may be absent; an explicit file not
+
+    def from_file() -> RawState:
+        return initial_state(path, required)
+
+    seed = from_file()  # validated now: a bad flags file stops startup with a clear message
+    if settings.store.redis_url:
+        return RedisStore(settings.store, fallback=from_file)
+    return MemoryStore(seed, audit_max=settings.store.audit_max)
 
 
 class FlagProxy:
     def __init__(self, settings: Settings, store: FlagStore | None = None) -> None:
         self.settings = settings
-        self.store: FlagStore = store or MemoryStore.from_file(
-            settings.store.flags_file, required=settings.store.flags_file != StoreSettings.flags_file
-        )
+        self.store: FlagStore = store or build_store(settings)
         self.flag_headers = FlagHeaders(settings.header.name, settings.header.config_name)
         self.resolver = FlagResolver(self.store, self.flag_headers, ContextBuilder(settings.context))
         self.forwarder = Forwarder(settings, self.resolver)

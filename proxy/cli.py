@@ -21,6 +21,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no per-request lines from control-plane calls
 
 
 def _settings_from_args(args: argparse.Namespace) -> Settings:
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--attr", action="append", metavar="NAME=VALUE", help="attribute for --key (repeatable)")
     ev.add_argument("--bucketing-key", help="separate bucketing key for --key")
     ev.set_defaults(func=cmd_eval)
+
+    from proxy.admin_client import add_parser as add_flags_parser
+
+    add_flags_parser(sub, [common])
 
     demo = sub.add_parser("demo-origin", parents=[common], help="run an echo API to put behind the proxy")
     demo.add_argument("--host", default="127.0.0.1")

@@ -90,7 +90,24 @@ class ContextSettings:
 class StoreSettings:
     flags_file: str = "seeds/flags.json"
     redis_url: str = ""
+    redis_prefix: str = "flagproxy"
+    environment: str = "default"
     snapshot_path: str = ""
+    resync_interval_s: float = 30.0
+    redis_timeout_s: float = 2.0
+    reconnect_max_s: float = 5.0
+    audit_max: int = 1000
+
+
+@dataclass(frozen=True)
+class WebhooksSettings:
+    secret: str = ""
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,8 @@ class Settings:
     header: HeaderSettings = field(default_factory=HeaderSettings)
     context: ContextSettings = field(default_factory=ContextSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
     origins: tuple[OriginSettings, ...] = ()
 
 
@@ -123,6 +142,7 @@ SECTIONS: dict[str, type] = {
 
 
 # --- value coercion -------------------------------------------------------------------------------
+
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """Strip ``X | None`` to ``X``; report whether None is allowed."""
@@ -196,6 +216,7 @@ def _apply(
 
 # --- origins --------------------------------------------------------------------------------------
 
+
 def parse_origin_spec(spec: str) -> OriginSettings:
     """``[PREFIX=]URL`` as given to ``--origin`` / ``FLAGPROXY_ORIGINS``."""
     spec = spec.strip()
@@ -216,6 +237,7 @@ def _origin_from_table(index: int, table: Any) -> OriginSettings:
 
 
 # --- loading --------------------------------------------------------------------------------------
+
 
 def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
@@ -284,6 +306,7 @@ def load_settings(
 
 # --- validation -----------------------------------------------------------------------------------
 
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -345,6 +368,17 @@ def validate(settings: Settings) -> None:
             scheme in ("redis", "rediss", "unix"),
             f"[store] redis_url: expected redis://, rediss:// or unix://, got {settings.store.redis_url!r}",
         )
+
+    st = settings.store
+    for name in ("resync_interval_s", "redis_timeout_s", "reconnect_max_s"):
+        _check(getattr(st, name) > 0, f"[store] {name}: must be positive, got {getattr(st, name)}")
+    _check(st.audit_max > 0, f"[store] audit_max: must be positive, got {st.audit_max}")
+    for name in ("redis_prefix", "environment"):
+        value = getattr(st, name)
+        _check(
+            bool(value) and not any(c.isspace() for c in value), f"[store] {name}: must be a non-empty word"
+        )
+    _check(settings.webhooks.max_body_bytes > 0, "[webhooks] max_body_bytes: must be positive")
 
     seen: set[str] = set()
     for i, origin in enumerate(settings.origins):

@@ -44,10 +44,10 @@ def parse_key_line(line: str, number: int) -> tuple[Any, dict[str, Any]]:
     if isinstance(item, (str, int)) and not isinstance(item, bool):
         return item, make_context(item, {})
     if not isinstance(item, dict) or "key" not in item:
-        raise KeysFileError(f"line {number}: expected a key or an object with \"key\"")
+        raise KeysFileError(f'line {number}: expected a key or an object with "key"')
     attributes = item.get("attributes") or {}
     if not isinstance(attributes, dict):
-        raise KeysFileError(f"line {number}: \"attributes\" must be an object")
+        raise KeysFileError(f'line {number}: "attributes" must be an object')
     return item["key"], make_context(item["key"], attributes, item.get("bucketingKey"))
 
 

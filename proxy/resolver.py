@@ -33,9 +33,7 @@ class FlagResolver:
     def evaluate(self, context: dict[str, Any]) -> dict[str, Any]:
         """Flag key → header value, for the CLI and admin API."""
         path = context.get("path", "/")
-        return {
-            f.key: f.evaluate(context).value for f in self.store.snapshot.ordered if f.applies_to(path)
-        }
+        return {f.key: f.evaluate(context).value for f in self.store.snapshot.ordered if f.applies_to(path)}
 
     def resolve(self, scope: Scope) -> Resolution:
         context, response_headers = self.context.build(scope)

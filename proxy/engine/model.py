@@ -10,7 +10,7 @@ import json
 import re
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -88,13 +88,34 @@ class Flag:
     evaluate: Evaluate
     explain: Explain
     served: tuple[Served, ...]
+    default: Served
     priority: int = 0
     routes: tuple[str, ...] | None = None
     route_match: Callable[[str], bool] | None = None
     definition: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "native"
 
     def applies_to(self, path: str) -> bool:
         return self.route_match is None or self.route_match(path)
+
+    def outcome(self, value: Any) -> Served | None:
+        """The outcome serving ``value`` (a variant name, or true/false for boolean flags)."""
+        for served in self.served:
+            if served.value == value and type(served.value) is type(value):
+                return served
+        return None
+
+
+def with_override(flag: Flag, override: Mapping[str, Any]) -> Flag:
+    """A kill (everyone gets the default) or a promotion (everyone gets one outcome) on top of a flag."""
+    if override.get("kill"):
+        served, why = flag.default, {"reason": "killed"}
+    else:
+        promoted = flag.outcome(override.get("promote"))
+        if promoted is None:  # the promoted variant no longer exists: the flag serves as defined
+            return flag
+        served, why = promoted, {"reason": "promoted"}
+    return replace(flag, evaluate=lambda ctx: served, explain=lambda ctx: (served, dict(why)))
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -190,12 +211,18 @@ def compile_flag(key: str, definition: Any) -> Flag:
         evaluate, explain, served = _compile_variants(where, definition, enabled, bucket_by, salt)
     else:
         evaluate, explain, served = _compile_boolean(where, definition, enabled, bucket_by, salt)
+    if "variants" in definition:
+        default_name = definition.get("defaultVariant", next(iter(definition["variants"])))
+        default = next(s for s in served if s.value == default_name)
+    else:
+        default = served[1]  # boolean: false
     return Flag(
         key=key,
         key_json=encode_json(key),
         evaluate=evaluate,
         explain=explain,
         served=served,
+        default=default,
         priority=priority,
         routes=routes,
         route_match=route_match,

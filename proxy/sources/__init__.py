@@ -1,16 +1,19 @@
 """Flag sources: each vendor's definitions become engine ``Flag`` objects here, quirks included.
 
-``load_flags(source, path, ...)`` is the offline entry point (CLI ``eval``); webhooks and sync
-live in each vendor's module.
+A source stores items of one or more kinds (native: ``flags``; Split also ``segments``) as JSON
+text; ``compile_source`` turns them into flags. ``load_flags`` is the offline entry (CLI ``eval``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from proxy.engine import Flag
 
 SOURCES = ("native",)
+SOURCE_KINDS: dict[str, tuple[str, ...]] = {"native": ("flags",), "overrides": ("flags",)}
 
 
 def load_flags(source: str, path: str | Path, segments_dir: str | Path | None = None) -> dict[str, Flag]:
@@ -19,3 +22,14 @@ def load_flags(source: str, path: str | Path, segments_dir: str | Path | None = 
 
         return load_file(path)
     raise ValueError(f"unknown source {source!r} (known: {', '.join(SOURCES)})")
+
+
+def compile_source(
+    source: str, kinds: Mapping[str, Mapping[str, str]], cache: dict[str, Any]
+) -> tuple[dict[str, Flag], dict[str, str]]:
+    """Stored items → (flags, {key: problem} for items that no longer compile)."""
+    if source == "native":
+        from proxy.sources.native import compile_items
+
+        return compile_items(kinds.get("flags", {}), cache)
+    raise ValueError(f"unknown source {source!r}")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from proxy.engine import Flag, FlagError, compile_document
+from proxy.engine import Flag, FlagError, compile_document, compile_flag
+from proxy.sources.change import Change, canonical
 
 
 def parse_document(text: str | bytes, where: str = "document") -> dict[str, Any]:
@@ -19,5 +22,97 @@ def parse_document(text: str | bytes, where: str = "document") -> dict[str, Any]
     return document
 
 
+def load_document(path: Path) -> dict[str, Any]:
+    """A native flags file, validated whole (FlagError names the flag and field)."""
+    document = parse_document(path.read_bytes(), str(path))
+    compile_document(document)
+    return document
+
+
 def load_file(path: str | Path) -> dict[str, Flag]:
     return compile_document(parse_document(Path(path).read_bytes(), str(path)))
+
+
+def compile_items(items: Mapping[str, str], cache: dict[str, Any]) -> tuple[dict[str, Flag], dict[str, str]]:
+    """Stored native flags (key → JSON text) → flags; ``cache`` keeps (text, flag) per key."""
+    flags: dict[str, Flag] = {}
+    problems: dict[str, str] = {}
+    for key, text in items.items():
+        hit = cache.get(key)
+        if hit is not None and hit[0] == text:
+            flags[key] = hit[1]
+            continue
+        try:
+            flag = compile_flag(key, json.loads(text))
+        except (FlagError, ValueError) as exc:
+            problems[key] = str(exc)
+            continue
+        cache[key] = (text, flag)
+        flags[key] = flag
+    for key in [k for k in cache if k not in items]:
+        del cache[key]
+    return flags, problems
+
+
+PATCH_FIELDS = frozenset({"upsert", "delete", "version", "note"})
+SHAPE = 'expected a flags document {"flags": ...} or a patch {"upsert": ..., "delete": [...]}'
+
+
+def updated_at_ms(definition: Mapping[str, Any]) -> int | None:
+    """A flag's own version for ordering: its ``updatedAt`` in epoch milliseconds."""
+    stamp = definition.get("updatedAt")
+    if not isinstance(stamp, str):
+        return None
+    return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def _document_version(payload: Mapping[str, Any]) -> int | None:
+    version = payload.get("version")
+    if version is None:
+        return None
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise FlagError("version", "expected a non-negative integer")
+    return version
+
+
+def change_from_payload(payload: Any, actor: str) -> Change:
+    """A webhook body — a whole document (replace) or ``{"upsert", "delete"}`` (patch) — validated.
+
+    Raises FlagError naming the field; nothing is applied then.
+    """
+    if not isinstance(payload, dict):
+        raise FlagError("body", 'expected a flags document {"flags": ...} or a patch {"upsert", "delete"}')
+    if "flags" in payload:
+        compile_document(payload)
+        flags = payload["flags"]
+        return Change(
+            source="native",
+            upsert={key: canonical(d) for key, d in flags.items()},
+            replace=True,
+            source_version=_document_version(payload),
+            item_versions={k: v for k, d in flags.items() if (v := updated_at_ms(d)) is not None},
+            actor=actor,
+        )
+    unknown = sorted(set(payload) - PATCH_FIELDS)
+    if unknown or not ({"upsert", "delete"} & set(payload)):
+        field = unknown[0] if unknown else "body"
+        raise FlagError(field, 'expected a flags document {"flags": ...} or a patch {"upsert", "delete"}')
+    upsert = payload.get("upsert", {})
+    if not isinstance(upsert, dict):
+        raise FlagError("upsert", "expected an object of flag definitions")
+    delete = payload.get("delete", [])
+    if not isinstance(delete, list) or not all(isinstance(k, str) for k in delete):
+        raise FlagError("delete", "expected a list of flag keys")
+    both = sorted(set(upsert) & set(delete))
+    if both:
+        raise FlagError(f"delete.{both[0]}", "a flag cannot be upserted and deleted in one patch")
+    for key, definition in upsert.items():
+        compile_flag(key, definition)
+    return Change(
+        source="native",
+        upsert={key: canonical(d) for key, d in upsert.items()},
+        delete=list(delete),
+        source_version=_document_version(payload),
+        item_versions={k: v for k, d in upsert.items() if (v := updated_at_ms(d)) is not None},
+        actor=actor,
+    )

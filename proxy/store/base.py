@@ -1,13 +1,18 @@
-"""The store interface the rest of the proxy sees: one immutable snapshot at a time."""
+"""The store interface the rest of the proxy sees: one immutable snapshot at a time, and writes."""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.engine import Flag
+from proxy.sources.change import Change
+from proxy.store.state import ApplyResult, RawState, SnapshotBuilder
+
+log = logging.getLogger("flagproxy.store")
 
 
 @dataclass(frozen=True)
@@ -16,17 +21,17 @@ class Snapshot:
 
     version: int
     flags: Mapping[str, Flag]
-    document: Mapping[str, Any]
+    raw: RawState
     loaded_at: float = field(default_factory=time.time)
     ordered: tuple[Flag, ...] = ()
 
     @classmethod
-    def build(cls, version: int, flags: Mapping[str, Flag], document: Mapping[str, Any]) -> Snapshot:
-        ordered = tuple(flags[k] for k in sorted(flags))
-        return cls(version=version, flags=flags, document=document, ordered=ordered)
+    def build(cls, version: int, flags: Mapping[str, Flag], raw: RawState) -> Snapshot:
+        return cls(version=version, flags=flags, raw=raw, ordered=tuple(flags[k] for k in sorted(flags)))
 
 
-EMPTY = Snapshot.build(0, {}, {"flags": {}})
+EMPTY = Snapshot.build(0, {}, RawState())
+Listener = Callable[[Snapshot], None]
 
 
 class FlagStore(Protocol):
@@ -39,3 +44,36 @@ class FlagStore(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    async def apply(self, change: Change) -> ApplyResult: ...
+
+    async def audit(self, limit: int) -> list[dict[str, Any]]: ...
+
+    def on_change(self, listener: Listener) -> None: ...
+
+
+class SnapshotHolder:
+    """The part every store shares: compile raw state, swap the snapshot, tell listeners."""
+
+    def __init__(self) -> None:
+        self._snapshot = EMPTY
+        self._builder = SnapshotBuilder()
+        self._listeners: list[Listener] = []
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def on_change(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def install(self, state: RawState) -> Snapshot:
+        """Compile ``state`` and make it current (the compile happens before anything is swapped)."""
+        snapshot = Snapshot.build(state.version, self._builder.compile(state), state)
+        self._snapshot = snapshot
+        for listener in self._listeners:
+            try:
+                listener(snapshot)
+            except Exception:
+                log.exception("snapshot listener failed")
+        return snapshot

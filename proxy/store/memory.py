@@ -2,60 +2,68 @@
 
 from __future__ import annotations
 
-import json
 import logging
+from collections import deque
 from pathlib import Path
 from typing import Any
 
-from proxy.engine import FlagError, compile_document
-from proxy.store.base import EMPTY, Snapshot
+from proxy.sources.change import Change
+from proxy.sources.native import load_document
+from proxy.store.base import SnapshotHolder
+from proxy.store.state import ApplyResult, RawState, apply_change, audit_entries
 
 log = logging.getLogger("flagproxy.store")
 
 
 def load_document_file(path: str | Path) -> dict[str, Any]:
-    """Read and validate a native flags file; FlagError/OSError/ValueError name the problem."""
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FlagError(str(path), f"invalid JSON: {exc}") from None
-    compile_document(document)
-    return document
+    """Read and validate a native flags file; FlagError/OSError name the problem."""
+    return load_document(Path(path))
 
 
-class MemoryStore:
-    def __init__(self, document: dict[str, Any] | None = None) -> None:
-        self._snapshot = EMPTY
-        if document is not None:
-            self.replace(document)
+def initial_state(path: str | Path, required: bool) -> RawState:
+    """The flags file as raw state; a missing optional file (the default seeds) means no flags."""
+    if not Path(path).exists():
+        if required:
+            raise FileNotFoundError(f"flags file {path} not found")
+        log.warning("no flags file at %s: starting with no flags", path)
+        return RawState()
+    return RawState.from_native_document(load_document_file(path))
+
+
+class MemoryStore(SnapshotHolder):
+    def __init__(self, state: RawState | None = None, audit_max: int = 1000) -> None:
+        super().__init__()
+        self._state = state or RawState()
+        self._audit: deque[dict[str, Any]] = deque(maxlen=audit_max)
+        self.install(self._state)
 
     @classmethod
-    def from_file(cls, path: str | Path, required: bool = True) -> MemoryStore:
-        """Load a native flags file; a missing optional file (the default seeds) means no flags."""
-        if not Path(path).exists():
-            if required:
-                raise FileNotFoundError(f"flags file {path} not found")
-            log.warning("no flags file at %s: starting with no flags", path)
-            return cls({"flags": {}})
-        return cls(load_document_file(path))
-
-    @property
-    def snapshot(self) -> Snapshot:
-        return self._snapshot
+    def from_document(cls, document: dict[str, Any]) -> MemoryStore:
+        return cls(RawState.from_native_document(document))
 
     @property
     def ready(self) -> bool:
         return True
-
-    def replace(self, document: dict[str, Any]) -> Snapshot:
-        """Compile first, swap after: an invalid document leaves the store untouched."""
-        flags = compile_document(document)
-        self._snapshot = Snapshot.build(self._snapshot.version + 1, flags, document)
-        return self._snapshot
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
         return None
+
+    async def apply(self, change: Change) -> ApplyResult:
+        state = self._state.copy()
+        result = apply_change(state, change)
+        if result.status == "stale":
+            return result
+        self._state = state  # also when unchanged: the source version may have moved on
+        if result.status == "applied":
+            self.install(state)
+            items = state.items(change.source, change.kind)
+            actions = {k: ("upsert" if k in items else "delete") for k in result.changed}
+            for entry in audit_entries(change, result, actions):
+                self._audit.appendleft(entry)
+        return result
+
+    async def audit(self, limit: int) -> list[dict[str, Any]]:
+        return list(self._audit)[:limit]

@@ -1,0 +1,45 @@
+"""What a source hands the store: a ``Change`` to one kind of items (flags, segments)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def canonical(value: Any) -> str:
+    """The JSON text a definition is stored as (stable, so equal definitions compare equal)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+@dataclass
+class Change:
+    source: str
+    kind: str = "flags"
+    upsert: dict[str, str] = field(default_factory=dict)  # key → canonical JSON text
+    delete: list[str] = field(default_factory=list)
+    replace: bool = False
+    source_version: int | None = None
+    item_versions: dict[str, int] = field(default_factory=dict)
+    actor: str = ""
+    action: str = ""  # audit wording ("kill", "promote"…); default: upsert / delete per item
+
+    def payload(self, audit_max: int) -> dict[str, Any]:
+        """The JSON the Redis script takes."""
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "upsert": [[k, v, self.item_versions.get(k, -1)] for k, v in self.upsert.items()],
+            "delete": [[k, self.item_versions.get(k, -1)] for k in self.delete],
+            "replace": self.replace,
+            "source_version": -1 if self.source_version is None else self.source_version,
+            "actor": self.actor,
+            "action": self.action,
+            "time": now_iso(),
+            "audit_max": audit_max,
+        }

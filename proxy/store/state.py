@@ -1,0 +1,180 @@
+"""What a store holds, how a change applies to it, and how it compiles into a snapshot.
+
+Raw state: per source and kind, flag (or segment) key → the definition's JSON text, plus per-item
+and per-kind source versions. A ``Change`` applies with the same rules in memory (here) and in
+Redis (the Lua script in ``proxy.store.redis``):
+
+- a change carrying a source version not newer than the stored one is **stale**: nothing applies;
+- an item carrying its own version (updatedAt, changeNumber) not newer than the stored item's is
+  ignored, the rest of the change applies;
+- ``replace`` deletes every stored item the change does not mention;
+- only real differences bump the store version, which every snapshot carries.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.engine import Flag, with_override
+from proxy.sources import compile_source
+from proxy.sources.change import Change, canonical, now_iso
+
+log = logging.getLogger("flagproxy.store")
+
+OVERRIDES = "overrides"
+# Later sources win when two define the same flag key; overrides apply on top of everything.
+PRECEDENCE = ("split", "native")
+
+
+@dataclass
+class ApplyResult:
+    status: str  # "applied" | "unchanged" | "stale"
+    version: int
+    changed: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    stored_source_version: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "version": self.version, "changed": self.changed}
+        if self.ignored:
+            out["ignored"] = self.ignored
+        if self.stored_source_version is not None:
+            out["stored_source_version"] = self.stored_source_version
+        return out
+
+
+@dataclass
+class RawState:
+    version: int = 0
+    data: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # source → kind → key → text
+    item_versions: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    source_versions: dict[str, dict[str, int]] = field(default_factory=dict)  # source → kind → version
+
+    def items(self, source: str, kind: str = "flags") -> dict[str, str]:
+        return self.data.get(source, {}).get(kind, {})
+
+    def copy(self) -> RawState:
+        return copy.deepcopy(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "data": self.data,
+            "item_versions": self.item_versions,
+            "source_versions": self.source_versions,
+            "saved_at": now_iso(),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> RawState:
+        return cls(
+            version=int(raw.get("version", 0)),
+            data={s: {k: dict(v) for k, v in kinds.items()} for s, kinds in raw.get("data", {}).items()},
+            item_versions={
+                s: {k: {i: int(n) for i, n in v.items()} for k, v in kinds.items()}
+                for s, kinds in raw.get("item_versions", {}).items()
+            },
+            source_versions={
+                s: {k: int(n) for k, n in kinds.items()}
+                for s, kinds in raw.get("source_versions", {}).items()
+            },
+        )
+
+    @classmethod
+    def from_native_document(cls, document: Mapping[str, Any]) -> RawState:
+        flags = {key: canonical(definition) for key, definition in document.get("flags", {}).items()}
+        return cls(version=1 if flags else 0, data={"native": {"flags": flags}})
+
+
+def apply_change(state: RawState, change: Change) -> ApplyResult:
+    """Apply ``change`` to ``state`` in place (the memory store's write path)."""
+    kinds = state.source_versions.setdefault(change.source, {})
+    stored = kinds.get(change.kind)
+    if change.source_version is not None and stored is not None and change.source_version <= stored:
+        return ApplyResult("stale", state.version, stored_source_version=stored)
+
+    items = state.data.setdefault(change.source, {}).setdefault(change.kind, {})
+    versions = state.item_versions.setdefault(change.source, {}).setdefault(change.kind, {})
+    changed: list[tuple[str, str]] = []
+    ignored: list[str] = []
+
+    def newer(key: str) -> bool:
+        incoming = change.item_versions.get(key)
+        return incoming is None or key not in versions or incoming > versions[key]
+
+    for key, text in change.upsert.items():
+        if not newer(key):
+            ignored.append(key)
+            continue
+        if items.get(key) != text:
+            items[key] = text
+            changed.append((key, "upsert"))
+        if key in change.item_versions:
+            versions[key] = change.item_versions[key]
+    deletes = [k for k in items if k not in change.upsert] if change.replace else change.delete
+    for key in list(deletes):
+        if not newer(key):
+            ignored.append(key)
+            continue
+        if items.pop(key, None) is not None:
+            changed.append((key, "delete"))
+        if key in change.item_versions:
+            versions[key] = change.item_versions[key]  # a tombstone: older upserts stay ignored
+        else:
+            versions.pop(key, None)
+    if change.source_version is not None:
+        kinds[change.kind] = change.source_version
+    if not changed:
+        return ApplyResult("unchanged", state.version, ignored=ignored)
+    state.version += 1
+    return ApplyResult("applied", state.version, changed=[k for k, _ in changed], ignored=ignored)
+
+
+def audit_entries(change: Change, result: ApplyResult, actions: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "time": now_iso(),
+            "source": change.source,
+            "actor": change.actor,
+            "flag": key,
+            "action": change.action or actions.get(key, "upsert"),
+            "old_version": result.version - 1,
+            "new_version": result.version,
+        }
+        for key in result.changed
+    ]
+
+
+class SnapshotBuilder:
+    """Compiles raw state into flags; each source reuses what did not change (its own cache)."""
+
+    def __init__(self) -> None:
+        self._caches: dict[str, dict[str, Any]] = {}
+        self._reported: set[tuple[str, str, str]] = set()
+
+    def compile(self, state: RawState) -> dict[str, Flag]:
+        flags: dict[str, Flag] = {}
+        for source in PRECEDENCE:
+            kinds = state.data.get(source)
+            if not kinds or not kinds.get("flags"):
+                continue
+            compiled, problems = compile_source(source, kinds, self._caches.setdefault(source, {}))
+            for key, problem in problems.items():
+                if (source, key, problem) not in self._reported:  # say it once, not on every resync
+                    self._reported.add((source, key, problem))
+                    log.error(
+                        "stored %s flag %r does not compile and is not served: %s", source, key, problem
+                    )
+            flags.update(compiled)
+        for key, text in state.items(OVERRIDES).items():
+            if key in flags:
+                try:
+                    flags[key] = with_override(flags[key], json.loads(text))
+                except (ValueError, TypeError, AttributeError):
+                    log.error("override for %r is not valid; ignored", key)
+        return flags
