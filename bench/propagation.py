@@ -73,7 +73,7 @@ async def measure(ports: list[int], updates: int, timeout_s: float) -> list[floa
                     raise RuntimeError(f"webhook answered {response.status}: {await response.text()}")
             accepted = time.perf_counter()
 
-            async def until_served(port: int, expected: bool = value) -> float:
+            async def until_served(port: int, expected: bool = value, accepted: float = accepted) -> float:
                 deadline = accepted + timeout_s
                 while time.perf_counter() < deadline:
                     if await served_value(session, port) is expected:
@@ -87,7 +87,7 @@ async def measure(ports: list[int], updates: int, timeout_s: float) -> list[floa
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> int:
