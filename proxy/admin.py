@@ -66,10 +66,17 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        value = json.loads(body)
+        # "\ud800" parses, but is no text: Redis (and any UTF-8 consumer) cannot take it
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPProblem(
+            400, "invalid_json", "body is not valid JSON: a string holds an unpaired UTF-16 surrogate"
+        ) from None
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         detail = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
         raise HTTPProblem(400, "invalid_json", f"body is not valid JSON: {detail}") from None
+    return value
 
 
 def invalid_flags(exc: FlagError) -> HTTPProblem:
@@ -215,7 +222,7 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
             choices = ", ".join(json.dumps(s.value) for s in flag.served)
             raise HTTPProblem(422, "unknown_variant", f'body must be {{"variant": one of {choices}}}')
         change = Change(
-            source=OVERRIDES, upsert={key: canonical({"promote": variant})}, actor="admin:promote"
+            source=OVERRIDES, upsert={key: canonical({"promote": variant})}, actor="admin", action="promote"
         )
         return result_response(await apply(change), 200)
 
@@ -245,7 +252,7 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
         return JSONResponse({"version": snapshot.version, "context": context, "flags": flags})
 
     async def audit(request: Request) -> Response:
-        limit = request.query_params.get("limit", "100")
+        limit = request.query_params.get("limit", str(min(100, settings.store.audit_max)))
         if not limit.isdigit() or not 1 <= int(limit) <= settings.store.audit_max:
             raise HTTPProblem(400, "bad_limit", f"limit must be 1..{settings.store.audit_max}")
         try:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ProxyProcess, RawOrigin
+from support import ProxyProcess, RawOrigin, RedisServer, unique_namespace
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +45,29 @@ def proxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
 def origin(origin_factory: Callable[..., RawOrigin]) -> RawOrigin:
     """One scripted origin shared by a module's tests (use distinct paths per test)."""
     return origin_factory()
+
+
+# --- a private Redis (never the machine's shared instance) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One ``redis-server`` for the whole session on a free port; tests keep to their own namespace
+    (``[store] environment``, see ``redis_namespace``) and never flush it."""
+    server = RedisServer(dir=tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, for destructive tests (kill, restart): stopped afterwards."""
+    server = RedisServer(dir=tmp_path / "redis").start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_namespace(request: pytest.FixtureRequest) -> str:
+    """This test's own ``[store] environment`` (FLAGPROXY_STORE_ENVIRONMENT) on a shared Redis."""
+    return unique_namespace(request.node.name)

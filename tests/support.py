@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
+import itertools
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -726,3 +729,225 @@ class RssSampler:
         self._stop.set()
         self._thread.join(5)
         self.peak = max(self.peak, self.proxy.rss_bytes())
+
+
+# --- a private Redis ---------------------------------------------------------------------------------
+
+REDIS_SERVER = "redis-server"
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free 127.0.0.1 port, without persistence.
+
+    Never the machine's shared instance: each one has its own port and working directory, so
+    ``restart()`` (same port) brings it back EMPTY, like a Redis that lost its data.
+    """
+
+    def __init__(self, port: int | None = None, dir: str | os.PathLike[str] | None = None) -> None:
+        self.port = port or free_port()
+        self._own_dir = dir is None
+        self.dir = Path(dir if dir is not None else tempfile.mkdtemp(prefix="flagproxy-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = self.dir / "redis.log"
+        self._clients: list[Any] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOCALHOST}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def command(self) -> list[str]:
+        return [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", LOCALHOST,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.dir),
+            "--protected-mode", "no",
+            "--logfile", str(self.log_path),
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        assert not self.running, "already running"
+        self.process = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.wait_accepting(timeout)
+        return self
+
+    def wait_accepting(self, timeout: float = 10.0) -> None:
+        """Bounded polling of PING until the server answers (fails if it exits or the deadline passes)."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{self.log()}")
+            probe = redis.Redis(
+                host=LOCALHOST, port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5
+            )
+            try:
+                if probe.ping():
+                    return
+            except redis.RedisError:
+                pass
+            finally:
+                probe.close()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} not answering after {timeout}s")
+            time.sleep(0.02)  # readiness polling of a subprocess, bounded by the deadline
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SHUTDOWN NOSAVE, falling back to SIGKILL; returns once the process is gone."""
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            # Raw RESP: redis-py would retry the command when the server (as asked) drops the connection.
+            with contextlib.suppress(OSError), socket.create_connection((LOCALHOST, self.port), 2) as sock:
+                sock.sendall(b"*2\r\n$8\r\nSHUTDOWN\r\n$6\r\nNOSAVE\r\n")
+                sock.recv(1024)  # EOF once the server is going away
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: Redis vanishes mid-conversation, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
+
+    def restart(self, timeout: float = 10.0) -> RedisServer:
+        """Same port, and EMPTY (no persistence)."""
+        self.stop()
+        return self.start(timeout)
+
+    def client(self, decode: bool = True) -> Any:
+        """A sync ``redis.Redis`` client (closed by ``close()``); ``decode=False`` for DUMP."""
+        import redis
+
+        client = redis.Redis(
+            host=LOCALHOST,
+            port=self.port,
+            decode_responses=decode,
+            socket_timeout=5,
+            socket_connect_timeout=3,
+        )
+        self._clients.append(client)
+        return client
+
+    def dump_namespace(self, pattern: str) -> dict[bytes, bytes | None]:
+        """Every key matching ``pattern`` with its DUMP serialisation: byte-for-byte state."""
+        raw = self.client(decode=False)
+        return {key: raw.dump(key) for key in sorted(raw.scan_iter(match=pattern, count=1000))}
+
+    def close(self) -> None:
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                client.close()
+        self._clients.clear()
+        self.stop()
+        if self._own_dir:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self._own_dir = False
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_namespaces = itertools.count(1)
+
+
+def unique_namespace(hint: str) -> str:
+    """A fresh ``[store] environment`` (FLAGPROXY_STORE_ENVIRONMENT) for a shared Redis: its keys are
+    ``flagproxy:{name}:*`` and no other test's."""
+    return f"t{os.getpid()}-{next(_namespaces)}-{re.sub(r'[^A-Za-z0-9_-]+', '-', hint)[:40]}"
+
+
+# --- webhooks, the admin API and waiting on observables ----------------------------------------------
+
+
+def sign_body(secret: str, body: bytes) -> str:
+    """The ``X-Flagproxy-Signature`` value for ``body``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def post_webhook(
+    base_url: str,
+    payload: Any = None,
+    secret: str = "",
+    *,
+    body: bytes | None = None,
+    signature: str | None = None,
+    timeout: float = 10.0,
+) -> httpx.Response:
+    """POST a native webhook: ``payload`` as JSON (or raw ``body``), signed with ``secret``
+    unless ``signature`` is given ("" sends none)."""
+    data = body if body is not None else json.dumps(payload).encode()
+    sig = sign_body(secret, data) if signature is None else signature
+    headers = {"Content-Type": "application/json"}
+    if sig:
+        headers["X-Flagproxy-Signature"] = sig
+    return http_client().post(
+        f"{base_url}/__flags/webhooks/native", content=data, headers=headers, timeout=timeout
+    )
+
+
+def wait_for(
+    probe: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01, what: str = "condition"
+) -> Any:
+    """Bounded polling of an observable: ``probe()``'s first truthy value, or AssertionError at the
+    deadline (with the last value seen)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+        time.sleep(interval)  # polling interval, bounded by the deadline
+
+
+_probe_ids = itertools.count(1)
+_http = threading.local()
+
+
+def http_client() -> httpx.Client:
+    """A keep-alive client of this thread's own (``httpx.get`` builds a new client, TLS context
+    included, per call: too slow to poll with)."""
+    client = getattr(_http, "client", None)
+    if client is None:
+        client = _http.client = httpx.Client(timeout=10)
+    return client
+
+
+def served_flags(
+    proxy: ProxyProcess, origin: RawOrigin, user: str = "probe-user", path: str = "/probe"
+) -> dict[str, Any]:
+    """What the origin received in X-Feature-Flags for one request through ``proxy`` as ``user``."""
+    target = f"{path}/{next(_probe_ids)}"
+    response = http_client().get(f"{proxy.base_url}{target}", headers={"X-User-Id": user})
+    assert response.status_code == 200, (response.status_code, response.text)
+    header = origin.only_request_to(target).value("X-Feature-Flags")
+    return json.loads(header) if header else {}

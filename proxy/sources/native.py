@@ -55,6 +55,7 @@ def compile_items(items: Mapping[str, str], cache: dict[str, Any]) -> tuple[dict
 
 
 PATCH_FIELDS = frozenset({"upsert", "delete", "version", "note"})
+MAX_VERSION = 2**53 - 1
 SHAPE = 'expected a flags document {"flags": ...} or a patch {"upsert": ..., "delete": [...]}'
 
 
@@ -72,6 +73,8 @@ def _document_version(payload: Mapping[str, Any]) -> int | None:
         return None
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise FlagError("version", "expected a non-negative integer")
+    if version > MAX_VERSION:  # Redis compares versions in Lua, as doubles: exact only up to 2^53
+        raise FlagError("version", f"must not exceed {MAX_VERSION} (2^53 - 1)")
     return version
 
 

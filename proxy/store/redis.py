@@ -43,6 +43,10 @@ APPLY_LUA = """
 local data, vers, meta, verkey, audit, inited = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local p = cjson.decode(ARGV[1])
 local channel = ARGV[2]
+if redis.call('EXISTS', inited) == 0 then
+  -- Redis lost its data (or was never seeded): writing now would make this change all there is.
+  return cjson.encode({status = 'uninitialized'})
+end
 local sv = tonumber(p.source_version)
 local svfield = p.kind .. ':version'
 if sv >= 0 then
@@ -329,7 +333,15 @@ class RedisStore(SnapshotHolder):
             if not inited:
                 await self._reseed()
                 state, inited = await self._read_state()
-            if self._redis_version != state.version or not self._ready:
+            current = self._last_good
+            if (
+                not self._ready
+                or current is None
+                or self._redis_version != state.version
+                # a change that moved only a source version ("unchanged") is not announced
+                or (state.data, state.item_versions, state.source_versions)
+                != (current.data, current.item_versions, current.source_versions)
+            ):
                 self._accept(state)
             self.last_sync = asyncio.get_running_loop().time()
             self.synced.set()
@@ -398,14 +410,17 @@ class RedisStore(SnapshotHolder):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hmget(self.keys.data(source, kind), keys)
             pipe.hmget(self.keys.versions(source, kind), keys)
-            texts, versions = await pipe.execute()
+            pipe.hget(self.keys.meta(source), f"{kind}:version")
+            texts, versions, source_version = await pipe.execute()
             current = self._last_good or RawState()
             state = RawState(
                 version=version,
                 data={s: dict(k) for s, k in current.data.items()},
                 item_versions={s: dict(k) for s, k in current.item_versions.items()},
-                source_versions=current.source_versions,
+                source_versions={s: dict(k) for s, k in current.source_versions.items()},
             )
+            if source_version is not None:  # kept for a re-seed: stale documents stay refused
+                state.source_versions.setdefault(source, {})[kind] = int(source_version)
             items = dict(state.data.setdefault(source, {}).get(kind, {}))
             item_versions = dict(state.item_versions.setdefault(source, {}).get(kind, {}))
             for key, text, item_version in zip(keys, texts, versions, strict=True):
@@ -435,8 +450,13 @@ class RedisStore(SnapshotHolder):
         payload = json.dumps(change.payload(self.settings.audit_max), separators=(",", ":"))
         try:
             reply = json.loads(await self._apply_script(keys=keys, args=[payload, self.keys.channel]))
+            if reply["status"] == "uninitialized":
+                await self.resync()  # re-seeds Redis from the last good state, then the write goes on top
+                reply = json.loads(await self._apply_script(keys=keys, args=[payload, self.keys.channel]))
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(str(exc)) from None
+        if reply["status"] == "uninitialized":
+            raise StoreUnavailable("Redis has no flagproxy data and could not be re-seeded")
         result = ApplyResult(
             status=reply["status"],
             version=int(reply.get("version", 0)),
