@@ -198,7 +198,11 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
             raise HTTPProblem(404, "unknown_flag", f"no flag {key!r}")
         if found["source"] != "native":
             raise HTTPProblem(409, "not_native", f"{key!r} comes from {found['source']}: change it there")
-        return result_response(await apply(Change(source="native", delete=[key], actor="admin")), 200)
+        result = await apply(Change(source="native", delete=[key], actor="admin"))
+        if key in proxy.store.snapshot.raw.items(OVERRIDES):
+            # A kill or promotion belongs to the flag: it must not come back with a new flag of that name.
+            result = await apply(Change(source=OVERRIDES, delete=[key], actor="admin", action="restore"))
+        return result_response(result, 200)
 
     async def kill_flag(request: Request) -> Response:
         key = request.path_params["key"]

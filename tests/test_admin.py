@@ -270,6 +270,15 @@ def test_kill_serves_everyone_the_default_until_restored(admin: Admin, origin: R
     assert (unknown.status_code, unknown.json()["error"]) == (404, "unknown_flag")
 
 
+def test_deleting_a_flag_drops_its_kill(admin: Admin, origin: RawOrigin) -> None:
+    admin.ok("PUT", "/flags/kill-then-delete", TWO_WAY)
+    admin.ok("POST", "/flags/kill-then-delete/kill")
+    admin.ok("DELETE", "/flags/kill-then-delete")
+    admin.ok("PUT", "/flags/kill-then-delete", TWO_WAY)
+    assert "override" not in admin.ok("GET", "/flags/kill-then-delete")
+    assert served_many(admin.proxy, origin, "kill-then-delete") == {"a", "b"}
+
+
 def test_kill_a_boolean_flag(admin: Admin, origin: RawOrigin) -> None:
     admin.ok("PUT", "/flags/kill-bool", {"percentage": 100})
     assert served_many(admin.proxy, origin, "kill-bool") == {True}

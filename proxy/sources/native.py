@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,10 @@ def updated_at_ms(definition: Mapping[str, Any]) -> int | None:
     stamp = definition.get("updatedAt")
     if not isinstance(stamp, str):
         return None
-    return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() * 1000)
+    moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if moment.tzinfo is None:  # no offset: UTC, so every instance orders the same way
+        moment = moment.replace(tzinfo=UTC)
+    return max(0, int(moment.timestamp() * 1000))
 
 
 def _document_version(payload: Mapping[str, Any]) -> int | None:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,8 @@ class RedisStore(SnapshotHolder):
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._save_handle: asyncio.TimerHandle | None = None
+        self._save_lock = threading.Lock()
+        self._saved_version = -1
         self.connected = False
         self.reconnects = 0
         self.last_sync: float | None = None
@@ -498,7 +501,11 @@ class RedisStore(SnapshotHolder):
             self._save_quietly(self._last_good)
 
     def _save_quietly(self, state: RawState) -> None:
-        try:
-            save_snapshot_file(self.settings.snapshot_path, state)
-        except OSError as exc:
-            log.error("could not write the snapshot file %s: %s", self.settings.snapshot_path, exc)
+        with self._save_lock:  # saves run in worker threads: never let an older one land last
+            if state.version < self._saved_version:
+                return
+            try:
+                save_snapshot_file(self.settings.snapshot_path, state)
+                self._saved_version = state.version
+            except OSError as exc:
+                log.error("could not write the snapshot file %s: %s", self.settings.snapshot_path, exc)
