@@ -137,6 +137,27 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
             raise invalid_flags(exc) from None
         return result_response(await apply(change), 202)
 
+    @problem_handler
+    async def split_webhook(request: Request) -> Response:
+        """Split's audit-log webhook: authenticated by a shared token, answered at once, pulled later."""
+        token = settings.split.webhook_token
+        if not token:
+            raise HTTPProblem(404, "not_found", "the Split webhook is disabled: set [split] webhook_token")
+        given = request.query_params.get("token", "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPProblem(401, "bad_token", "the ?token= query parameter is missing or wrong")
+        payload = parse_json(await read_body(request, settings.webhooks.max_body_bytes))
+        if not isinstance(payload, dict):
+            raise HTTPProblem(422, "invalid_payload", "expected a Split audit-log object")
+        environment = payload.get("environmentName")
+        allowed = settings.split.environments
+        if allowed and environment not in allowed:
+            return JSONResponse({"status": "ignored", "detail": f"environment {environment!r} is not synced"})
+        if not proxy.split.enabled:
+            raise HTTPProblem(503, "split_disabled", "no [split] sdk_key is configured to pull definitions")
+        proxy.split.trigger()
+        return JSONResponse({"status": "accepted", "flag": payload.get("name")})
+
     # --- admin API --------------------------------------------------------------------------------
 
     def admin(handler: Handler) -> Handler:
@@ -275,6 +296,7 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
         Route("/readyz", readyz, methods=["GET", "HEAD"]),
         Route("/webhooks/native", native_webhook, methods=["POST"]),
+        Route("/webhooks/split", split_webhook, methods=["POST"]),
         Route("/api/flags", admin(list_flags), methods=["GET"]),
         Route("/api/flags/{key}", admin(get_flag), methods=["GET"]),
         Route("/api/flags/{key}", admin(put_flag), methods=["PUT"]),

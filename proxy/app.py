@@ -11,6 +11,7 @@ from proxy.context import ContextBuilder
 from proxy.forward import Forwarder, Receive, Send
 from proxy.header import FlagHeaders
 from proxy.resolver import FlagResolver
+from proxy.sources.split_sync import SplitSync
 from proxy.store import FlagStore, MemoryStore, initial_state
 from proxy.store.redis import RedisStore
 from proxy.store.state import RawState
@@ -37,7 +38,9 @@ class FlagProxy:
         self.settings = settings
         self.store: FlagStore = store or build_store(settings)
         self.flag_headers = FlagHeaders(settings.header.name, settings.header.config_name)
-        self.resolver = FlagResolver(self.store, self.flag_headers, ContextBuilder(settings.context))
+        context = ContextBuilder(settings.context, bucketing_key_header=settings.split.bucketing_key_header)
+        self.resolver = FlagResolver(self.store, self.flag_headers, context)
+        self.split = SplitSync(settings.split, self.store)
         self.forwarder = Forwarder(settings, self.resolver)
         self.control = build_control_app(self)
         self.control_prefix = settings.server.control_prefix
@@ -59,6 +62,7 @@ class FlagProxy:
     async def startup(self) -> None:
         await self.store.start()
         await self.forwarder.start()
+        await self.split.start()
         log.info(
             "flagproxy ready: %d flags (store version %d), origins: %s",
             len(self.store.snapshot.flags),
@@ -67,6 +71,7 @@ class FlagProxy:
         )
 
     async def shutdown(self) -> None:
+        await self.split.close()
         await self.forwarder.close()
         await self.store.close()
 

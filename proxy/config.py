@@ -111,6 +111,17 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class SplitSettings:
+    sdk_key: str = ""
+    api_url: str = "https://sdk.split.io/api"
+    interval_s: float = 60.0
+    timeout_s: float = 10.0
+    webhook_token: str = ""
+    environments: tuple[str, ...] = ()
+    bucketing_key_header: str = ""
+
+
+@dataclass(frozen=True)
 class OriginSettings:
     url: str
     prefix: str = "/"
@@ -131,6 +142,7 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    split: SplitSettings = field(default_factory=SplitSettings)
     origins: tuple[OriginSettings, ...] = ()
 
 
@@ -379,6 +391,13 @@ def validate(settings: Settings) -> None:
             bool(value) and not any(c.isspace() for c in value), f"[store] {name}: must be a non-empty word"
         )
     _check(settings.webhooks.max_body_bytes > 0, "[webhooks] max_body_bytes: must be positive")
+
+    sp = settings.split
+    _check(sp.interval_s > 0, f"[split] interval_s: must be positive, got {sp.interval_s}")
+    _check(sp.timeout_s > 0, f"[split] timeout_s: must be positive, got {sp.timeout_s}")
+    _check(urlsplit(sp.api_url).scheme in ("http", "https"), "[split] api_url: must be an http(s) URL")
+    if sp.bucketing_key_header:
+        _check_header_name("[split] bucketing_key_header", sp.bucketing_key_header)
 
     seen: set[str] = set()
     for i, origin in enumerate(settings.origins):

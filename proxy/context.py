@@ -180,8 +180,11 @@ class TelegramReader:
 class ContextBuilder:
     """Turns an ASGI scope into the engine's context mapping (``key``, ``path``, ``method``, ...)."""
 
-    def __init__(self, settings: ContextSettings) -> None:
+    def __init__(self, settings: ContextSettings, bucketing_key_header: str = "") -> None:
         self.settings = settings
+        self.bucketing_header = (
+            bucketing_key_header.lower().encode("latin-1") if bucketing_key_header else None
+        )
         for source in settings.key_sources:
             if source not in KEY_SOURCES:
                 raise ConfigError(
@@ -226,6 +229,8 @@ class ContextBuilder:
         for name, value in scope["headers"]:
             if name == self.key_header:
                 header_key = value
+            elif name == self.bucketing_header and value:
+                context["bucketingKey"] = value.decode("latin-1").strip()
             elif name == b"cookie":
                 cookie_header = value if cookie_header is None else cookie_header + b"; " + value
             elif name == b"authorization":

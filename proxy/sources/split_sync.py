@@ -1,0 +1,295 @@
+"""Split (Harness FME) sync: pull splitChanges / segmentChanges into the store.
+
+Split's audit-log webhook carries no usable definition (see docs), so it only *triggers* a pull.
+Pulls also run at start and every ``[split] interval_s`` (webhooks get lost). A pull asks for
+changes since the stored change numbers until ``since == till``, then segments for every segment
+the flags reference. Results are written as store Changes ordered by Split's change numbers:
+ACTIVE flags upserted, ARCHIVED ones deleted. A failing or garbled API leaves the last good
+definitions in place; the error is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from proxy.config import SplitSettings
+from proxy.sources.change import Change, canonical
+
+if TYPE_CHECKING:
+    from proxy.store.base import FlagStore
+
+log = logging.getLogger("flagproxy.split")
+
+MAX_PAGES = 100  # a misbehaving API must not keep us paging forever
+
+
+class SplitApiError(Exception):
+    """The Split API failed or answered something that is not a splitChanges/segmentChanges body."""
+
+
+@dataclass
+class SyncStats:
+    syncs: int = 0
+    errors: int = 0
+    last_error: str = ""
+    last_success: float | None = None
+    flags_changed: int = 0
+    segments_changed: int = 0
+
+
+@dataclass
+class Pulled:
+    upsert: dict[str, str] = field(default_factory=dict)
+    delete: list[str] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)
+    till: int = -1
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SplitApiError(f"{what} is not an integer: {value!r}")
+    return value
+
+
+def _page(body: Any, spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Normalise a splitChanges body to spec 1.3 sections ``(ff, rbs)``, each ``{d, s, t}``."""
+    if not isinstance(body, dict):
+        raise SplitApiError("splitChanges body is not a JSON object")
+    if spec == "1.1":
+        ff = {"d": body.get("splits"), "s": body.get("since"), "t": body.get("till")}
+        rbs = {"d": [], "s": -1, "t": -1}
+    else:
+        ff, rbs = body.get("ff"), body.get("rbs", {"d": [], "s": -1, "t": -1})
+    for name, section in (("ff", ff), ("rbs", rbs)):
+        if not isinstance(section, dict) or not isinstance(section.get("d"), list):
+            raise SplitApiError(f"splitChanges section {name!r} is missing or has no 'd' list")
+        _int(section.get("s"), f"{name}.s")
+        _int(section.get("t"), f"{name}.t")
+    return ff, rbs
+
+
+def _collect(pulled: Pulled, items: Iterable[Any], what: str) -> None:
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            log.warning("skipping a %s without a name from the Split API", what)
+            continue
+        name = item["name"]
+        version = item.get("changeNumber")
+        if isinstance(version, int) and not isinstance(version, bool):
+            pulled.versions[name] = version
+        if item.get("status", "ACTIVE") == "ACTIVE":
+            pulled.upsert[name] = canonical(item)
+            with contextlib.suppress(ValueError):
+                pulled.delete.remove(name)
+        else:  # ARCHIVED (and anything not ACTIVE): removed, as the SDK does
+            pulled.upsert.pop(name, None)
+            if name not in pulled.delete:
+                pulled.delete.append(name)
+
+
+def referenced_segments(definitions: Iterable[str]) -> set[str]:
+    """Names of the standard segments that stored flags and rule-based segments refer to."""
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("matcherType") == "IN_SEGMENT":
+                data = node.get("userDefinedSegmentMatcherData") or {}
+                if isinstance(data.get("segmentName"), str):
+                    names.add(data["segmentName"])
+            excluded = node.get("excluded")
+            if isinstance(excluded, dict):
+                for segment in excluded.get("segments") or []:
+                    standard = isinstance(segment, dict) and segment.get("type", "standard") == "standard"
+                    if standard and isinstance(segment.get("name"), str):
+                        names.add(segment["name"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for text in definitions:
+        with contextlib.suppress(ValueError):
+            walk(json.loads(text))
+    return names
+
+
+class SplitSync:
+    def __init__(
+        self, settings: SplitSettings, store: FlagStore, client: httpx.AsyncClient | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._client = client
+        self._own_client = client is None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._spec = "1.3"
+        self._lock = asyncio.Lock()
+        self.stats = SyncStats()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.sdk_key)
+
+    async def start(self) -> None:
+        if not self.enabled:
+            return
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.settings.timeout_s)
+        self._task = asyncio.create_task(self._run(), name="flagproxy-split-sync")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._own_client and self._client is not None:
+            await self._client.aclose()
+
+    def trigger(self) -> None:
+        """Ask for a pull soon; a burst of triggers during a pull coalesces into one more pull."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.sync_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # counted and logged; the last good definitions stay
+                self.stats.errors += 1
+                self.stats.last_error = str(exc)
+                log.error("Split sync failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.interval_s)
+
+    # --- one pull ---------------------------------------------------------------------------------
+
+    def _stored(self, kind: str) -> int:
+        return self.store.snapshot.raw.source_versions.get("split", {}).get(kind, -1)
+
+    async def _get(self, path: str, params: dict[str, Any]) -> httpx.Response:
+        assert self._client is not None
+        url = self.settings.api_url.rstrip("/") + path
+        headers = {"Authorization": f"Bearer {self.settings.sdk_key}"}
+        try:
+            return await self._client.get(url, params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise SplitApiError(f"GET {path}: {type(exc).__name__}: {exc}") from None
+
+    async def _split_changes(self, since: int, rb_since: int) -> Any:
+        params: dict[str, Any] = {"s": self._spec, "since": since}
+        if self._spec == "1.3":
+            params["rbSince"] = rb_since
+        response = await self._get("/splitChanges", params)
+        if response.status_code == 400 and self._spec == "1.3":
+            log.warning("the Split API refused spec 1.3 (HTTP 400): falling back to spec 1.1")
+            self._spec = "1.1"
+            return await self._split_changes(since, rb_since)
+        if response.status_code != 200:
+            raise SplitApiError(f"splitChanges answered HTTP {response.status_code}")
+        try:
+            return response.json()
+        except ValueError:
+            raise SplitApiError("splitChanges answered something that is not JSON") from None
+
+    async def sync_once(self) -> None:
+        async with self._lock:
+            await self._sync_flags()
+            await self._sync_segments()
+            self.stats.syncs += 1
+            self.stats.last_success = asyncio.get_running_loop().time()
+
+    async def _sync_flags(self) -> None:
+        since, rb_since = self._stored("flags"), self._stored("rbsegments")
+        flags, rbs = Pulled(till=since), Pulled(till=rb_since)
+        for _ in range(MAX_PAGES):
+            ff_page, rbs_page = _page(await self._split_changes(flags.till, rbs.till), self._spec)
+            _collect(flags, ff_page["d"], "feature flag")
+            _collect(rbs, rbs_page["d"], "rule-based segment")
+            flags.till = max(flags.till, ff_page["t"])
+            if self._spec == "1.3":
+                rbs.till = max(rbs.till, rbs_page["t"])
+            if ff_page["s"] == ff_page["t"] and (self._spec == "1.1" or rbs_page["s"] == rbs_page["t"]):
+                break
+        else:
+            raise SplitApiError(f"splitChanges did not settle (since == till) within {MAX_PAGES} pages")
+        await self._write("rbsegments", rbs, rb_since)
+        await self._write("flags", flags, since)
+
+    async def _write(self, kind: str, pulled: Pulled, stored: int) -> None:
+        if pulled.till <= stored and not pulled.upsert and not pulled.delete:
+            return
+        change = Change(
+            source="split",
+            kind=kind,
+            upsert=pulled.upsert,
+            delete=pulled.delete,
+            source_version=pulled.till if pulled.till > stored else None,
+            item_versions=pulled.versions,
+            actor="split",
+        )
+        result = await self.store.apply(change)
+        if result.status == "stale":
+            log.info("Split %s at %d already stored (%s)", kind, pulled.till, result.stored_source_version)
+        elif result.changed:
+            if kind == "flags":
+                self.stats.flags_changed += len(result.changed)
+            changed = ", ".join(result.changed)
+            log.info("Split %s changed: %s (store version %d)", kind, changed, result.version)
+
+    async def _sync_segments(self) -> None:
+        raw = self.store.snapshot.raw
+        texts = [*raw.items("split", "flags").values(), *raw.items("split", "rbsegments").values()]
+        stored_members = raw.items("split", "segments")
+        stored_tills = raw.item_versions.get("split", {}).get("segments", {})
+        for name in sorted(referenced_segments(texts)):
+            since = stored_tills.get(name, -1)
+            members: set[str] = set(json.loads(stored_members[name])) if name in stored_members else set()
+            till = since
+            for _ in range(MAX_PAGES):
+                body = await self._segment_changes(name, till)
+                added, removed = body.get("added"), body.get("removed")
+                if not isinstance(added, list) or not isinstance(removed, list):
+                    raise SplitApiError(f"segmentChanges/{name} has no added/removed lists")
+                members |= {k for k in added if isinstance(k, str)}
+                members -= {k for k in removed if isinstance(k, str)}
+                page_since, page_till = _int(body.get("since"), "since"), _int(body.get("till"), "till")
+                till = max(till, page_till)
+                if page_since == page_till:
+                    break
+            else:
+                raise SplitApiError(f"segmentChanges/{name} did not settle within {MAX_PAGES} pages")
+            if till > since:
+                change = Change(
+                    source="split",
+                    kind="segments",
+                    upsert={name: json.dumps(sorted(members), separators=(",", ":"))},
+                    item_versions={name: till},
+                    actor="split",
+                )
+                result = await self.store.apply(change)
+                self.stats.segments_changed += len(result.changed)
+
+    async def _segment_changes(self, name: str, since: int) -> dict[str, Any]:
+        response = await self._get(f"/segmentChanges/{name}", {"since": since})
+        if response.status_code != 200:
+            raise SplitApiError(f"segmentChanges/{name} answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise SplitApiError(f"segmentChanges/{name} answered something that is not JSON") from None
+        if not isinstance(body, dict):
+            raise SplitApiError(f"segmentChanges/{name} body is not a JSON object")
+        return body
