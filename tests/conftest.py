@@ -71,3 +71,9 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def redis_namespace(request: pytest.FixtureRequest) -> str:
     """This test's own ``[store] environment`` (FLAGPROXY_STORE_ENVIRONMENT) on a shared Redis."""
     return unique_namespace(request.node.name)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (``pytest.mark.anyio``) run on asyncio, like the proxy."""
+    return "asyncio"

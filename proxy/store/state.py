@@ -163,7 +163,10 @@ class SnapshotBuilder:
             kinds = state.data.get(source)
             if not kinds or not kinds.get("flags"):
                 continue
-            compiled, problems = compile_source(source, kinds, self._caches.setdefault(source, {}))
+            try:
+                compiled, problems = compile_source(source, kinds, self._caches.setdefault(source, {}))
+            except Exception as exc:  # a broken source must not take the others (or the proxy) down
+                compiled, problems = {}, {"*": f"{type(exc).__name__}: {exc}"}
             for key, problem in problems.items():
                 if (source, key, problem) not in self._reported:  # say it once, not on every resync
                     self._reported.add((source, key, problem))
