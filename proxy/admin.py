@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from proxy.config import header_budget
 from proxy.engine import FlagError, compile_flag
 from proxy.evaluate import make_context
 from proxy.sources.change import Change, canonical
@@ -264,17 +265,36 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
             attributes["path"] = path
         if "method" in params:
             attributes["method"] = params["method"]
+        head = params.get("head_bytes", str(settings.header.typical_request_bytes))
+        if not head.isdigit():
+            raise HTTPProblem(400, "bad_head_bytes", "head_bytes must be a whole number of bytes")
         context = make_context(params.get("key"), attributes, params.get("bucketingKey"))
         snapshot = proxy.store.snapshot
         flags = {}
+        resolved = []
         for flag in snapshot.ordered:
             if path is not None and not flag.applies_to(path):
                 continue
             served, why = flag.explain(context)
+            resolved.append((flag, served))
             flags[flag.key] = {"value": served.value, **why}
             if served.config_json is not None:
                 flags[flag.key]["config"] = served.config
-        return JSONResponse({"version": snapshot.version, "context": context, "flags": flags})
+        # What the header budget would leave out for a request of ``head_bytes`` to this path.
+        origin = proxy.forwarder.router.match((path or "/").encode())
+        budget = origin.budget if origin is not None else header_budget(settings)
+        fitted = proxy.flag_headers.fit(resolved, budget - int(head))
+        for key in fitted.omitted_configs:
+            flags[key]["omitted"] = "config"
+        for key in fitted.omitted_values:
+            flags[key]["omitted"] = "value"
+        report = {
+            "budget": budget,
+            "head_bytes": int(head),
+            "flag_header_bytes": fitted.size,
+            "omitted": {"values": fitted.omitted_values, "configs": fitted.omitted_configs},
+        }
+        return JSONResponse({"version": snapshot.version, "context": context, "flags": flags, "header": report})
 
     async def audit(request: Request) -> Response:
         limit = request.query_params.get("limit", str(min(100, settings.store.audit_max)))

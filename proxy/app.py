@@ -6,6 +6,8 @@ import logging
 from typing import Any
 
 from proxy.admin import build_control_app
+from proxy.alerts import Alerter
+from proxy.budget_watch import BudgetWatch
 from proxy.config import Settings, StoreSettings
 from proxy.context import ContextBuilder
 from proxy.forward import Forwarder, Receive, Send
@@ -41,7 +43,10 @@ class FlagProxy:
         context = ContextBuilder(settings.context, bucketing_key_header=settings.split.bucketing_key_header)
         self.resolver = FlagResolver(self.store, self.flag_headers, context)
         self.split = SplitSync(settings.split, self.store)
-        self.forwarder = Forwarder(settings, self.resolver)
+        self.alerter = Alerter(settings.alerts)
+        self.budget = BudgetWatch(settings, self.alerter, self.flag_headers)
+        self.store.on_change(self.budget.preflight)
+        self.forwarder = Forwarder(settings, self.resolver, self.budget)
         self.control = build_control_app(self)
         self.control_prefix = settings.server.control_prefix
         self.control_prefix_slash = self.control_prefix + "/"
@@ -60,9 +65,11 @@ class FlagProxy:
             await send({"type": "websocket.close", "code": 1003})
 
     async def startup(self) -> None:
+        await self.alerter.start()
         await self.store.start()
         await self.forwarder.start()
         await self.split.start()
+        self.budget.preflight(self.store.snapshot)
         log.info(
             "flagproxy ready: %d flags (store version %d), origins: %s",
             len(self.store.snapshot.flags),
@@ -74,6 +81,7 @@ class FlagProxy:
         await self.split.close()
         await self.forwarder.close()
         await self.store.close()
+        await self.alerter.close()
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -119,6 +119,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_budget(args: argparse.Namespace) -> int:
+    """Print the pre-flight worst case per route; exit 1 when a route can exceed its budget."""
+    from proxy.budget import render, worst_case
+    from proxy.sources import load_flags
+
+    settings = load_settings(config_file=args.config, overrides={"store": {"flags_file": args.flags}})
+    flags = load_flags(args.source, settings.store.flags_file, args.segments)
+    rows = worst_case(settings, flags)
+    print(render(rows))
+    over = [r for r in rows if r.worst_bytes > r.budget]
+    if over:
+        print(f"\n{len(over)} route(s) can exceed the request-header budget.", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flagproxy", description="Feature-flag reverse proxy.")
     common = argparse.ArgumentParser(add_help=False)
@@ -148,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--attr", action="append", metavar="NAME=VALUE", help="attribute for --key (repeatable)")
     ev.add_argument("--bucketing-key", help="separate bucketing key for --key")
     ev.set_defaults(func=cmd_eval)
+
+    budget = sub.add_parser("budget", parents=[common], help="worst-case request-header size per route")
+    budget.add_argument("--config", metavar="FILE", help="TOML settings (budget, origins, flags file)")
+    budget.add_argument("--flags", metavar="FILE", help="flag definitions (default: [store] flags_file)")
+    budget.add_argument("--source", default="native", help="format of --flags: native (default) or split")
+    budget.add_argument("--segments", metavar="DIR", help="split: segmentChanges files <name>.json")
+    budget.set_defaults(func=cmd_budget)
 
     from proxy.admin_client import add_parser as add_flags_parser
 

@@ -111,6 +111,14 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    slack_webhook_url: str = ""
+    cooldown_s: float = 600.0
+    queue_size: int = 100
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class SplitSettings:
     sdk_key: str = ""
     api_url: str = "https://sdk.split.io/api"
@@ -130,6 +138,8 @@ class OriginSettings:
     connect_timeout_s: float | None = None
     read_timeout_s: float | None = None
     pool_limit: int | None = None
+    header_limit_bytes: int | None = None
+    header_reserve_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,7 @@ class Settings:
     webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     split: SplitSettings = field(default_factory=SplitSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     origins: tuple[OriginSettings, ...] = ()
 
 
@@ -392,6 +403,15 @@ def validate(settings: Settings) -> None:
         )
     _check(settings.webhooks.max_body_bytes > 0, "[webhooks] max_body_bytes: must be positive")
 
+    al = settings.alerts
+    _check(al.cooldown_s >= 0, "[alerts] cooldown_s: must not be negative")
+    _check(al.queue_size > 0, "[alerts] queue_size: must be positive")
+    _check(al.timeout_s > 0, "[alerts] timeout_s: must be positive")
+    if al.slack_webhook_url:
+        scheme = urlsplit(al.slack_webhook_url).scheme
+        _check(scheme in ("http", "https"), "[alerts] slack_webhook_url: must be an http(s) URL")
+    _check(h.typical_request_bytes >= 0, "[header] typical_request_bytes: must not be negative")
+
     sp = settings.split
     _check(sp.interval_s > 0, f"[split] interval_s: must be positive, got {sp.interval_s}")
     _check(sp.timeout_s > 0, f"[split] timeout_s: must be positive, got {sp.timeout_s}")
@@ -415,10 +435,21 @@ def validate(settings: Settings) -> None:
             not (norm == ctl or norm.startswith(ctl + "/")),
             f"{where}: prefix is inside the reserved control prefix {ctl!r}",
         )
-        for name in ("connect_timeout_s", "read_timeout_s", "pool_limit"):
+        for name in ("connect_timeout_s", "read_timeout_s", "pool_limit", "header_limit_bytes"):
             value = getattr(origin, name)
             _check(value is None or value > 0, f"{where} {name}: must be positive")
+        limit = origin.header_limit_bytes or h.limit_bytes
+        reserve = h.reserve_bytes if origin.header_reserve_bytes is None else origin.header_reserve_bytes
+        _check(0 <= reserve < limit, f"{where} header_reserve_bytes: must be in [0, {limit})")
 
 
 def flags_path(settings: Settings) -> Path:
     return Path(settings.store.flags_file)
+
+
+def header_budget(settings: Settings, origin: OriginSettings | None = None) -> int:
+    """Bytes the request line and headers may take at the origin: limit - reserve (per origin if set)."""
+    h = settings.header
+    limit = (origin.header_limit_bytes if origin else None) or h.limit_bytes
+    reserve = origin.header_reserve_bytes if origin and origin.header_reserve_bytes is not None else None
+    return limit - (h.reserve_bytes if reserve is None else reserve)

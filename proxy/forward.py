@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
-from proxy.config import OriginSettings, Settings
+from proxy.budget_watch import BudgetWatch
+from proxy.config import OriginSettings, Settings, header_budget
 from proxy.resolver import Resolver
 
 log = logging.getLogger("flagproxy.forward")
@@ -71,6 +73,8 @@ class Origin:
     timeout: aiohttp.ClientTimeout
     pool_limit: int
     keepalive_timeout_s: float
+    budget: int  # bytes of request line + headers the origin may receive
+    alert_at: int  # alert when a request uses this many
     session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -93,20 +97,23 @@ class Origin:
             ),
             pool_limit=origin.pool_limit or up.pool_limit,
             keepalive_timeout_s=up.keepalive_timeout_s,
+            budget=(budget := header_budget(settings, origin)),
+            alert_at=math.ceil(budget * settings.header.alert_ratio),
         )
 
     def matches(self, raw_path: bytes) -> bool:
         p = self.prefix
         return not p or raw_path == p or (raw_path.startswith(p) and raw_path[len(p) : len(p) + 1] == b"/")
 
-    def target(self, raw_path: bytes, query: bytes) -> URL:
+    def target(self, raw_path: bytes, query: bytes) -> str:
+        """The request target sent upstream, byte for byte: base path + (stripped) raw path + query."""
         path = raw_path[len(self.prefix) :] if self.strip_prefix else raw_path
         if not path.startswith(b"/"):
             path = b"/" + path
-        url = self.base + self.base_path + path.decode("latin-1")
+        target = self.base_path + path.decode("latin-1")
         if query:
-            url += "?" + query.decode("latin-1")
-        return URL(url, encoded=True)
+            target += "?" + query.decode("latin-1")
+        return target
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -165,6 +172,20 @@ class RequestBody:
                 return
 
 
+# Header lines aiohttp adds on its own (see aiohttp ClientRequest.update_body_from_data).
+CHUNKED_LINE = len("Transfer-Encoding: chunked\r\n")
+EMPTY_LENGTH_LINE = len("Content-Length: 0\r\n")
+BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
+
+
+def wire_size(headers: list[tuple[str, str]]) -> int:
+    """Bytes of ``name: value\r\n`` lines as aiohttp writes them (values in UTF-8)."""
+    total = 0
+    for name, value in headers:
+        total += len(name) + 4 + (len(value) if value.isascii() else len(value.encode("utf-8")))
+    return total
+
+
 def has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name == b"transfer-encoding":
@@ -215,8 +236,9 @@ async def wait_for_disconnect(receive: Receive) -> None:
 class Forwarder:
     """The raw ASGI handler for proxied traffic (no framework objects on this path)."""
 
-    def __init__(self, settings: Settings, resolver: Resolver) -> None:
+    def __init__(self, settings: Settings, resolver: Resolver, budget: BudgetWatch) -> None:
         self.router = Router([Origin.from_settings(o, settings) for o in settings.origins])
+        self.budget = budget
         self.resolver = resolver
         self.flag_headers = resolver.headers
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in settings.proxy.trusted_proxies]
@@ -239,8 +261,8 @@ class Forwarder:
             return False
         return any(address in network for network in self.trusted)
 
-    def request_headers(self, scope: Scope, origin: Origin, flag_headers: list[tuple[bytes, bytes]]) -> list:
-        """Incoming headers minus hop-by-hop and spoofed flags, plus forwarding info and our flags."""
+    def request_headers(self, scope: Scope, origin: Origin) -> list[tuple[str, str]]:
+        """Incoming headers minus hop-by-hop and spoofed flags, plus forwarding info (flags come later)."""
         incoming: list[tuple[bytes, bytes]] = scope["headers"]
         drop = HOP_BY_HOP
         if any(n == b"connection" for n, _ in incoming):
@@ -296,8 +318,6 @@ class Forwarder:
         if te_trailers:
             out.append(("TE", "trailers"))
             out.append(("Connection", "TE"))
-        for name, value in flag_headers:
-            out.append((name.decode("latin-1"), value.decode("ascii")))
         return out
 
     @staticmethod
@@ -321,16 +341,32 @@ class Forwarder:
 
         resolution = self.resolver.resolve(scope)
         try:
-            headers = self.request_headers(scope, origin, resolution.request_headers)
+            headers = self.request_headers(scope, origin)
         except BadRequest as exc:
             await send_json_error(send, 400, "bad_request", str(exc))
             return
         body = RequestBody(receive) if has_body(scope["headers"]) else None
-        url = origin.target(raw_path, scope.get("query_string", b""))
+        target = origin.target(raw_path, scope.get("query_string", b""))
+        method = scope["method"]
+
+        # The head exactly as aiohttp writes it: request line, headers, what it adds, blank line.
+        head = len(method) + len(target) + 12 + wire_size(headers) + 2
+        if not any(name == "content-length" for name, _ in headers):
+            if body is not None:
+                head += CHUNKED_LINE  # aiohttp frames a streamed body without a length as chunked
+            elif method not in BODYLESS_METHODS:
+                head += EMPTY_LENGTH_LINE  # and declares an empty body on POST/PUT/PATCH/DELETE
+        fitted = self.flag_headers.fit(resolution.resolved, origin.budget - head)
+        for name, value in fitted.headers:
+            headers.append((name.decode("latin-1"), value.decode("ascii")))
+        used = head + fitted.size
+        if fitted.omitted or used >= origin.alert_at:
+            self.budget.exceeded(scope, origin, resolution.resolved, fitted, used)
+        url = URL(origin.base + target, encoded=True)
 
         try:
             response = await origin.session.request(
-                scope["method"],
+                method,
                 url,
                 headers=headers,
                 data=body.__aiter__() if body is not None else None,

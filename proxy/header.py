@@ -1,20 +1,61 @@
-"""The flag headers forwarded to the origin: compact JSON, ASCII-only, one object each."""
+"""The flag headers forwarded to the origin, fitted into the request-header budget.
+
+``X-Feature-Flags`` is a compact JSON object ``{flagKey: value}``; ``X-Feature-Flags-Config``
+``{flagKey: config}`` for served variants with a config (omitted when empty). Both are ASCII-only.
+
+When the whole request head would exceed the budget, entries are dropped deterministically —
+configs before values, lowest ``priority`` first, ties by key — and
+``X-Feature-Flags-Omitted: <n>`` tells the origin how many entries (configs and values) are missing.
+Each header stays valid JSON. Sizes are wire bytes: ``name: value\\r\\n`` per header line.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from proxy.engine import Flag, Served
 
 Header = tuple[bytes, bytes]
+Resolved = Sequence[tuple[Flag, Served]]
+
+
+def line_size(name: bytes | str, value_len: int) -> int:
+    """Bytes of one header line on the wire: ``name: value\\r\\n``."""
+    return len(name) + 2 + value_len + 2
+
+
+def _object_size(entry_sizes: int, count: int) -> int:
+    """Bytes of ``{e1,e2,...}`` given the summed entry sizes."""
+    return 2 + entry_sizes + max(0, count - 1)
+
+
+@dataclass
+class Fitted:
+    """The flag headers for one request, and what had to be left out."""
+
+    headers: list[Header]
+    size: int  # wire bytes of ``headers``
+    omitted_values: list[str] = field(default_factory=list)
+    omitted_configs: list[str] = field(default_factory=list)
+    over_budget: bool = False  # the request does not fit even without flag headers
+
+    @property
+    def omitted(self) -> int:
+        return len(self.omitted_values) + len(self.omitted_configs)
 
 
 class FlagHeaders:
-    """Encodes resolved flags into ``X-Feature-Flags`` and ``X-Feature-Flags-Config``."""
+    """Encodes resolved flags into the flag headers, within a byte budget."""
 
-    def __init__(self, name: str = "X-Feature-Flags", config_name: str = "X-Feature-Flags-Config") -> None:
+    def __init__(
+        self,
+        name: str = "X-Feature-Flags",
+        config_name: str = "X-Feature-Flags-Config",
+    ) -> None:
         self.name = name.lower().encode("latin-1")
         self.config_name = config_name.lower().encode("latin-1")
+        self.omitted_name = self.name + b"-omitted"
         # Client-supplied headers that the proxy owns: dropped before it adds its own.
         self.reserved_exact = frozenset({self.name, self.config_name})
         self.reserved_prefix = self.name + b"-"
@@ -23,14 +64,79 @@ class FlagHeaders:
         """``name`` must already be lower case (ASGI guarantees it)."""
         return name in self.reserved_exact or name.startswith(self.reserved_prefix)
 
-    def encode(self, resolved: Iterable[tuple[Flag, Served]]) -> list[Header]:
-        values = []
-        configs = []
-        for flag, served in resolved:
-            values.append(f"{flag.key_json}:{served.value_json}")
-            if served.config_json is not None:
-                configs.append(f"{flag.key_json}:{served.config_json}")
+    def encode(self, resolved: Resolved) -> list[Header]:
+        """Everything, no budget (the CLI and tests)."""
+        return self.fit(resolved, None).headers
+
+    def fit(self, resolved: Resolved, available: int | None) -> Fitted:
+        """The flag headers whose wire size is at most ``available`` bytes (None: unlimited)."""
+        values = [f"{flag.key_json}:{served.value_json}" for flag, served in resolved]
+        configs = [
+            (i, f"{flag.key_json}:{served.config_json}")
+            for i, (flag, served) in enumerate(resolved)
+            if served.config_json is not None
+        ]
+        size = line_size(self.name, _object_size(sum(map(len, values)), len(values)))
+        if configs:
+            size += line_size(self.config_name, _object_size(sum(len(c) for _, c in configs), len(configs)))
+        if available is None or size <= available:
+            return Fitted(self._headers(values, [c for _, c in configs]), size)
+        return self._trim(resolved, values, configs, available)
+
+    def _headers(self, values: list[str], configs: list[str], omitted: int = 0) -> list[Header]:
         headers = [(self.name, ("{" + ",".join(values) + "}").encode("ascii"))]
         if configs:
             headers.append((self.config_name, ("{" + ",".join(configs) + "}").encode("ascii")))
+        if omitted:
+            headers.append((self.omitted_name, str(omitted).encode("ascii")))
         return headers
+
+    def _trim(
+        self, resolved: Resolved, values: list[str], configs: list[tuple[int, str]], available: int
+    ) -> Fitted:
+        """Drop entries in a fixed order until the headers fit."""
+        total = len(values) + len(configs)
+        omitted_line = line_size(self.omitted_name, len(str(total)))  # room for the count, at most
+        order = sorted(range(len(resolved)), key=lambda i: (resolved[i][0].priority, resolved[i][0].key))
+        keep_value = [True] * len(values)
+        keep_config = dict(configs)
+        value_sum, value_count = sum(map(len, values)), len(values)
+        config_sum, config_count = sum(map(len, keep_config.values())), len(keep_config)
+
+        def current() -> int:
+            size = omitted_line + line_size(self.name, _object_size(value_sum, value_count))
+            if config_count:
+                size += line_size(self.config_name, _object_size(config_sum, config_count))
+            return size
+
+        for i in order:  # configs first
+            if current() <= available:
+                break
+            if i in keep_config:
+                config_sum -= len(keep_config.pop(i))
+                config_count -= 1
+        for i in order:  # then values
+            if current() <= available:
+                break
+            keep_value[i] = False
+            value_sum -= len(values[i])
+            value_count -= 1
+
+        keys = [flag.key for flag, _ in resolved]
+        omitted_configs = [keys[i] for i, _ in configs if i not in keep_config]
+        omitted_values = [keys[i] for i in range(len(values)) if not keep_value[i]]
+        if current() > available:  # not even an empty object fits: no flag headers at all
+            headers = [(self.omitted_name, str(total).encode("ascii"))]
+            return Fitted(
+                headers,
+                line_size(self.omitted_name, len(str(total))),
+                omitted_values=keys,
+                omitted_configs=[keys[i] for i, _ in configs],
+                over_budget=True,
+            )
+        kept_values = [v for i, v in enumerate(values) if keep_value[i]]
+        kept_configs = [c for i, c in configs if i in keep_config]
+        omitted = len(omitted_values) + len(omitted_configs)
+        headers = self._headers(kept_values, kept_configs, omitted)
+        size = sum(line_size(n, len(v)) for n, v in headers)
+        return Fitted(headers, size, omitted_values, omitted_configs)

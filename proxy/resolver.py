@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.context import ContextBuilder, Header, Scope
+from proxy.engine import Flag, Served
 from proxy.header import FlagHeaders
 from proxy.store import FlagStore
 
 
 @dataclass(slots=True)
 class Resolution:
-    request_headers: list[Header]
+    resolved: list[tuple[Flag, Served]]
     response_headers: list[Header] = field(default_factory=list)
 
 
@@ -39,4 +40,4 @@ class FlagResolver:
         context, response_headers = self.context.build(scope)
         path = context["path"]
         resolved = [(f, f.evaluate(context)) for f in self.store.snapshot.ordered if f.applies_to(path)]
-        return Resolution(self.headers.encode(resolved), response_headers)
+        return Resolution(resolved, response_headers)

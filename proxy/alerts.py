@@ -1,0 +1,179 @@
+"""Slack alerts for the header budget, sent in the background.
+
+``notify`` is synchronous and cheap: it deduplicates per (origin, route pattern, condition) with a
+cooldown and puts the message on a bounded queue (full → dropped and counted). A single sender
+task posts to the Slack incoming webhook with httpx, honours ``429 Retry-After``, retries 5xx a
+little, and logs and counts failures. Nothing here can slow down or fail a proxied request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from proxy.config import AlertSettings
+
+log = logging.getLogger("flagproxy.alerts")
+
+MAX_RETRY_AFTER_S = 60.0
+MAX_ATTEMPTS = 3
+
+CONDITION_TEXT = {
+    "near_limit": "is close to the request-header limit",
+    "trimmed": "had flags trimmed to fit the request-header limit",
+    "over_budget": "is over the request-header limit even without flags",
+    "preflight": "can exceed the request-header limit (pre-flight worst case)",
+}
+
+
+@dataclass
+class Alert:
+    condition: str  # near_limit | trimmed | over_budget | preflight
+    origin: str
+    route: str
+    used: int
+    budget: int
+    largest: Sequence[tuple[str, int]] = ()
+    omitted: Sequence[str] = ()
+    request_id: str = ""
+
+    def message(self) -> dict[str, Any]:
+        pct = 100 * self.used / self.budget if self.budget else 0
+        what = CONDITION_TEXT.get(self.condition, self.condition)
+        size = f"{self.used:,} of {self.budget:,} bytes ({pct:.0f} %)"
+        text = f"flagproxy: requests to {self.origin} {self.route} {what} — {size}"
+        fields = [
+            {"type": "mrkdwn", "text": f"*Origin*\n`{self.origin}`"},
+            {"type": "mrkdwn", "text": f"*Route*\n`{self.route}`"},
+            {
+                "type": "mrkdwn",
+                "text": f"*Bytes used / budget*\n{self.used:,} / {self.budget:,} ({pct:.0f} %)",
+            },
+            {"type": "mrkdwn", "text": f"*Condition*\n{self.condition}"},
+        ]
+        largest = ", ".join(f"`{k}` {n:,} B" for k, n in self.largest) or "—"
+        omitted = ", ".join(f"`{k}`" for k in list(self.omitted)[:20]) or "nothing"
+        if len(self.omitted) > 20:
+            omitted += f" and {len(self.omitted) - 20} more"
+        blocks: list[dict[str, Any]] = [
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"*{text}*"}},
+            {"type": "section", "fields": fields},
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"*Largest flags*: {largest}"}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"*Omitted*: {omitted}"}},
+        ]
+        if self.request_id:
+            blocks.append(
+                {"type": "context", "elements": [{"type": "mrkdwn", "text": f"request id {self.request_id}"}]}
+            )
+        return {"text": text, "blocks": blocks}
+
+
+@dataclass
+class AlertStats:
+    sent: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    dropped: int = 0
+    by_condition: dict[str, int] = field(default_factory=dict)
+
+
+class Alerter:
+    def __init__(self, settings: AlertSettings, client: httpx.AsyncClient | None = None) -> None:
+        self.settings = settings
+        self._client = client
+        self._own_client = client is None
+        self._queue: asyncio.Queue[Alert] = asyncio.Queue(maxsize=settings.queue_size)
+        self._last: dict[tuple[str, str, str], float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.stats = AlertStats()
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.settings.timeout_s)
+        self._task = asyncio.create_task(self._send_forever(), name="flagproxy-alerts")
+
+    async def close(self, flush_timeout_s: float = 5.0) -> None:
+        """Flush what is queued (bounded), then stop."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), timeout=flush_timeout_s)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._own_client and self._client is not None:
+            await self._client.aclose()
+
+    def notify(self, alert: Alert) -> bool:
+        """Queue ``alert`` unless the same condition fired for this origin and route within the cooldown."""
+        key = (alert.origin, alert.route, alert.condition)
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.settings.cooldown_s:
+            self.stats.suppressed += 1
+            return False
+        if len(self._last) > 10_000:  # bounded memory under any number of routes
+            self._last.clear()
+        self._last[key] = now
+        self.stats.by_condition[alert.condition] = self.stats.by_condition.get(alert.condition, 0) + 1
+        log.warning("%s", alert.message()["text"])
+        if not self.settings.slack_webhook_url:
+            return True
+        try:
+            self._queue.put_nowait(alert)
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            log.warning("alert queue full: dropped an alert for %s %s", alert.origin, alert.route)
+            return False
+        return True
+
+    async def _send_forever(self) -> None:
+        while True:
+            alert = await self._queue.get()
+            try:
+                await self._send(alert)
+            except Exception as exc:  # never let one alert stop the sender
+                self.stats.failed += 1
+                log.error("Slack alert failed: %s", type(exc).__name__)
+            finally:
+                self._queue.task_done()
+
+    async def _send(self, alert: Alert) -> None:
+        assert self._client is not None
+        payload = alert.message()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                response = await self._client.post(self.settings.slack_webhook_url, json=payload)
+            except httpx.HTTPError as exc:
+                if attempt == MAX_ATTEMPTS:
+                    self.stats.failed += 1
+                    log.error("Slack alert failed after %d attempts: %s", attempt, type(exc).__name__)
+                    return
+                await asyncio.sleep(0.5 * attempt)
+                continue
+            if response.status_code == 200:
+                self.stats.sent += 1
+                return
+            if response.status_code == 429 and attempt < MAX_ATTEMPTS:
+                await asyncio.sleep(retry_after(response))
+                continue
+            if response.status_code >= 500 and attempt < MAX_ATTEMPTS:
+                await asyncio.sleep(0.5 * attempt)
+                continue
+            self.stats.failed += 1
+            log.error("Slack answered %d %.100s; alert not delivered", response.status_code, response.text)
+            return
+
+
+def retry_after(response: httpx.Response) -> float:
+    value = response.headers.get("retry-after", "1")
+    try:
+        return min(MAX_RETRY_AFTER_S, max(0.0, float(value)))
+    except ValueError:
+        return 1.0

@@ -1,0 +1,81 @@
+"""Pre-flight: the worst case each route can reach, before any traffic does.
+
+For every route glob the flags declare (and "all routes" for flags without ``routes``), the worst
+case is a representative request of ``[header] typical_request_bytes`` plus the flag headers with
+every applicable flag at its largest outcome (value + config). ``flagproxy budget`` prints it; the
+proxy recomputes it on every store change and alerts before a route crosses the alert ratio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from proxy.config import Settings, header_budget
+from proxy.engine import Flag, Served
+from proxy.header import FlagHeaders
+
+ALL_ROUTES = "*"
+
+
+@dataclass(frozen=True)
+class Row:
+    origin: str
+    route: str
+    flags: int
+    worst_bytes: int
+    budget: int
+
+    @property
+    def ratio(self) -> float:
+        return self.worst_bytes / self.budget if self.budget else float("inf")
+
+
+def largest_outcome(flag: Flag) -> Served:
+    return max(flag.served, key=lambda s: len(s.value_json) + len(s.config_json or ""))
+
+
+def route_groups(flags: Iterable[Flag]) -> dict[str, list[Flag]]:
+    """Route glob → the flags resolved there (its own flags plus the flags for every route)."""
+    everywhere = [f for f in flags if f.routes is None]
+    groups: dict[str, list[Flag]] = {ALL_ROUTES: list(everywhere)}
+    for flag in flags:
+        for route in flag.routes or ():
+            groups.setdefault(route, list(everywhere)).append(flag)
+    return groups
+
+
+def worst_case(
+    settings: Settings, flags: Mapping[str, Flag], headers: FlagHeaders | None = None
+) -> list[Row]:
+    encoder = headers or FlagHeaders(settings.header.name, settings.header.config_name)
+    ordered = [flags[k] for k in sorted(flags)]
+    origins = settings.origins or ()
+    budgets = {o.prefix: header_budget(settings, o) for o in origins} or {"/": header_budget(settings)}
+    rows = []
+    for route, group in sorted(route_groups(ordered).items()):
+        group = sorted(group, key=lambda f: f.key)
+        size = encoder.fit([(f, largest_outcome(f)) for f in group], None).size
+        worst = settings.header.typical_request_bytes + size
+        for origin, budget in sorted(budgets.items()):
+            rows.append(Row(origin, route, len(group), worst, budget))
+    return rows
+
+
+def render(rows: list[Row]) -> str:
+    lines = [
+        "| origin | route | flags | worst-case bytes | budget | % of budget |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mark = " ⚠" if r.worst_bytes > r.budget else ""
+        cells = [
+            r.origin,
+            r.route,
+            str(r.flags),
+            f"{r.worst_bytes:,}",
+            f"{r.budget:,}",
+            f"{100 * r.ratio:.1f} %{mark}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
