@@ -294,7 +294,8 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
             "flag_header_bytes": fitted.size,
             "omitted": {"values": fitted.omitted_values, "configs": fitted.omitted_configs},
         }
-        return JSONResponse({"version": snapshot.version, "context": context, "flags": flags, "header": report})
+        body = {"version": snapshot.version, "context": context, "flags": flags, "header": report}
+        return JSONResponse(body)
 
     async def audit(request: Request) -> Response:
         limit = request.query_params.get("limit", str(min(100, settings.store.audit_max)))
