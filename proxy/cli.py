@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxy.config import ConfigError, Settings, load_settings
+from proxy.config import ConfigError, load_settings
 from proxy.engine import FlagError
 
 EXIT_CONFIG = 2
@@ -24,38 +24,26 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no per-request lines from control-plane calls
 
 
-def _settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {
-        "server": {"host": args.host, "port": args.port},
-        "store": {"flags_file": args.flags, "redis_url": args.redis_url},
+def _serve_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """What settings are built from (besides the environment): also handed to every worker process."""
+    return {
+        "config": args.config,
+        "overrides": {
+            "server": {"host": args.host, "port": args.port},
+            "store": {"flags_file": args.flags, "redis_url": args.redis_url},
+        },
+        "origins": args.origin or None,
     }
-    return load_settings(config_file=args.config, overrides=overrides, origins=args.origin or None)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from proxy.server import run, settings_from_inputs
 
-    from proxy.app import FlagProxy
-    from proxy.server import ProxyHttpProtocol
-
-    settings = _settings_from_args(args)
-    if not settings.origins:
-        raise ConfigError("origins: at least one origin is required (--origin [PREFIX=]URL or [[origins]])")
-    app = FlagProxy(settings)
-    uvicorn.run(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        loop="uvloop",
-        http=ProxyHttpProtocol,
-        lifespan="on",
-        access_log=False,
-        server_header=False,
-        date_header=False,
-        # X-Forwarded-* trust is the proxy's own decision ([proxy] trusted_proxies), never uvicorn's.
-        proxy_headers=False,
-        log_level=args.log_level,
-    )
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+    inputs = _serve_inputs(args)
+    settings = settings_from_inputs(inputs)
+    run(settings, inputs, workers=args.workers, log_level=args.log_level)
     return 0
 
 
@@ -150,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--flags", metavar="FILE", help="native flags JSON for the embedded store")
     serve.add_argument("--redis-url", metavar="URL", help="Redis flag store, e.g. redis://127.0.0.1:6379/0")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", parents=[common], help="print the flag values a key would get")

@@ -35,6 +35,7 @@ class ServerSettings:
     port: int = 8080
     control_prefix: str = "/__flags"
     max_request_head_bytes: int = 65536
+    shutdown_grace_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,7 @@ def validate(settings: Settings) -> None:
         f"[server] control_prefix: must start with '/' and not end with '/', got {s.control_prefix!r}",
     )
     _check(s.max_request_head_bytes > 0, "[server] max_request_head_bytes: must be positive")
+    _check(s.shutdown_grace_s >= 0, "[server] shutdown_grace_s: must not be negative")
 
     u = settings.upstream
     for name in ("connect_timeout_s", "read_timeout_s", "pool_timeout_s", "keepalive_timeout_s"):
