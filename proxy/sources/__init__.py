@@ -12,8 +12,12 @@ from typing import Any
 
 from proxy.engine import Flag
 
-SOURCES = ("native",)
-SOURCE_KINDS: dict[str, tuple[str, ...]] = {"native": ("flags",), "overrides": ("flags",)}
+SOURCES = ("native", "split")
+SOURCE_KINDS: dict[str, tuple[str, ...]] = {
+    "native": ("flags",),
+    "split": ("flags", "segments", "rbsegments"),
+    "overrides": ("flags",),
+}
 
 
 def load_flags(source: str, path: str | Path, segments_dir: str | Path | None = None) -> dict[str, Flag]:
@@ -21,6 +25,10 @@ def load_flags(source: str, path: str | Path, segments_dir: str | Path | None = 
         from proxy.sources.native import load_file
 
         return load_file(path)
+    if source == "split":
+        from proxy.sources.split import load_file as load_split_file
+
+        return load_split_file(path, segments_dir)
     raise ValueError(f"unknown source {source!r} (known: {', '.join(SOURCES)})")
 
 
@@ -32,4 +40,8 @@ def compile_source(
         from proxy.sources.native import compile_items
 
         return compile_items(kinds.get("flags", {}), cache)
+    if source == "split":
+        from proxy.sources.split import compile_items as compile_split_items
+
+        return compile_split_items(kinds, cache)
     raise ValueError(f"unknown source {source!r}")
