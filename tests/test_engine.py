@@ -293,3 +293,14 @@ def test_routes_select_flags_by_path_glob() -> None:
     assert flag.applies_to("/checkout/a/b/c")
     assert not flag.applies_to("/other")
     assert compile_flag("all", {}).applies_to("/anything")
+
+
+def test_lone_surrogates_in_keys_hash_as_bytes_never_crash() -> None:
+    flag = compile_flag("s", THRESHOLD)
+    key = "user-\ud800-x"  # possible from JSON ("\ud800"), e.g. a JWT claim or a keys file
+    expected = mmh3.hash(f"s:{key}".encode("utf-8", "surrogatepass"), 0, signed=False) % 10000
+    weights = [("control", 50), ("treatment_a", 25), ("treatment_b", 25)]
+    names = [n for n, _ in weights]
+    bounds = [5000, 7500, 10000]
+    assert flag.evaluate({"key": key}).value == names[next(i for i, b in enumerate(bounds) if expected < b)]
+    assert flag.evaluate({"key": "café"}).value == expected_variant("s", "café", weights)

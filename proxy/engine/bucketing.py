@@ -11,7 +11,8 @@ BUCKETS = 10_000
 
 
 def bucket(salt: str, value: str) -> int:
-    return mmh3.hash(f"{salt}:{value}", 0, signed=False) % BUCKETS
+    # Hash UTF-8 bytes: mmh3 crashes on a str holding a lone surrogate (possible in JSON input).
+    return mmh3.hash(f"{salt}:{value}".encode("utf-8", "surrogatepass"), 0, signed=False) % BUCKETS
 
 
 def bucket_value(raw: object) -> str | None:

@@ -249,20 +249,27 @@ def make_bucketer(bucket_by: str, salt: str) -> Callable[[Context], int | None]:
     """``ctx → bucket`` (None when there is nothing to bucket by), specialised once per flag.
 
     The default attribute ``key`` means the bucketing key: a separate one when supplied, else the key.
+    Non-ASCII text is hashed as UTF-8 bytes (lone surrogates kept): mmh3 must never see a str it
+    cannot encode.
     """
     prefix = salt + ":"
     murmur = mmh3.hash
 
+    def hashed(value: str) -> int:
+        text = prefix + value
+        data: str | bytes = text if text.isascii() else text.encode("utf-8", "surrogatepass")
+        return murmur(data, 0, False) % BUCKETS
+
     def slow(raw: Any) -> int | None:
         value = bucket_value(raw)
-        return None if value is None else murmur(prefix + value, 0, False) % BUCKETS
+        return None if value is None else hashed(value)
 
     if bucket_by == "key":
 
         def by_key(ctx: Context) -> int | None:
             raw = ctx.get("bucketingKey") or ctx.get("key")
             if type(raw) is str and raw:
-                return murmur(prefix + raw, 0, False) % BUCKETS
+                return hashed(raw)
             return slow(raw)
 
         return by_key
@@ -270,7 +277,7 @@ def make_bucketer(bucket_by: str, salt: str) -> Callable[[Context], int | None]:
     def by_attribute(ctx: Context) -> int | None:
         raw = ctx.get(bucket_by)
         if type(raw) is str and raw:
-            return murmur(prefix + raw, 0, False) % BUCKETS
+            return hashed(raw)
         return slow(raw)
 
     return by_attribute
