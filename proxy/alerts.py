@@ -33,6 +33,12 @@ CONDITION_TEXT = {
 }
 
 
+def mrkdwn_escape(text: str) -> str:
+    """Slack's control characters escaped: a request id comes from the client and must not be able
+    to ping a channel (``<!channel>``) or plant a link (``<https://…|…>``) in the alert."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 @dataclass
 class Alert:
     condition: str  # near_limit | trimmed | over_budget | preflight
@@ -48,18 +54,19 @@ class Alert:
         pct = 100 * self.used / self.budget if self.budget else 0
         what = CONDITION_TEXT.get(self.condition, self.condition)
         size = f"{self.used:,} of {self.budget:,} bytes ({pct:.0f} %)"
-        text = f"flagproxy: requests to {self.origin} {self.route} {what} — {size}"
+        origin, route = mrkdwn_escape(self.origin), mrkdwn_escape(self.route)
+        text = f"flagproxy: requests to {origin} {route} {what} — {size}"
         fields = [
-            {"type": "mrkdwn", "text": f"*Origin*\n`{self.origin}`"},
-            {"type": "mrkdwn", "text": f"*Route*\n`{self.route}`"},
+            {"type": "mrkdwn", "text": f"*Origin*\n`{origin}`"},
+            {"type": "mrkdwn", "text": f"*Route*\n`{route}`"},
             {
                 "type": "mrkdwn",
                 "text": f"*Bytes used / budget*\n{self.used:,} / {self.budget:,} ({pct:.0f} %)",
             },
             {"type": "mrkdwn", "text": f"*Condition*\n{self.condition}"},
         ]
-        largest = ", ".join(f"`{k}` {n:,} B" for k, n in self.largest) or "—"
-        omitted = ", ".join(f"`{k}`" for k in list(self.omitted)[:20]) or "nothing"
+        largest = ", ".join(f"`{mrkdwn_escape(k)}` {n:,} B" for k, n in self.largest) or "—"
+        omitted = ", ".join(f"`{mrkdwn_escape(k)}`" for k in list(self.omitted)[:20]) or "nothing"
         if len(self.omitted) > 20:
             omitted += f" and {len(self.omitted) - 20} more"
         blocks: list[dict[str, Any]] = [
@@ -69,9 +76,8 @@ class Alert:
             {"type": "section", "text": {"type": "mrkdwn", "text": f"*Omitted*: {omitted}"}},
         ]
         if self.request_id:
-            blocks.append(
-                {"type": "context", "elements": [{"type": "mrkdwn", "text": f"request id {self.request_id}"}]}
-            )
+            rid = mrkdwn_escape(self.request_id)
+            blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"request id {rid}"}]})
         return {"text": text, "blocks": blocks}
 
 
@@ -128,6 +134,11 @@ class Alerter:
         try:
             self._queue.put_nowait(alert)
         except asyncio.QueueFull:
+            # Not sent, so it must not start the cooldown: the next occurrence gets another chance.
+            if last is None:
+                self._last.pop(key, None)
+            else:
+                self._last[key] = last
             self.stats.dropped += 1
             log.warning("alert queue full: dropped an alert for %s %s", alert.origin, alert.route)
             return False

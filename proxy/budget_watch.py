@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from proxy.alerts import Alert, Alerter
 from proxy.budget import ALL_ROUTES, largest_outcome, route_groups, worst_case
 from proxy.config import Settings
 from proxy.engine import Flag, Served
+from proxy.engine.model import glob_to_regex
 from proxy.header import Fitted, FlagHeaders
 
 if TYPE_CHECKING:
@@ -35,14 +38,28 @@ def origin_label(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
+def normal_prefix(prefix: str) -> str:
+    """An origin prefix as the router keeps it (no trailing slash), "/" for the root."""
+    return prefix.rstrip("/") or "/"
+
+
+@functools.lru_cache(maxsize=4096)
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(glob_to_regex(pattern))
+
+
 def route_pattern(origin_prefix: str, path: str, resolved: Sequence[tuple[Flag, Served]]) -> str:
-    """The configured pattern the request matched: the longest matching flag route glob, else the prefix."""
+    """The configured pattern the request matched: the longest matching flag route glob, else the prefix.
+
+    Each glob is matched on its own: a flag applies when any of its globs matches, and only the
+    globs that match this path may name its route.
+    """
     best = ""
     for flag, _ in resolved:
-        if flag.route_match is None or flag.routes is None:
+        if flag.routes is None:
             continue
         for glob in flag.routes:
-            if len(glob) > len(best) and flag.route_match(path):
+            if len(glob) > len(best) and _glob(glob).fullmatch(path):
                 best = glob
     return best or origin_prefix
 
@@ -60,7 +77,7 @@ class BudgetWatch:
         self.alerter = alerter
         self.headers = headers
         self.stats = BudgetStats()
-        self.labels = {o.prefix: origin_label(o.url) for o in settings.origins}
+        self.labels = {normal_prefix(o.prefix): origin_label(o.url) for o in settings.origins}
 
     def exceeded(
         self,
@@ -89,7 +106,7 @@ class BudgetWatch:
         self.alerter.notify(
             Alert(
                 condition=condition,
-                origin=self.labels.get(prefix, origin.base),
+                origin=self.labels.get(prefix) or origin_label(origin.base),
                 route=route_pattern(prefix, scope["path"], resolved),
                 used=used,
                 budget=origin.budget,
@@ -116,7 +133,7 @@ class BudgetWatch:
             self.alerter.notify(
                 Alert(
                     condition="preflight",
-                    origin=self.labels.get(row.origin, row.origin),
+                    origin=self.labels.get(normal_prefix(row.origin), row.origin),
                     route=row.origin if row.route == ALL_ROUTES else row.route,
                     used=row.worst_bytes,
                     budget=row.budget,
