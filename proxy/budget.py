@@ -35,14 +35,31 @@ def largest_outcome(flag: Flag) -> Served:
     return max(flag.served, key=lambda s: len(s.value_json) + len(s.config_json or ""))
 
 
+def sample_path(glob: str) -> str:
+    """A concrete path the glob matches, as deep as it allows (``**`` → ``x/x``, ``*``/``?`` → ``x``)."""
+    return glob.replace("**", "\0").replace("*", "x").replace("?", "x").replace("\0", "x/x")
+
+
 def route_groups(flags: Iterable[Flag]) -> dict[str, list[Flag]]:
-    """Route glob → the flags resolved there (its own flags plus the flags for every route)."""
+    """Route glob → the flags a request matching it gets: the flags for every route, plus every flag
+    with a glob matching that route's sample path (so ``/a/b/**`` also counts the ``/a/**`` flags)."""
+    flags = list(flags)
     everywhere = [f for f in flags if f.routes is None]
-    groups: dict[str, list[Flag]] = {ALL_ROUTES: list(everywhere)}
-    for flag in flags:
-        for route in flag.routes or ():
-            groups.setdefault(route, list(everywhere)).append(flag)
+    routed = [f for f in flags if f.routes is not None]
+    groups: dict[str, list[Flag]] = {ALL_ROUTES: everywhere}
+    for glob in sorted({r for f in routed for r in f.routes or ()}):
+        path = sample_path(glob)
+        groups[glob] = everywhere + [f for f in routed if f.applies_to(path)]
     return groups
+
+
+def _origin_for(prefixes: list[str], path: str) -> str | None:
+    """The origin prefix the router would pick for ``path`` (longest prefix, whole segments)."""
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        bare = prefix.rstrip("/")
+        if not bare or path == bare or path.startswith(bare + "/"):
+            return prefix
+    return None
 
 
 def worst_case(
@@ -57,8 +74,9 @@ def worst_case(
         group = sorted(group, key=lambda f: f.key)
         size = encoder.fit([(f, largest_outcome(f)) for f in group], None).size
         worst = settings.header.typical_request_bytes + size
-        for origin, budget in sorted(budgets.items()):
-            rows.append(Row(origin, route, len(group), worst, budget))
+        reached = list(budgets) if route == ALL_ROUTES else [_origin_for(list(budgets), sample_path(route))]
+        for origin in sorted(o for o in reached if o is not None):
+            rows.append(Row(origin, route, len(group), worst, budgets[origin]))
     return rows
 
 

@@ -391,12 +391,6 @@ def test_alert_origin_label_has_no_credentials_and_matches_prefixes_with_a_slash
     assert not any("s3cret" in json.dumps(a.message()) for a in alerts)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, not fixed here: pre-flight groups flags by the glob string, so a path that "
-    "matches two globs of different flags (/a/** and /a/b/**) gets both flags at run time while the "
-    "worst case counts one group at a time",
-)
 def test_preflight_worst_case_covers_paths_matched_by_overlapping_globs() -> None:
     outer = make_flag("outer", 0, "v", {"pad": "o" * 5000}, routes=["/a/**"])
     inner = make_flag("inner", 0, "v", {"pad": "i" * 5000}, routes=["/a/b/**"])
@@ -1168,7 +1162,7 @@ def test_budget_cli_exits_0_when_every_route_fits(tmp_path: Path) -> None:
 
 
 def test_budget_cli_per_origin_budgets(tmp_path: Path) -> None:
-    flags = {"flags": {"fits": big_flag("/fits/**", 3000)}}
+    flags = {"flags": {"fits": big_flag("/fits/**", 3000), "tight": big_flag("/tiny/**", 3000)}}
     config = "[header]\nreserve_bytes = 0\n\n" + toml_origins(
         [("/", "http://127.0.0.1:1", None, None), ("/tiny", "http://127.0.0.1:2", 2000, 100)]
     )
@@ -1176,4 +1170,7 @@ def test_budget_cli_per_origin_budgets(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     rows = {(r[0], r[1]): r for r in table_rows(result.stdout)}
     assert rows[("/", "/fits/**")][4] == "10,240" and "⚠" not in rows[("/", "/fits/**")][5]
-    assert rows[("/tiny", "/fits/**")][4] == "1,900" and "⚠" in rows[("/tiny", "/fits/**")][5]
+    assert rows[("/tiny", "/tiny/**")][4] == "1,900" and "⚠" in rows[("/tiny", "/tiny/**")][5]
+    # Each route is checked against the origin that serves it, never against the others.
+    assert ("/tiny", "/fits/**") not in rows and ("/", "/tiny/**") not in rows
+    assert {("/", "*"), ("/tiny", "*")} <= set(rows)
