@@ -21,7 +21,7 @@ from proxy.engine import FlagError, compile_flag
 from proxy.evaluate import make_context
 from proxy.sources.change import Change, canonical
 from proxy.sources.native import change_from_payload, updated_at_ms
-from proxy.store.redis import StoreUnavailable
+from proxy.store.base import StoreUnavailable
 from proxy.store.state import OVERRIDES, PRECEDENCE, ApplyResult
 
 if TYPE_CHECKING:

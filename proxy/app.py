@@ -15,7 +15,6 @@ from proxy.header import FlagHeaders
 from proxy.resolver import FlagResolver
 from proxy.sources.split_sync import SplitSync
 from proxy.store import FlagStore, MemoryStore, initial_state
-from proxy.store.redis import RedisStore
 from proxy.store.state import RawState
 
 log = logging.getLogger("flagproxy")
@@ -31,6 +30,8 @@ def build_store(settings: Settings) -> FlagStore:
 
     seed = from_file()  # validated now: a bad flags file stops startup with a clear message
     if settings.store.redis_url:
+        from proxy.store.redis import RedisStore  # the Redis client is imported only when it is used
+
         return RedisStore(settings.store, fallback=from_file)
     return MemoryStore(seed, audit_max=settings.store.audit_max)
 

@@ -38,6 +38,5 @@ class FlagResolver:
 
     def resolve(self, scope: Scope) -> Resolution:
         context, response_headers = self.context.build(scope)
-        path = context["path"]
-        resolved = [(f, f.evaluate(context)) for f in self.store.snapshot.ordered if f.applies_to(path)]
+        resolved = [(f, f.evaluate(context)) for f in self.store.snapshot.for_path(context["path"])]
         return Resolution(resolved, response_headers)

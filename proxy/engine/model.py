@@ -226,7 +226,6 @@ def compile_flag(key: str, definition: Any) -> Flag:
         priority=priority,
         routes=routes,
         route_match=route_match,
-        definition=definition,
     )
 
 

@@ -24,10 +24,29 @@ class Snapshot:
     raw: RawState
     loaded_at: float = field(default_factory=time.time)
     ordered: tuple[Flag, ...] = ()
+    routed: bool = False  # does any flag declare routes?
+    _by_path: dict[str, tuple[Flag, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, version: int, flags: Mapping[str, Flag], raw: RawState) -> Snapshot:
-        return cls(version=version, flags=flags, raw=raw, ordered=tuple(flags[k] for k in sorted(flags)))
+        ordered = tuple(flags[k] for k in sorted(flags))
+        routed = any(f.route_match is not None for f in ordered)
+        return cls(version=version, flags=flags, raw=raw, ordered=ordered, routed=routed)
+
+    def for_path(self, path: str) -> tuple[Flag, ...]:
+        """The flags resolved for ``path``, in key order (cached per path, bounded)."""
+        if not self.routed:
+            return self.ordered
+        found = self._by_path.get(path)
+        if found is None:
+            if len(self._by_path) >= 4096:
+                self._by_path.clear()
+            found = self._by_path[path] = tuple(f for f in self.ordered if f.applies_to(path))
+        return found
+
+
+class StoreUnavailable(Exception):
+    """A write could not reach the store (Redis); nothing was applied."""
 
 
 EMPTY = Snapshot.build(0, {}, RawState())

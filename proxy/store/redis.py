@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 from proxy.config import StoreSettings
 from proxy.sources import SOURCE_KINDS
 from proxy.sources.change import Change
-from proxy.store.base import SnapshotHolder
+from proxy.store.base import SnapshotHolder, StoreUnavailable
 from proxy.store.state import ApplyResult, RawState
 
 log = logging.getLogger("flagproxy.store")
@@ -131,10 +131,6 @@ local version = tonumber(redis.call('GET', p.version_key) or '0')
 redis.call('PUBLISH', p.channel, cjson.encode({version = version, reseed = true}))
 return 1
 """
-
-
-class StoreUnavailable(Exception):
-    """A write could not reach Redis; nothing was applied."""
 
 
 def _as_list(value: Any) -> list[Any]:
