@@ -322,14 +322,19 @@ class Forwarder:
 
     @staticmethod
     def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
-        drop = HOP_BY_HOP
-        if any(n.lower() == b"connection" for n, _ in raw):
-            drop = HOP_BY_HOP | connection_tokens([(n.lower(), v) for n, v in raw])
+        """The origin's headers, lower-cased, minus hop-by-hop ones and those its Connection names."""
         out = []
+        connection = None
         for name, value in raw:
             lname = name.lower()
-            if lname not in drop:
-                out.append((lname, value))
+            if lname in HOP_BY_HOP:
+                if lname == b"connection":
+                    connection = value if connection is None else connection + b"," + value
+                continue
+            out.append((lname, value))
+        if connection is not None:
+            named = connection_tokens([(b"connection", connection)])
+            out = [h for h in out if h[0] not in named]
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

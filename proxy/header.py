@@ -70,15 +70,19 @@ class FlagHeaders:
 
     def fit(self, resolved: Resolved, available: int | None) -> Fitted:
         """The flag headers whose wire size is at most ``available`` bytes (None: unlimited)."""
-        values = [f"{flag.key_json}:{served.value_json}" for flag, served in resolved]
-        configs = [
-            (i, f"{flag.key_json}:{served.config_json}")
-            for i, (flag, served) in enumerate(resolved)
-            if served.config_json is not None
-        ]
-        size = line_size(self.name, _object_size(sum(map(len, values)), len(values)))
+        values: list[str] = []
+        configs: list[tuple[int, str]] = []
+        value_bytes = config_bytes = 0
+        for i, (flag, served) in enumerate(resolved):
+            value, config = flag.entries.get(id(served)) or flag.entry(served)
+            values.append(value)
+            value_bytes += len(value)
+            if config is not None:
+                configs.append((i, config))
+                config_bytes += len(config)
+        size = line_size(self.name, _object_size(value_bytes, len(values)))
         if configs:
-            size += line_size(self.config_name, _object_size(sum(len(c) for _, c in configs), len(configs)))
+            size += line_size(self.config_name, _object_size(config_bytes, len(configs)))
         if available is None or size <= available:
             return Fitted(self._headers(values, [c for _, c in configs]), size)
         return self._trim(resolved, values, configs, available)

@@ -95,8 +95,29 @@ class Flag:
     definition: Mapping[str, Any] = field(default_factory=dict)
     source: str = "native"
 
+    # id(served) → ('"key":value', '"key":config' or None), encoded once (see __post_init__).
+    entries: Mapping[int, tuple[str, str | None]] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        entries = {
+            id(s): (
+                f"{self.key_json}:{s.value_json}",
+                None if s.config_json is None else f"{self.key_json}:{s.config_json}",
+            )
+            for s in (*self.served, self.default)
+        }
+        object.__setattr__(self, "entries", entries)
+
     def applies_to(self, path: str) -> bool:
         return self.route_match is None or self.route_match(path)
+
+    def entry(self, served: Served) -> tuple[str, str | None]:
+        """This flag's header fragments for ``served`` (precomputed for every declared outcome)."""
+        found = self.entries.get(id(served))
+        if found is None:
+            config = None if served.config_json is None else f"{self.key_json}:{served.config_json}"
+            found = (f"{self.key_json}:{served.value_json}", config)
+        return found
 
     def outcome(self, value: Any) -> Served | None:
         """The outcome serving ``value`` (a variant name, or true/false for boolean flags)."""
