@@ -62,6 +62,7 @@ class HeaderSettings:
     reserve_bytes: int = 512
     alert_ratio: float = 0.8
     typical_request_bytes: int = 1500
+    signature_secret: str = ""
 
 
 @dataclass(frozen=True)

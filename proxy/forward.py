@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from yarl import URL
 
 from proxy.budget_watch import BudgetWatch
 from proxy.config import OriginSettings, Settings, header_budget
+from proxy.origin import sign
 from proxy.resolver import Resolver
 
 log = logging.getLogger("flagproxy.forward")
@@ -172,6 +174,8 @@ class RequestBody:
                 return
 
 
+SIGNATURE_NAME = "X-Feature-Flags-Signature"
+
 # Header lines aiohttp adds on its own (see aiohttp ClientRequest.update_body_from_data).
 CHUNKED_LINE = len("Transfer-Encoding: chunked\r\n")
 EMPTY_LENGTH_LINE = len("Content-Length: 0\r\n")
@@ -239,6 +243,7 @@ class Forwarder:
     def __init__(self, settings: Settings, resolver: Resolver, budget: BudgetWatch) -> None:
         self.router = Router([Origin.from_settings(o, settings) for o in settings.origins])
         self.budget = budget
+        self.signature_secret = settings.header.signature_secret
         self.resolver = resolver
         self.flag_headers = resolver.headers
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in settings.proxy.trusted_proxies]
@@ -361,9 +366,24 @@ class Forwarder:
                 head += CHUNKED_LINE  # aiohttp frames a streamed body without a length as chunked
             elif method not in BODYLESS_METHODS:
                 head += EMPTY_LENGTH_LINE  # and declares an empty body on POST/PUT/PATCH/DELETE
+        signing_at = int(time.time()) if self.signature_secret else 0
+        if signing_at:  # room for X-Feature-Flags-Signature: t=…,m=…,v1=<64 hex>,p=<target>
+            head += len(SIGNATURE_NAME) + 4 + len(f"t={signing_at},m={method},v1=,p={target}") + 64
         fitted = self.flag_headers.fit(resolution.resolved, origin.budget - head)
         for name, value in fitted.headers:
             headers.append((name.decode("latin-1"), value.decode("ascii")))
+        if signing_at:
+            values = {name: value.decode("ascii") for name, value in fitted.headers}
+            signature = sign(
+                self.signature_secret,
+                signing_at,
+                method,
+                target,
+                values.get(self.flag_headers.name, ""),
+                values.get(self.flag_headers.config_name, ""),
+                values.get(self.flag_headers.omitted_name, ""),
+            )
+            headers.append((SIGNATURE_NAME, signature))
         used = head + fitted.size
         if fitted.omitted or used >= origin.alert_at:
             self.budget.exceeded(scope, origin, resolution.resolved, fitted, used)
