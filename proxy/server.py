@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Any
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -16,18 +17,89 @@ log = logging.getLogger("flagproxy")
 INPUTS_ENV = "FLAGPROXY__SERVE_INPUTS"  # how worker processes get the parent's settings inputs
 
 
-class ProxyHttpProtocol(HttpToolsProtocol):
-    """httptools, with the header section frozen once it is complete.
+class HeadTooLarge(Exception):
+    pass
 
-    uvicorn appends chunked trailer fields to the same list it handed the app as
-    ``scope["headers"]``; RFC 9110 §6.5.1 forbids merging trailers into the header section (a
-    trailer could otherwise add a Host or a flag key after the fact). The app gets a copy.
+
+REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
+
+
+class ProxyHttpProtocol(HttpToolsProtocol):
+    """httptools, hardened for a proxy.
+
+    - The header section is frozen once complete: uvicorn appends chunked trailer fields to the list
+      it handed the app as ``scope["headers"]``, and RFC 9110 §6.5.1 forbids merging them (a trailer
+      could otherwise add a Host or a flag key after the fact).
+    - Malformed framing (Content-Length with Transfer-Encoding, duplicate or invalid Content-Length,
+      bad chunks — RFC 9112 §6) gets a JSON 400 and the connection is closed.
+    - A request head above ``max_head_bytes`` gets a JSON 431 and the connection is closed.
     """
 
+    max_head_bytes = 65536
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_head_bytes:
+            raise HeadTooLarge()
+
     def on_headers_complete(self) -> None:
+        self._in_head = False
         super().on_headers_complete()
         if self.scope.get("type") == "http":
             self.scope["headers"] = list(self.headers)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, HeadTooLarge):
+                self._reject(
+                    431,
+                    "request_head_too_large",
+                    f"request line and headers exceed {self.max_head_bytes} bytes",
+                )
+            else:
+                self._reject(400, "bad_request", f"malformed HTTP request: {exc}")
+        else:
+            # A head still incomplete after this much input is too large too (one endless header line).
+            if getattr(self, "_in_head", False):
+                self._head_bytes += len(data)
+                if self._head_bytes > self.max_head_bytes:
+                    self._reject(
+                        431, "request_head_too_large", f"request head exceeds {self.max_head_bytes} bytes"
+                    )
+
+    def _reject(self, status: int, error: str, detail: str) -> None:
+        """Answer at once and close: after a framing error the byte stream cannot be trusted."""
+        self.logger.info("rejected a request from %s: %s", self.client, detail)
+        body = json.dumps({"error": error, "detail": detail}).encode()
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
+            status,
+            REASONS[status],
+            len(body),
+        )
+        if not self.transport.is_closing():
+            self.transport.write(head + b"connection: close\r\n\r\n" + body)
+            self.transport.close()
 
 
 def settings_from_inputs(inputs: dict[str, Any]) -> Settings:
@@ -43,12 +115,15 @@ def app_from_environment() -> Any:
     """The app factory each worker process calls (``--workers N``)."""
     from proxy.app import FlagProxy
 
-    return FlagProxy(settings_from_inputs(json.loads(os.environ[INPUTS_ENV])))
+    settings = settings_from_inputs(json.loads(os.environ[INPUTS_ENV]))
+    ProxyHttpProtocol.max_head_bytes = settings.server.max_request_head_bytes
+    return FlagProxy(settings)
 
 
 def run(settings: Settings, inputs: dict[str, Any], workers: int = 1, log_level: str = "info") -> None:
     from proxy.app import FlagProxy
 
+    ProxyHttpProtocol.max_head_bytes = settings.server.max_request_head_bytes
     app = FlagProxy(settings)  # also validates flags and settings before anything listens
     options: dict[str, Any] = {
         "host": settings.server.host,
