@@ -210,10 +210,13 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
 def field_text(value: bytes) -> str:
     """aiohttp writes header fields as UTF-8, so decode them as UTF-8: the origin gets the client's bytes.
 
-    (Decoding as latin-1 double-encoded every non-ASCII byte.) Bytes that are not UTF-8 (obs-text)
-    cannot pass through aiohttp unchanged; they arrive as U+FFFD.
+    Bytes that are not UTF-8 (obs-text) could not reach the origin unchanged, so such a request is
+    refused (400) rather than forwarded altered.
     """
-    return value.decode("utf-8", "replace")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("a header value is not valid UTF-8") from None
 
 
 def error_body(error: str, detail: str) -> bytes:
