@@ -50,6 +50,12 @@ class Alert:
     omitted: Sequence[str] = ()
     request_id: str = ""
 
+    def summary(self) -> str:
+        """One line for the log (cheap: no Slack blocks)."""
+        what = CONDITION_TEXT.get(self.condition, self.condition)
+        size = f"{self.used} of {self.budget} bytes"
+        return f"flagproxy: requests to {self.origin} {self.route} {what} — {size}"
+
     def message(self) -> dict[str, Any]:
         pct = 100 * self.used / self.budget if self.budget else 0
         what = CONDITION_TEXT.get(self.condition, self.condition)
@@ -128,7 +134,7 @@ class Alerter:
             self._last.clear()
         self._last[key] = now
         self.stats.by_condition[alert.condition] = self.stats.by_condition.get(alert.condition, 0) + 1
-        log.warning("%s", alert.message()["text"])
+        log.warning("%s", alert.summary())
         if not self.settings.slack_webhook_url:
             return True
         try:
@@ -145,9 +151,16 @@ class Alerter:
         return True
 
     async def _send_forever(self) -> None:
+        interval = 1.0 / self.settings.max_per_second
+        last_post = float("-inf")
         while True:
             alert = await self._queue.get()
             try:
+                # Slack allows about one message a second; pacing also caps what alerting costs the proxy.
+                wait = last_post + interval - time.monotonic()
+                if wait > 0.001:
+                    await asyncio.sleep(wait)
+                last_post = time.monotonic()
                 await self._send(alert)
             except Exception as exc:  # never let one alert stop the sender
                 self.stats.failed += 1

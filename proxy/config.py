@@ -118,6 +118,7 @@ class AlertSettings:
     cooldown_s: float = 600.0
     queue_size: int = 100
     timeout_s: float = 5.0
+    max_per_second: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -410,6 +411,7 @@ def validate(settings: Settings) -> None:
     _check(al.cooldown_s >= 0, "[alerts] cooldown_s: must not be negative")
     _check(al.queue_size > 0, "[alerts] queue_size: must be positive")
     _check(al.timeout_s > 0, "[alerts] timeout_s: must be positive")
+    _check(al.max_per_second > 0, "[alerts] max_per_second: must be positive")
     if al.slack_webhook_url:
         scheme = urlsplit(al.slack_webhook_url).scheme
         _check(scheme in ("http", "https"), "[alerts] slack_webhook_url: must be an http(s) URL")

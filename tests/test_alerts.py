@@ -85,7 +85,13 @@ def slack_mock() -> Iterator[respx.MockRouter]:
 
 
 def make(**kw: Any) -> Alerter:
-    settings: dict[str, Any] = {"slack_webhook_url": SLACK, "cooldown_s": 600.0, "queue_size": 100}
+    # Unpaced unless a test asks for pacing: the recorded sleeps are then only retries.
+    settings: dict[str, Any] = {
+        "slack_webhook_url": SLACK,
+        "cooldown_s": 600.0,
+        "queue_size": 100,
+        "max_per_second": 1e9,
+    }
     settings.update(kw)
     return Alerter(AlertSettings(**settings))
 
@@ -414,3 +420,14 @@ async def test_a_hanging_slack_does_not_slow_proxied_requests(
     print(f"shutdown with a hanging Slack: {elapsed:.2f} s, exit {returncode}")
     assert returncode in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a graceful shutdown
     assert elapsed < 10  # the 5 s flush bound, not Slack's 30 s timeout
+
+
+async def test_sender_is_paced_to_max_per_second(slack_mock: respx.MockRouter, clock: Any) -> None:
+    slack_mock.post(SLACK).mock(return_value=httpx.Response(200, text="ok"))
+    alerter = make(max_per_second=2.0)
+    await alerter.start()
+    for i in range(3):
+        alerter.notify(Alert("trimmed", "http://o", f"/r{i}", 10, 20))
+    await alerter.close()
+    assert alerter.stats.sent == 3
+    assert len(clock.sleeps) == 2 and all(0 < d <= 0.5 for d in clock.sleeps)  # at most 2 posts a second
