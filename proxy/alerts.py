@@ -104,6 +104,7 @@ class Alerter:
         self._queue: asyncio.Queue[Alert] = asyncio.Queue(maxsize=settings.queue_size)
         self._last: dict[tuple[str, str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
+        self._drop_logged = float("-inf")
         self.stats = AlertStats()
 
     async def start(self) -> None:
@@ -146,7 +147,10 @@ class Alerter:
             else:
                 self._last[key] = last
             self.stats.dropped += 1
-            log.warning("alert queue full: dropped an alert for %s %s", alert.origin, alert.route)
+            now = time.monotonic()
+            if now - self._drop_logged >= 10.0:  # one line per 10 s, not one per dropped alert
+                self._drop_logged = now
+                log.warning("alert queue full: dropping alerts (%d so far)", self.stats.dropped)
             return False
         return True
 
