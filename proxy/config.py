@@ -97,7 +97,7 @@ class StoreSettings:
     snapshot_path: str = ""
     resync_interval_s: float = 30.0
     redis_timeout_s: float = 2.0
-    reconnect_max_s: float = 1.0
+    reconnect_max_s: float = 0.5
     audit_max: int = 1000
 
 
