@@ -65,6 +65,10 @@ def route_pattern(origin_prefix: str, path: str, resolved: Sequence[tuple[Flag, 
 
 
 def request_id(scope: dict[str, Any]) -> str:
+    """The id the forwarder gave this request (and sent to the origin and the client)."""
+    found = scope.get("flagproxy.request_id")
+    if found:
+        return found
     for name, value in scope["headers"]:
         if name == b"x-request-id" and value:
             return value.decode("latin-1")[:128]

@@ -11,6 +11,8 @@ import ipaddress
 import json
 import logging
 import math
+import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ log = logging.getLogger("flagproxy.forward")
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
+
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")  # anything else is replaced, never logged as sent
 
 # RFC 9110 §7.6.1: meaningful for one connection only; never forwarded in either direction.
 # Every header named by a Connection header is dropped too.
@@ -223,15 +227,12 @@ def error_body(error: str, detail: str) -> bytes:
     return json.dumps({"error": error, "detail": detail}).encode()
 
 
-async def send_json_error(send: Send, status: int, error: str, detail: str) -> None:
+async def send_json_error(send: Send, status: int, error: str, detail: str, request_id: str = "") -> None:
     body = error_body(error, detail)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode("ascii")))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -280,6 +281,7 @@ class Forwarder:
 
         out: list[tuple[str, str]] = []
         host = xff = xfp = xfh = via = None
+        request_id: str | None = None
         te_trailers = False
         for name, value in incoming:
             if name in drop:
@@ -304,6 +306,9 @@ class Forwarder:
                         out.append(("forwarded", field_text(value)))
             elif name == b"via":
                 via = value if via is None else via + b", " + value
+            elif name == b"x-request-id":
+                if request_id is None and REQUEST_ID.fullmatch(value):
+                    request_id = value.decode("ascii")
             else:
                 out.append((name.decode("latin-1"), field_text(value)))
 
@@ -326,6 +331,9 @@ class Forwarder:
         if te_trailers:
             out.append(("TE", "trailers"))
             out.append(("Connection", "TE"))
+        # One id per request, the client's when it sent a sane one: passed on and returned.
+        scope["flagproxy.request_id"] = request_id = request_id or os.urandom(8).hex()
+        out.append(("X-Request-Id", request_id))
         return out
 
     @staticmethod
@@ -404,17 +412,26 @@ class Forwarder:
         except ClientGone:
             return
         except TimeoutError:
-            await send_json_error(send, 504, "gateway_timeout", "the origin did not answer in time")
+            await send_json_error(
+                send,
+                504,
+                "gateway_timeout",
+                "the origin did not answer in time",
+                scope["flagproxy.request_id"],
+            )
             return
         except aiohttp.ClientConnectorError as exc:
             reason = exc.os_error.strerror or exc
-            await send_json_error(send, 502, "bad_gateway", f"origin unreachable: {reason}")
+            await send_json_error(
+                send, 502, "bad_gateway", f"origin unreachable: {reason}", scope["flagproxy.request_id"]
+            )
             return
         except (aiohttp.ClientError, OSError) as exc:
             if body is not None and isinstance(exc.__cause__, ClientGone):
                 return
             log.warning("upstream request failed: %s: %s", type(exc).__name__, exc)
-            await send_json_error(send, 502, "bad_gateway", f"origin request failed: {type(exc).__name__}")
+            detail = f"origin request failed: {type(exc).__name__}"
+            await send_json_error(send, 502, "bad_gateway", detail, scope["flagproxy.request_id"])
             return
 
         try:
@@ -434,6 +451,8 @@ class Forwarder:
         headers = self.response_headers(response.raw_headers)
         if extra_headers:
             headers.extend(extra_headers)
+        if not any(name == b"x-request-id" for name, _ in headers):
+            headers.append((b"x-request-id", scope["flagproxy.request_id"].encode("ascii")))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
 
         content = response.content

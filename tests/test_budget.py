@@ -488,7 +488,7 @@ EXACT_FLAGS: dict[str, Any] = {
 }
 FIRST_CONFIG_DROPPED = "exact-00"  # priority 0, the lowest of the flags with a config
 EXACT_EXPECTED = Expected(resolve(list(compile_document(EXACT_FLAGS).values())))
-USER = [("X-User-Id", "exact-user")]
+USER = [("X-User-Id", "exact-user"), ("X-Request-Id", "budget-test")]
 
 SHAPES: dict[str, Callable[[str], bytes]] = {
     "get": lambda p: build("GET", p, [("Host", "test.example"), *USER]),
@@ -1023,7 +1023,11 @@ def test_many_flags_default_limits_one_alert_per_condition(
     blocks = json.dumps(trimmed_alert["blocks"])
     assert "Largest flags" in blocks and "big-" in blocks and "(config)" in blocks
     over_alert = json.dumps(messages[4])
-    assert "request id &lt;!channel&gt; huge-0" in over_alert and "<!channel>" not in over_alert
+    # A hostile X-Request-Id never reaches Slack: the proxy replaced it with one of its own, and that
+    # id is the one the origin received.
+    huge0 = origin.only_request_to("/plain/huge-0").values("X-Request-Id")
+    assert len(huge0) == 1 and f"request id {huge0[0]}" in over_alert
+    assert "<!channel>" not in over_alert and "channel" not in over_alert
     near_alert = messages[3]
     near_first = origin.only_request_to("/near/item-00")
     assert f"{len(near_first.head):,} of 9,728 bytes" in near_alert["text"]

@@ -74,7 +74,15 @@ EXPECTED_FLAGS_CFG = {**EXPECTED_FLAGS, "theme": "dark"}
 EXPECTED_CONFIG_CFG = {"theme": {"accent": "#111", "density": 2}}
 
 # What the proxy adds to every forwarded request (lower case), whatever the client sent.
-PROXY_ADDED = {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-feature-flags"}
+PROXY_ADDED = {
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "via",
+    "x-request-id",
+    "x-feature-flags",
+}
 
 
 @functools.cache
@@ -287,7 +295,13 @@ def test_response_hop_by_hop_headers_are_not_returned(proxy, origin) -> None:
 
     assert response.status == 200
     assert response.body == b"body"
-    assert set(response.names) == {"x-kept", "content-type", "cache-control", "content-length"}, response.head
+    assert set(response.names) == {
+        "x-kept",
+        "content-type",
+        "cache-control",
+        "content-length",
+        "x-request-id",
+    }, response.head
     assert response.value("x-kept") == "yes"
     assert response.value("cache-control") == "no-store"
 
