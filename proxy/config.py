@@ -17,7 +17,6 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -446,10 +445,6 @@ def validate(settings: Settings) -> None:
         limit = origin.header_limit_bytes or h.limit_bytes
         reserve = h.reserve_bytes if origin.header_reserve_bytes is None else origin.header_reserve_bytes
         _check(0 <= reserve < limit, f"{where} header_reserve_bytes: must be in [0, {limit})")
-
-
-def flags_path(settings: Settings) -> Path:
-    return Path(settings.store.flags_file)
 
 
 def header_budget(settings: Settings, origin: OriginSettings | None = None) -> int:

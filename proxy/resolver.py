@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from proxy.context import ContextBuilder, Header, Scope
 from proxy.engine import Flag, Served
@@ -30,11 +30,6 @@ class FlagResolver:
         self.store = store
         self.headers = headers
         self.context = context
-
-    def evaluate(self, context: dict[str, Any]) -> dict[str, Any]:
-        """Flag key → header value, for the CLI and admin API."""
-        path = context.get("path", "/")
-        return {f.key: f.evaluate(context).value for f in self.store.snapshot.ordered if f.applies_to(path)}
 
     def resolve(self, scope: Scope) -> Resolution:
         context, response_headers = self.context.build(scope)

@@ -1,18 +1,11 @@
-"""Consistent bucketing: the exact formula the docs promise.
+"""Consistent bucketing helpers; the per-flag hashing itself is ``model.make_bucketer``.
 
 bucket = mmh3 x86_32 (unsigned, seed 0) of the UTF-8 string ``"{salt}:{value}"`` modulo 10,000.
 """
 
 from __future__ import annotations
 
-import mmh3
-
 BUCKETS = 10_000
-
-
-def bucket(salt: str, value: str) -> int:
-    # Hash UTF-8 bytes: mmh3 crashes on a str holding a lone surrogate (possible in JSON input).
-    return mmh3.hash(f"{salt}:{value}".encode("utf-8", "surrogatepass"), 0, signed=False) % BUCKETS
 
 
 def bucket_value(raw: object) -> str | None:

@@ -15,11 +15,6 @@ from proxy.store.state import ApplyResult, RawState, apply_change, audit_entries
 log = logging.getLogger("flagproxy.store")
 
 
-def load_document_file(path: str | Path) -> dict[str, Any]:
-    """Read and validate a native flags file; FlagError/OSError name the problem."""
-    return load_document(Path(path))
-
-
 def initial_state(path: str | Path, required: bool) -> RawState:
     """The flags file as raw state; a missing optional file (the default seeds) means no flags."""
     if not Path(path).exists():
@@ -27,7 +22,7 @@ def initial_state(path: str | Path, required: bool) -> RawState:
             raise FileNotFoundError(f"flags file {path} not found")
         log.warning("no flags file at %s: starting with no flags", path)
         return RawState()
-    return RawState.from_native_document(load_document_file(path))
+    return RawState.from_native_document(load_document(Path(path)))
 
 
 class MemoryStore(SnapshotHolder):
