@@ -80,6 +80,12 @@ def parse_json(body: bytes) -> Any:
     return value
 
 
+def bearer_matches(request: Request, token: str) -> bool:
+    """``Authorization: Bearer <token>``, compared in constant time."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 def invalid_flags(exc: FlagError) -> HTTPProblem:
     return HTTPProblem(422, "invalid_flags", str(exc), field=exc.path)
 
@@ -98,6 +104,27 @@ def result_response(result: ApplyResult, status: int) -> JSONResponse:
 
 def build_control_app(proxy: FlagProxy) -> Starlette:
     settings = proxy.settings
+    metrics = proxy.metrics
+
+    def counted(source: str) -> Callable[[Handler], Handler]:
+        """Count a webhook's outcome: ``request.state.outcome`` on success, else the error code."""
+
+        def wrap(handler: Handler) -> Handler:
+            async def wrapped(request: Request) -> Response:
+                try:
+                    response = await handler(request)
+                except HTTPProblem as exc:
+                    metrics.webhook(source, exc.error)
+                    return exc.response()
+                except Exception:
+                    metrics.webhook(source, "error")
+                    raise
+                metrics.webhook(source, getattr(request.state, "outcome", "accepted"))
+                return response
+
+            return wrapped
+
+        return wrap
 
     async def apply(change: Change) -> ApplyResult:
         try:
@@ -120,7 +147,7 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
 
     # --- webhooks ---------------------------------------------------------------------------------
 
-    @problem_handler
+    @counted("native")
     async def native_webhook(request: Request) -> Response:
         secret = settings.webhooks.secret
         if not secret:
@@ -136,9 +163,11 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
             change = change_from_payload(parse_json(body), actor="webhook:native")
         except FlagError as exc:
             raise invalid_flags(exc) from None
-        return result_response(await apply(change), 202)
+        result = await apply(change)
+        request.state.outcome = result.status
+        return result_response(result, 202)
 
-    @problem_handler
+    @counted("split")
     async def split_webhook(request: Request) -> Response:
         """Split's audit-log webhook: authenticated by a shared token, answered at once, pulled later."""
         token = settings.split.webhook_token
@@ -153,11 +182,24 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
         environment = payload.get("environmentName")
         allowed = settings.split.environments
         if allowed and environment not in allowed:
+            request.state.outcome = "ignored"
             return JSONResponse({"status": "ignored", "detail": f"environment {environment!r} is not synced"})
         if not proxy.split.enabled:
             raise HTTPProblem(503, "split_disabled", "no [split] sdk_key is configured to pull definitions")
         proxy.split.trigger()
         return JSONResponse({"status": "accepted", "flag": payload.get("name")})
+
+    # --- metrics ----------------------------------------------------------------------------------
+
+    @problem_handler
+    async def metrics_endpoint(request: Request) -> Response:
+        token = settings.metrics.token
+        if not settings.metrics.enabled:
+            raise HTTPProblem(404, "not_found", "metrics are disabled: [metrics] enabled = false")
+        if token and not bearer_matches(request, token):
+            raise HTTPProblem(401, "unauthorized", "a valid metrics bearer token is required")
+        body, content_type = metrics.render(request.headers.get("accept", ""))
+        return Response(body, headers={"content-type": content_type})
 
     # --- admin API --------------------------------------------------------------------------------
 
@@ -167,8 +209,7 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
             token = settings.admin.token
             if not token:
                 raise HTTPProblem(404, "not_found", f"no control endpoint {request.url.path}")
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            if not bearer_matches(request, token):
                 raise HTTPProblem(401, "unauthorized", "a valid admin bearer token is required")
             return await handler(request)
 
@@ -316,6 +357,7 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
         Route("/readyz", readyz, methods=["GET", "HEAD"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/webhooks/native", native_webhook, methods=["POST"]),
         Route("/webhooks/split", split_webhook, methods=["POST"]),
         Route("/api/flags", admin(list_flags), methods=["GET"]),

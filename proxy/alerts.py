@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from proxy.config import AlertSettings
+from proxy.metrics import Metrics
 
 log = logging.getLogger("flagproxy.alerts")
 
@@ -97,8 +98,11 @@ class AlertStats:
 
 
 class Alerter:
-    def __init__(self, settings: AlertSettings, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, settings: AlertSettings, client: httpx.AsyncClient | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self._client = client
         self._own_client = client is None
         self._queue: asyncio.Queue[Alert] = asyncio.Queue(maxsize=settings.queue_size)
@@ -130,6 +134,7 @@ class Alerter:
         last = self._last.get(key)
         if last is not None and now - last < self.settings.cooldown_s:
             self.stats.suppressed += 1
+            self.metrics.alert(alert.condition, "suppressed")
             return False
         if len(self._last) > 10_000:  # bounded memory under any number of routes
             self._last.clear()
@@ -137,6 +142,7 @@ class Alerter:
         self.stats.by_condition[alert.condition] = self.stats.by_condition.get(alert.condition, 0) + 1
         log.warning("%s", alert.summary())
         if not self.settings.slack_webhook_url:
+            self.metrics.alert(alert.condition, "logged")  # no Slack configured: the log line is the alert
             return True
         try:
             self._queue.put_nowait(alert)
@@ -147,6 +153,7 @@ class Alerter:
             else:
                 self._last[key] = last
             self.stats.dropped += 1
+            self.metrics.alert(alert.condition, "dropped")
             now = time.monotonic()
             if now - self._drop_logged >= 10.0:  # one line per 10 s, not one per dropped alert
                 self._drop_logged = now
@@ -168,6 +175,7 @@ class Alerter:
                 await self._send(alert)
             except Exception as exc:  # never let one alert stop the sender
                 self.stats.failed += 1
+                self.metrics.alert(alert.condition, "failed")
                 log.error("Slack alert failed: %s", type(exc).__name__)
             finally:
                 self._queue.task_done()
@@ -181,12 +189,14 @@ class Alerter:
             except httpx.HTTPError as exc:
                 if attempt == MAX_ATTEMPTS:
                     self.stats.failed += 1
+                    self.metrics.alert(alert.condition, "failed")
                     log.error("Slack alert failed after %d attempts: %s", attempt, type(exc).__name__)
                     return
                 await asyncio.sleep(0.5 * attempt)
                 continue
             if response.status_code == 200:
                 self.stats.sent += 1
+                self.metrics.alert(alert.condition, "sent")
                 return
             if response.status_code == 429 and attempt < MAX_ATTEMPTS:
                 await asyncio.sleep(retry_after(response))
@@ -195,6 +205,7 @@ class Alerter:
                 await asyncio.sleep(0.5 * attempt)
                 continue
             self.stats.failed += 1
+            self.metrics.alert(alert.condition, "failed")
             log.error("Slack answered %d %.100s; alert not delivered", response.status_code, response.text)
             return
 

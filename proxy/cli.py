@@ -15,9 +15,10 @@ from proxy.engine import FlagError
 EXIT_CONFIG = 2
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str | None) -> None:
+    """Plain text for the one-shot commands; ``serve`` switches to its [log] settings."""
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=getattr(logging, (level or "info").upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -31,6 +32,7 @@ def _serve_inputs(args: argparse.Namespace) -> dict[str, Any]:
         "overrides": {
             "server": {"host": args.host, "port": args.port},
             "store": {"flags_file": args.flags, "redis_url": args.redis_url},
+            "log": {"level": args.log_level, "format": args.log_format, "access_log": args.access_log},
         },
         "origins": args.origin or None,
     }
@@ -41,9 +43,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+    from proxy.logs import configure
+
     inputs = _serve_inputs(args)
     settings = settings_from_inputs(inputs)
-    run(settings, inputs, workers=args.workers, log_level=args.log_level)
+    configure(settings.log.level, settings.log.format, settings.log.access_log)
+    run(settings, inputs, workers=args.workers)
     return 0
 
 
@@ -60,7 +65,7 @@ def cmd_demo_origin(args: argparse.Namespace) -> int:
         http="httptools",
         access_log=False,
         proxy_headers=False,
-        log_level=args.log_level,
+        log_level=args.log_level or "info",
     )
     return 0
 
@@ -126,7 +131,9 @@ def cmd_budget(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flagproxy", description="Feature-flag reverse proxy.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    common.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="default info (serve: [log] level)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", parents=[common], help="run the proxy")
@@ -139,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--flags", metavar="FILE", help="native flags JSON for the embedded store")
     serve.add_argument("--redis-url", metavar="URL", help="Redis flag store, e.g. redis://127.0.0.1:6379/0")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--log-format", choices=["json", "text"], help="log lines as JSON (default) or text")
+    serve.add_argument(
+        "--access-log", action="store_const", const=True, help="one log event per request ([log] access_log)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", parents=[common], help="print the flag values a key would get")

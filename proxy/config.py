@@ -121,6 +121,23 @@ class AlertSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = True
+    token: str = ""
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "json"
+    access_log: bool = False
+
+
+@dataclass(frozen=True)
 class SplitSettings:
     sdk_key: str = ""
     api_url: str = "https://sdk.split.io/api"
@@ -156,6 +173,8 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     split: SplitSettings = field(default_factory=SplitSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     origins: tuple[OriginSettings, ...] = ()
 
 
@@ -415,6 +434,13 @@ def validate(settings: Settings) -> None:
         scheme = urlsplit(al.slack_webhook_url).scheme
         _check(scheme in ("http", "https"), "[alerts] slack_webhook_url: must be an http(s) URL")
     _check(h.typical_request_bytes >= 0, "[header] typical_request_bytes: must not be negative")
+
+    lg = settings.log
+    _check(
+        lg.level.lower() in LOG_LEVELS,
+        f"[log] level: expected one of {', '.join(LOG_LEVELS)}, got {lg.level!r}",
+    )
+    _check(lg.format.lower() in LOG_FORMATS, f"[log] format: expected json or text, got {lg.format!r}")
 
     sp = settings.split
     _check(sp.interval_s > 0, f"[split] interval_s: must be positive, got {sp.interval_s}")

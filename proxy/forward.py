@@ -24,6 +24,7 @@ from yarl import URL
 
 from proxy.budget_watch import BudgetWatch
 from proxy.config import OriginSettings, Settings, header_budget
+from proxy.metrics import Metrics, OriginMetrics
 from proxy.origin import sign
 from proxy.resolver import Resolver
 
@@ -82,6 +83,12 @@ class Origin:
     budget: int  # bytes of request line + headers the origin may receive
     alert_at: int  # alert when a request uses this many
     session: aiohttp.ClientSession | None = None
+    metrics: OriginMetrics | None = None
+
+    @property
+    def label(self) -> str:
+        """The origin as metrics and logs name it: its route prefix."""
+        return self.prefix.decode("latin-1") or "/"
 
     @classmethod
     def from_settings(cls, origin: OriginSettings, settings: Settings) -> Origin:
@@ -244,8 +251,13 @@ async def wait_for_disconnect(receive: Receive) -> None:
 class Forwarder:
     """The raw ASGI handler for proxied traffic (no framework objects on this path)."""
 
-    def __init__(self, settings: Settings, resolver: Resolver, budget: BudgetWatch) -> None:
+    def __init__(
+        self, settings: Settings, resolver: Resolver, budget: BudgetWatch, metrics: Metrics | None = None
+    ) -> None:
         self.router = Router([Origin.from_settings(o, settings) for o in settings.origins])
+        self.metrics = metrics or Metrics()
+        for origin in self.router.origins:
+            origin.metrics = self.metrics.for_origin(origin.label)
         self.budget = budget
         self.signature_secret = settings.header.signature_secret
         self.resolver = resolver
@@ -357,15 +369,40 @@ class Forwarder:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         origin = self.router.match(raw_path)
         if origin is None or origin.session is None:
+            self.metrics.no_route.inc()
             await send_json_error(send, 404, "no_route", "no origin is configured for this path")
             return
+        scope["flagproxy.origin"] = origin.label
+        try:
+            status = await self.forward(scope, receive, send, origin, raw_path)
+        except asyncio.CancelledError:
+            status = await self.cut_short(scope, send)
+        origin.metrics.request(status)  # type: ignore[union-attr]  # bound in __init__
 
+    @staticmethod
+    async def cut_short(scope: Scope, send: Send) -> int:
+        """uvicorn cancels what still runs when the shutdown grace period ends: say so in JSON (503)
+        when the response has not started, else end here (the client sees a cut body)."""
+        request_id = scope.get("flagproxy.request_id", "")
+        log.warning("shutdown grace period over: request cut short", extra={"request_id": request_id})
+        started: int = scope.get("flagproxy.started", 0)
+        if started:
+            return started
+        detail = "the proxy is shutting down and the origin did not answer within the grace period"
+        await send_json_error(send, 503, "shutting_down", detail, request_id)
+        return 503
+
+    async def forward(
+        self, scope: Scope, receive: Receive, send: Send, origin: Origin, raw_path: bytes
+    ) -> int:
+        """Forward one request; the status the client got (499 when it left before a response)."""
+        metrics: OriginMetrics = origin.metrics  # type: ignore[assignment]
         resolution = self.resolver.resolve(scope)
         try:
             headers = self.request_headers(scope, origin)
         except BadRequest as exc:
             await send_json_error(send, 400, "bad_request", str(exc))
-            return
+            return 400
         body = RequestBody(receive) if has_body(scope["headers"]) else None
         target = origin.target(raw_path, scope.get("query_string", b""))
         method = scope["method"]
@@ -383,6 +420,7 @@ class Forwarder:
         fitted = self.flag_headers.fit(resolution.resolved, origin.budget - head)
         for name, value in fitted.headers:
             headers.append((name.decode("latin-1"), value.decode("ascii")))
+        flag_bytes = fitted.size
         if signing_at:
             values = {name: value.decode("ascii") for name, value in fitted.headers}
             signature = sign(
@@ -395,13 +433,17 @@ class Forwarder:
                 values.get(self.flag_headers.omitted_name, ""),
             )
             headers.append((SIGNATURE_NAME, signature))
+            flag_bytes += len(SIGNATURE_NAME) + 4 + len(signature)
+        metrics.header_bytes.observe(flag_bytes)
         used = head + fitted.size
         if fitted.omitted or used >= origin.alert_at:
             self.budget.exceeded(scope, origin, resolution.resolved, fitted, used)
         url = URL(origin.base + target, encoded=True)
+        request_id = scope["flagproxy.request_id"]
 
+        started = time.perf_counter()
         try:
-            response = await origin.session.request(
+            response = await origin.session.request(  # type: ignore[union-attr]  # open while routed
                 method,
                 url,
                 headers=headers,
@@ -410,34 +452,38 @@ class Forwarder:
                 compress=False,
             )
         except ClientGone:
-            return
+            return 499
         except TimeoutError:
+            metrics.upstream_error("timeout")
             await send_json_error(
-                send,
-                504,
-                "gateway_timeout",
-                "the origin did not answer in time",
-                scope["flagproxy.request_id"],
+                send, 504, "gateway_timeout", "the origin did not answer in time", request_id
             )
-            return
+            return 504
         except aiohttp.ClientConnectorError as exc:
+            metrics.upstream_error("connect")
             reason = exc.os_error.strerror or exc
-            await send_json_error(
-                send, 502, "bad_gateway", f"origin unreachable: {reason}", scope["flagproxy.request_id"]
-            )
-            return
+            await send_json_error(send, 502, "bad_gateway", f"origin unreachable: {reason}", request_id)
+            return 502
         except (aiohttp.ClientError, OSError) as exc:
             if body is not None and isinstance(exc.__cause__, ClientGone):
-                return
-            log.warning("upstream request failed: %s: %s", type(exc).__name__, exc)
+                return 499
+            metrics.upstream_error("other")
+            log.warning(
+                "upstream request failed: %s: %s",
+                type(exc).__name__,
+                exc,
+                extra={"request_id": request_id, "origin": origin.label},
+            )
             detail = f"origin request failed: {type(exc).__name__}"
-            await send_json_error(send, 502, "bad_gateway", detail, scope["flagproxy.request_id"])
-            return
+            await send_json_error(send, 502, "bad_gateway", detail, request_id)
+            return 502
+        metrics.latency.observe(time.perf_counter() - started)
 
         try:
             await self.stream_response(scope, receive, send, response, body, resolution.response_headers)
         finally:
             response.release()
+        return response.status
 
     async def stream_response(
         self,
@@ -454,12 +500,17 @@ class Forwarder:
         if not any(name == b"x-request-id" for name, _ in headers):
             headers.append((b"x-request-id", scope["flagproxy.request_id"].encode("ascii")))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        scope["flagproxy.started"] = response.status
 
         content = response.content
         try:
             chunk = await content.readany()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.warning("origin response broke before its body: %s", type(exc).__name__)
+            log.warning(
+                "origin response broke before its body: %s",
+                type(exc).__name__,
+                extra={"request_id": scope["flagproxy.request_id"]},
+            )
             return
         if content.at_eof():
             await send({"type": "http.response.body", "body": chunk})
@@ -480,7 +531,11 @@ class Forwarder:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             if watcher is None or not watcher.done():
                 # Headers are out: the only honest signal left is an incomplete response.
-                log.warning("origin response broke mid-body: %s", type(exc).__name__)
+                log.warning(
+                    "origin response broke mid-body: %s",
+                    type(exc).__name__,
+                    extra={"request_id": scope["flagproxy.request_id"]},
+                )
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import httptools
@@ -12,6 +14,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import ConfigError, Settings, load_settings
+from proxy.logs import logging_config
 
 log = logging.getLogger("flagproxy")
 INPUTS_ENV = "FLAGPROXY__SERVE_INPUTS"  # how worker processes get the parent's settings inputs
@@ -120,23 +123,32 @@ def app_from_environment() -> Any:
     return FlagProxy(settings)
 
 
-def run(settings: Settings, inputs: dict[str, Any], workers: int = 1, log_level: str = "info") -> None:
+def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
     from proxy.app import FlagProxy
+    from proxy.metrics import MULTIPROC_ENV
 
+    # Metrics: several workers share a directory of mmap files (prometheus_client's multiprocess
+    # mode). It must be set before prometheus_client is imported, and this supervising process must
+    # not write there: its app below only validates the settings and flags.
+    shared_dir = os.environ.pop(MULTIPROC_ENV, "") if workers > 1 else os.environ.get(MULTIPROC_ENV, "")
+    if shared_dir and workers == 1:
+        prepare_metrics_dir(shared_dir)
     ProxyHttpProtocol.max_head_bytes = settings.server.max_request_head_bytes
     app = FlagProxy(settings)  # also validates flags and settings before anything listens
+    log_settings = settings.log
     options: dict[str, Any] = {
         "host": settings.server.host,
         "port": settings.server.port,
         "loop": "uvloop",
         "http": ProxyHttpProtocol,
         "lifespan": "on",
-        "access_log": False,
+        "access_log": False,  # the proxy writes its own ([log] access_log)
         "server_header": False,
         "date_header": False,
         # X-Forwarded-* trust is the proxy's own decision ([proxy] trusted_proxies), never uvicorn's.
         "proxy_headers": False,
-        "log_level": log_level,
+        "log_config": logging_config(log_settings.level, log_settings.format, log_settings.access_log),
+        "log_level": log_settings.level.lower(),
         "timeout_graceful_shutdown": settings.server.shutdown_grace_s,
     }
     if workers == 1:
@@ -148,5 +160,19 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1, log_level:
             "that received it; use --redis-url so every worker shares the flags",
             workers,
         )
+    own_dir = not shared_dir
+    shared_dir = shared_dir or tempfile.mkdtemp(prefix="flagproxy-metrics-")
+    prepare_metrics_dir(shared_dir)
+    os.environ[MULTIPROC_ENV] = shared_dir
     os.environ[INPUTS_ENV] = json.dumps(inputs)
-    uvicorn.run("proxy.server:app_from_environment", factory=True, workers=workers, **options)
+    try:
+        uvicorn.run("proxy.server:app_from_environment", factory=True, workers=workers, **options)
+    finally:
+        if own_dir:
+            shutil.rmtree(shared_dir, ignore_errors=True)
+
+
+def prepare_metrics_dir(path: str) -> None:
+    from proxy.metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir(path)

@@ -564,8 +564,12 @@ class ProxyProcess:
 
 
 def clean_env(extra: Mapping[str, str] = {}) -> dict[str, str]:
-    """The current environment without any FLAGPROXY_* leaking in from the developer's shell."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAGPROXY_")}
+    """The current environment without FLAGPROXY_* or a metrics directory leaking in from the shell."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FLAGPROXY_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
     env.update(extra)
     return env
 

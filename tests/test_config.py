@@ -105,6 +105,24 @@ def test_example_configs_load() -> None:
         assert s.origins, name
 
 
+def test_example_config_shows_every_setting() -> None:
+    """config/flagproxy.toml is the settings reference: every section and key is in it."""
+    import dataclasses
+    import tomllib
+
+    from proxy.config import SECTIONS
+
+    with open(Path(__file__).resolve().parent.parent / "config" / "flagproxy.toml", "rb") as fh:
+        example = tomllib.load(fh)
+    missing = [
+        f"[{section}] {f.name}"
+        for section, kind in SECTIONS.items()
+        for f in dataclasses.fields(kind)
+        if f.name not in example.get(section, {})
+    ]
+    assert missing == []
+
+
 def test_cli_exits_2_with_message_naming_field(tmp_path: Path) -> None:
     cfg = write(tmp_path, "[header]\nlimit_bytes = -5\n")
     result = subprocess.run(

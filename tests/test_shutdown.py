@@ -3,8 +3,8 @@
 On SIGTERM uvicorn stops listening, lets in-flight requests finish for up to ``[server]
 shutdown_grace_s``, then the lifespan shutdown closes the pools. These tests hold responses at a
 scripted origin, signal the proxy while they are in flight, and check what every client gets.
-A request still unanswered when the grace period ends is cancelled: its client gets uvicorn's plain
-500 (or a cut body when the response had started), never a hang.
+A request still unanswered when the grace period ends is cancelled: its client gets a JSON 503
+``shutting_down`` (or a cut body when the response had started), never a hang.
 """
 
 from __future__ import annotations
@@ -288,11 +288,8 @@ def test_the_grace_period_bounds_shutdown_when_the_origin_never_finishes(scene: 
         return received, time.monotonic() - signalled
 
     def never() -> tuple[Any, float]:
-        try:
-            result: Any = get(f"{proxy.base_url}/never").status_code
-        except httpx.TransportError as exc:
-            result = type(exc).__name__
-        return result, time.monotonic() - signalled
+        response = get(f"{proxy.base_url}/never")
+        return (response.status_code, response.json()), time.monotonic() - signalled
 
     streaming = threading.Event()
     signalled = float("inf")
@@ -313,6 +310,8 @@ def test_the_grace_period_bounds_shutdown_when_the_origin_never_finishes(scene: 
     )
     assert returncode in EXITED, proxy.stderr()
     assert SHORT_GRACE_S <= elapsed < SHORT_GRACE_S + 3, elapsed  # waited the grace, then no longer
-    assert isinstance(never_result, str) or never_result >= 500, never_result  # an error, never a hang
+    status, body = never_result  # a JSON 503 naming the reason, never a hang or a bare 500
+    assert status == 503 and body["error"] == "shutting_down", never_result
+    assert "Exception in ASGI application" not in proxy.stderr()
     assert SHORT_GRACE_S <= never_ended < SHORT_GRACE_S + 3
     assert received > 0 and SHORT_GRACE_S <= endless_ended < SHORT_GRACE_S + 3

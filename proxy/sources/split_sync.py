@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from proxy.config import SplitSettings
+from proxy.metrics import Metrics
 from proxy.sources.change import Change, canonical
 
 if TYPE_CHECKING:
@@ -125,9 +126,14 @@ def referenced_segments(definitions: Iterable[str]) -> set[str]:
 
 class SplitSync:
     def __init__(
-        self, settings: SplitSettings, store: FlagStore, client: httpx.AsyncClient | None = None
+        self,
+        settings: SplitSettings,
+        store: FlagStore,
+        client: httpx.AsyncClient | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.store = store
         self._client = client
         self._own_client = client is None
@@ -170,6 +176,7 @@ class SplitSync:
             except Exception as exc:  # counted and logged; the last good definitions stay
                 self.stats.errors += 1
                 self.stats.last_error = str(exc)
+                self.metrics.split_syncs.labels("error").inc()
                 log.error("Split sync failed: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.interval_s)
@@ -210,6 +217,8 @@ class SplitSync:
             await self._sync_segments()
             self.stats.syncs += 1
             self.stats.last_success = asyncio.get_running_loop().time()
+            self.metrics.split_syncs.labels("ok").inc()
+            self.metrics.synced("split")
 
     async def _sync_flags(self) -> None:
         since, rb_since = self._stored("flags"), self._stored("rbsegments")

@@ -51,9 +51,11 @@ class MemoryStore(SnapshotHolder):
         result = apply_change(state, change)
         if result.status == "stale":
             return result
+        moved = state.source_versions != self._state.source_versions
         self._state = state  # also when unchanged: the source version may have moved on
+        if result.status == "applied" or moved:
+            self.install(state)  # same store version when only a source version moved
         if result.status == "applied":
-            self.install(state)
             items = state.items(change.source, change.kind)
             actions = {k: ("upsert" if k in items else "delete") for k in result.changed}
             for entry in audit_entries(change, result, actions):

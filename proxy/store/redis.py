@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.config import StoreSettings
+from proxy.metrics import Metrics
 from proxy.sources import SOURCE_KINDS
 from proxy.sources.change import Change
 from proxy.store.base import SnapshotHolder, StoreUnavailable
@@ -181,8 +182,11 @@ def load_snapshot_file(path: str) -> RawState | None:
 
 
 class RedisStore(SnapshotHolder):
-    def __init__(self, settings: StoreSettings, fallback: Callable[[], RawState]) -> None:
+    def __init__(
+        self, settings: StoreSettings, fallback: Callable[[], RawState], metrics: Metrics | None = None
+    ) -> None:
         super().__init__()
+        self.metrics = metrics or Metrics()
         self.settings = settings
         self.keys = RedisKeys(settings.redis_prefix, settings.environment)
         timeout = settings.redis_timeout_s
@@ -227,6 +231,8 @@ class RedisStore(SnapshotHolder):
             self.install(disk)
         else:
             self.install(self._fallback())
+        self.metrics.synced("file")
+        self.metrics.redis_connected.set(0)
         self._task = asyncio.create_task(self._run(), name="flagproxy-redis-sync")
 
     async def close(self) -> None:
@@ -249,7 +255,9 @@ class RedisStore(SnapshotHolder):
             except (RedisError, OSError, TimeoutError) as exc:
                 if self.connected:
                     self.reconnects += 1
+                    self.metrics.redis_reconnects.inc()
                 self.connected = False
+                self.metrics.redis_connected.set(0)
                 if not self._ready:
                     source = "disk snapshot" if self._last_good is not None else "flags file"
                     log.error("Redis unreachable at start (%s): serving the %s", exc, source)
@@ -280,6 +288,7 @@ class RedisStore(SnapshotHolder):
             if not self.connected:
                 log.info("connected to Redis at store version %d", self.snapshot.version)
             self.connected = True
+            self.metrics.redis_connected.set(1)
             loop = asyncio.get_running_loop()
             next_resync = loop.time() + self.settings.resync_interval_s
             while True:
@@ -342,8 +351,13 @@ class RedisStore(SnapshotHolder):
                 != (current.data, current.item_versions, current.source_versions)
             ):
                 self._accept(state)
-            self.last_sync = asyncio.get_running_loop().time()
-            self.synced.set()
+            self._synced()
+
+    def _synced(self) -> None:
+        """This instance holds exactly what Redis holds (after a full read or an applied change)."""
+        self.last_sync = asyncio.get_running_loop().time()
+        self.metrics.synced("redis")
+        self.synced.set()
 
     async def _reseed(self) -> None:
         seed = self._last_good
@@ -434,6 +448,7 @@ class RedisStore(SnapshotHolder):
             state.data[source][kind] = items
             state.item_versions[source][kind] = item_versions
             self._accept(state)
+            self._synced()
 
     # --- writing ----------------------------------------------------------------------------------
 
