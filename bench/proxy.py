@@ -97,7 +97,7 @@ class Service:
 
 def start_service(name: str, args: list[str], port: int, tmp: Path) -> Service:
     log = tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "proxy", "--log-level", "warning", *args]
+    cmd = [sys.executable, "-m", "proxy", args[0], "--log-level", "warning", *args[1:]]
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     return Service(name, f"http://{HOST}:{port}", proc, log)
