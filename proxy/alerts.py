@@ -140,7 +140,9 @@ class Alerter:
             self._last.clear()
         self._last[key] = now
         self.stats.by_condition[alert.condition] = self.stats.by_condition.get(alert.condition, 0) + 1
-        log.warning("%s", alert.summary())
+        log.warning(
+            "%s", alert.summary(), extra={"request_id": alert.request_id or None, "origin": alert.origin}
+        )
         if not self.settings.slack_webhook_url:
             self.metrics.alert(alert.condition, "logged")  # no Slack configured: the log line is the alert
             return True

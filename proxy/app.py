@@ -11,7 +11,7 @@ from proxy.alerts import Alerter
 from proxy.budget_watch import BudgetWatch
 from proxy.config import Settings, StoreSettings
 from proxy.context import ContextBuilder
-from proxy.forward import Forwarder, Receive, Send
+from proxy.forward import Forwarder, Receive, Send, request_id_for
 from proxy.header import FlagHeaders
 from proxy.metrics import Metrics, forget_dead_workers, process_exiting
 from proxy.resolver import FlagResolver
@@ -40,6 +40,18 @@ def build_store(settings: Settings, metrics: Metrics | None = None) -> FlagStore
     if metrics is not None:
         metrics.synced("file")
     return MemoryStore(seed, audit_max=settings.store.audit_max)
+
+
+def with_request_id(send: Send, request_id: str) -> Send:
+    """``send`` adding ``X-Request-Id`` to the response (control-plane answers carry it too)."""
+    header = (b"x-request-id", request_id.encode("ascii"))
+
+    async def sending(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return sending
 
 
 class FlagProxy:
@@ -80,7 +92,7 @@ class FlagProxy:
     async def dispatch(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if path.startswith(self.control_prefix_slash) or path == self.control_prefix:
-            await self.control(scope, receive, send)
+            await self.control(scope, receive, with_request_id(send, request_id_for(scope)))
         else:
             await self.forwarder(scope, receive, send)
 

@@ -230,6 +230,18 @@ def field_text(value: bytes) -> str:
         raise BadRequest("a header value is not valid UTF-8") from None
 
 
+def request_id_for(scope: Scope) -> str:
+    """The request's id: the client's ``X-Request-Id`` when it is sane, else a new one (kept in scope)."""
+    found: str | None = scope.get("flagproxy.request_id")
+    if found is None:
+        for name, value in scope["headers"]:
+            if name == b"x-request-id" and REQUEST_ID.fullmatch(value):
+                found = value.decode("ascii")
+                break
+        scope["flagproxy.request_id"] = found = found or os.urandom(8).hex()
+    return found
+
+
 def error_body(error: str, detail: str) -> bytes:
     return json.dumps({"error": error, "detail": detail}).encode()
 
@@ -246,6 +258,40 @@ async def send_json_error(send: Send, status: int, error: str, detail: str, requ
 async def wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class DisconnectWatch:
+    """While a body-less request waits for its origin: after ``after_s`` (fast answers cost one timer),
+    watch for the client leaving and cancel the wait when it does (status 499)."""
+
+    after_s = 0.05
+    __slots__ = ("_handle", "_receive", "_scope", "_task", "_waiting", "_watcher")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self._scope = scope
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._waiting = True
+        self._watcher: asyncio.Future[None] | None = None
+        self._handle = asyncio.get_running_loop().call_later(self.after_s, self._start)
+
+    def _start(self) -> None:
+        if self._waiting:
+            self._watcher = asyncio.ensure_future(wait_for_disconnect(self._receive))
+            self._watcher.add_done_callback(self._gone)
+
+    def _gone(self, watcher: asyncio.Future[None]) -> None:
+        if watcher.cancelled() or watcher.exception() is not None:
+            return
+        if self._waiting and self._task is not None:
+            self._scope["flagproxy.client_gone"] = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self._waiting = False
+        self._handle.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 class Forwarder:
@@ -350,7 +396,8 @@ class Forwarder:
 
     @staticmethod
     def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
-        """The origin's headers, lower-cased, minus hop-by-hop ones and those its Connection names."""
+        """The origin's headers, lower-cased, minus hop-by-hop ones and those its Connection names,
+        and minus its X-Request-Id: the client gets the id the origin was sent (and the logs show)."""
         out = []
         connection = None
         for name, value in raw:
@@ -358,6 +405,8 @@ class Forwarder:
             if lname in HOP_BY_HOP:
                 if lname == b"connection":
                     connection = value if connection is None else connection + b"," + value
+                continue
+            if lname == b"x-request-id":
                 continue
             out.append((lname, value))
         if connection is not None:
@@ -370,13 +419,17 @@ class Forwarder:
         origin = self.router.match(raw_path)
         if origin is None or origin.session is None:
             self.metrics.no_route.inc()
-            await send_json_error(send, 404, "no_route", "no origin is configured for this path")
+            detail = "no origin is configured for this path"
+            await send_json_error(send, 404, "no_route", detail, request_id_for(scope))
             return
         scope["flagproxy.origin"] = origin.label
         try:
             status = await self.forward(scope, receive, send, origin, raw_path)
         except asyncio.CancelledError:
-            status = await self.cut_short(scope, send)
+            if scope.get("flagproxy.client_gone"):
+                status = 499  # DisconnectWatch stopped the wait: nobody to answer
+            else:
+                status = await self.cut_short(scope, send)
         origin.metrics.request(status)  # type: ignore[union-attr]  # bound in __init__
 
     @staticmethod
@@ -401,7 +454,7 @@ class Forwarder:
         try:
             headers = self.request_headers(scope, origin)
         except BadRequest as exc:
-            await send_json_error(send, 400, "bad_request", str(exc))
+            await send_json_error(send, 400, "bad_request", str(exc), request_id_for(scope))
             return 400
         body = RequestBody(receive) if has_body(scope["headers"]) else None
         target = origin.target(raw_path, scope.get("query_string", b""))
@@ -442,6 +495,9 @@ class Forwarder:
         request_id = scope["flagproxy.request_id"]
 
         started = time.perf_counter()
+        # A slow origin: notice a client that leaves meanwhile and stop waiting for the origin.
+        # (With a body, the body reader notices; fast answers never start the watcher.)
+        watch = None if body is not None else DisconnectWatch(scope, receive)
         try:
             response = await origin.session.request(  # type: ignore[union-attr]  # open while routed
                 method,
@@ -477,6 +533,9 @@ class Forwarder:
             detail = f"origin request failed: {type(exc).__name__}"
             await send_json_error(send, 502, "bad_gateway", detail, request_id)
             return 502
+        finally:
+            if watch is not None:
+                watch.stop()
         metrics.latency.observe(time.perf_counter() - started)
 
         try:
@@ -497,8 +556,7 @@ class Forwarder:
         headers = self.response_headers(response.raw_headers)
         if extra_headers:
             headers.extend(extra_headers)
-        if not any(name == b"x-request-id" for name, _ in headers):
-            headers.append((b"x-request-id", scope["flagproxy.request_id"].encode("ascii")))
+        headers.append((b"x-request-id", scope["flagproxy.request_id"].encode("ascii")))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         scope["flagproxy.started"] = response.status
 

@@ -123,16 +123,19 @@ def app_from_environment() -> Any:
     return FlagProxy(settings)
 
 
-def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
-    from proxy.app import FlagProxy
-    from proxy.metrics import MULTIPROC_ENV
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+
+def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
     # Metrics: several workers share a directory of mmap files (prometheus_client's multiprocess
-    # mode). It must be set before prometheus_client is imported, and this supervising process must
-    # not write there: its app below only validates the settings and flags.
+    # mode). prometheus_client reads the variable once, when it is imported, so it is settled here
+    # before the app (and prometheus_client) is imported: this supervising process must not write
+    # there, its app below only validates the settings and flags.
     shared_dir = os.environ.pop(MULTIPROC_ENV, "") if workers > 1 else os.environ.get(MULTIPROC_ENV, "")
     if shared_dir and workers == 1:
         prepare_metrics_dir(shared_dir)
+    from proxy.app import FlagProxy
+
     ProxyHttpProtocol.max_head_bytes = settings.server.max_request_head_bytes
     app = FlagProxy(settings)  # also validates flags and settings before anything listens
     log_settings = settings.log

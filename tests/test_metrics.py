@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import http_response, post_webhook, wait_for
+from support import http_response, never_reply, post_webhook, wait_for
 
 SECRET = "metrics-secret-0123456789"
 FLAG_HEADERS = ("x-feature-flags", "x-feature-flags-config", "x-feature-flags-omitted")
@@ -61,6 +61,10 @@ def scrape(base_url: str, **headers: str) -> Scrape:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     return Scrape(response.text)
+
+
+def log_events(proxy: Any) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proxy.stderr().splitlines() if line.startswith("{")]
 
 
 def flag_header_bytes(request: Any) -> int:
@@ -165,6 +169,10 @@ def test_counts_match_what_happened(scenario) -> None:
     # alerts: no Slack configured → the first trim is logged, the rest are inside the cooldown
     assert m.value("flagproxy_alerts_total", condition="trimmed", result="logged") == 1
     assert m.value("flagproxy_alerts_total", condition="trimmed", result="suppressed") == 3
+    # (the pre-flight check at start warns about /small too: no request, so no request id)
+    logged = [e for e in log_events(proxy) if e["logger"] == "flagproxy.alerts" and e["request_id"]]
+    assert len(logged) == 1 and logged[0]["request_id"] == small[0].value("X-Request-Id")
+    assert logged[0]["origin"].startswith("http://127.0.0.1:")
 
     # the store: what readyz says, loaded from the flags file moments ago
     ready = httpx.get(f"{base}/__flags/readyz").json()
@@ -292,3 +300,38 @@ def test_workers_share_one_view(redis_server, redis_namespace, proxy_factory, or
     wait_for(lambda: scrape(proxy.base_url).get("flagproxy_store_version") == version, what="all workers")
     m = scrape(proxy.base_url)
     assert m.value("flagproxy_webhooks_total", source="native", result="applied") == 1
+
+
+def test_a_client_leaving_a_slow_origin_is_499_and_frees_the_origin(proxy_factory, origin_factory) -> None:
+    origin = origin_factory()
+    origin.route("/slow", never_reply())  # answers nothing until its peer goes away
+    proxy = proxy_factory([origin.url], args=["--access-log"])
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=0.3) as client:
+        client.get(f"{proxy.base_url}/slow", headers={"X-Request-Id": "impatient-1"})
+    assert origin.requests_to("/slow")
+    # the proxy stops waiting (the read timeout is 30 s) and closes its upstream connection
+    assert origin.wait_until(lambda o: o.open_connections == 0, timeout=5)
+    access = wait_for(lambda: [e for e in log_events(proxy) if e.get("path") == "/slow"], what="access")
+    assert access[0]["status"] == 499 and access[0]["request_id"] == "impatient-1"
+    m = scrape(proxy.base_url)
+    assert m.value("flagproxy_requests_total", origin="/", status_class="4xx") == 1
+    assert m.value("flagproxy_requests_total", origin="/", status_class="2xx") == 0
+    assert m.value("flagproxy_upstream_latency_seconds_count", origin="/") == 0
+
+
+def test_an_operators_metrics_directory_is_used_and_emptied_first(tmp_path, proxy_factory, origin) -> None:
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    (directory / "counter_1.db").write_bytes(b"left over from an earlier run")
+    proxy = proxy_factory(
+        [origin.url], env={"PROMETHEUS_MULTIPROC_DIR": str(directory)}, args=["--workers", "2"]
+    )
+    for i in range(10):
+        with httpx.Client() as client:
+            assert client.get(f"{proxy.base_url}/d/{i}").status_code == 200
+    assert scrape(proxy.base_url).value("flagproxy_requests_total", origin="/", status_class="2xx") == 10
+    files = {p.name for p in directory.iterdir()}
+    assert "counter_1.db" not in files and proxy.pid not in {int(n[:-3].rsplit("_", 1)[1]) for n in files}
+    assert sum(n.startswith("counter_") for n in files) == 2  # one per worker, none from the supervisor
+    proxy.stop()
+    assert directory.is_dir()  # the operator's directory stays
