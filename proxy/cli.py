@@ -199,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"flagproxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signal: no traceback
+        return 130
 
 
 if __name__ == "__main__":

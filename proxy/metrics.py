@@ -191,6 +191,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.rejections = Counter(
+            "flagproxy_rejected_requests",
+            "Requests refused before routing, by error: bad_request (malformed framing, answered 400) "
+            "or request_head_too_large (431).",
+            ["error"],
+            registry=r,
+        )
         self.no_route = self.requests.labels(NO_ROUTE, "4xx")
         self._scrape_collector: Any = None
 
@@ -198,6 +205,9 @@ class Metrics:
 
     def for_origin(self, label: str) -> OriginMetrics:
         return OriginMetrics(self, label)
+
+    def rejected(self, error: str) -> None:
+        self.rejections.labels(error).inc()
 
     def alert(self, condition: str, result: str) -> None:
         self.alerts.labels(condition, result).inc()

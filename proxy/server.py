@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -17,6 +18,7 @@ from proxy.config import ConfigError, Settings, load_settings
 from proxy.logs import logging_config
 
 log = logging.getLogger("flagproxy")
+ACCESS_LOG = logging.getLogger("flagproxy.access")
 INPUTS_ENV = "FLAGPROXY__SERVE_INPUTS"  # how worker processes get the parent's settings inputs
 
 
@@ -39,6 +41,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     """
 
     max_head_bytes = 65536
+    on_reject: Callable[[str], None] | None = None  # counts rejections (set to the app's metrics)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -93,7 +96,17 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def _reject(self, status: int, error: str, detail: str) -> None:
         """Answer at once and close: after a framing error the byte stream cannot be trusted."""
-        self.logger.info("rejected a request from %s: %s", self.client, detail)
+        client = self.client[0] if self.client else None
+        # an access-log event when the access log is on, else uvicorn's error log at info
+        logger = ACCESS_LOG if ACCESS_LOG.isEnabledFor(logging.INFO) else self.logger
+        logger.info(
+            "rejected a request from %s: %s",
+            client,
+            detail,
+            extra={"event": "rejected", "status": status, "error": error, "client": client},
+        )
+        if self.on_reject is not None:
+            self.on_reject(error)
         body = json.dumps({"error": error, "detail": detail}).encode()
         head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
             status,
@@ -120,7 +133,9 @@ def app_from_environment() -> Any:
 
     settings = settings_from_inputs(json.loads(os.environ[INPUTS_ENV]))
     ProxyHttpProtocol.max_head_bytes = settings.server.max_request_head_bytes
-    return FlagProxy(settings)
+    app = FlagProxy(settings)
+    ProxyHttpProtocol.on_reject = app.metrics.rejected
+    return app
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -138,6 +153,7 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
 
     ProxyHttpProtocol.max_head_bytes = settings.server.max_request_head_bytes
     app = FlagProxy(settings)  # also validates flags and settings before anything listens
+    ProxyHttpProtocol.on_reject = app.metrics.rejected
     log_settings = settings.log
     options: dict[str, Any] = {
         "host": settings.server.host,

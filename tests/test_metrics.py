@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "flagproxy_redis_reconnects": ("counter", set()),
     "flagproxy_webhooks": ("counter", {"source", "result"}),
     "flagproxy_split_syncs": ("counter", {"result"}),
+    "flagproxy_rejected_requests": ("counter", {"error"}),
 }
 
 
@@ -335,3 +337,25 @@ def test_an_operators_metrics_directory_is_used_and_emptied_first(tmp_path, prox
     assert sum(n.startswith("counter_") for n in files) == 2  # one per worker, none from the supervisor
     proxy.stop()
     assert directory.is_dir()  # the operator's directory stays
+
+
+def test_requests_refused_before_routing_are_counted(proxy_factory, origin) -> None:
+    proxy = proxy_factory(
+        [origin.url], args=["--access-log"], config="[server]\nmax_request_head_bytes = 4096\n"
+    )
+    smuggle = (
+        b"POST /r HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    huge = b"GET /r HTTP/1.1\r\nHost: a\r\nX-Big: " + b"x" * 8000 + b"\r\n\r\n"
+    for request in (smuggle, smuggle, huge):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(request)
+            assert sock.recv(65536).split(b" ", 2)[1] in (b"400", b"431")
+    m = scrape(proxy.base_url)
+    assert m.value("flagproxy_rejected_requests_total", error="bad_request") == 2
+    assert m.value("flagproxy_rejected_requests_total", error="request_head_too_large") == 1
+    events = wait_for(lambda: [e for e in log_events(proxy) if e.get("event") == "rejected"] or None)
+    assert {(e["status"], e["error"]) for e in events} == {
+        (400, "bad_request"),
+        (431, "request_head_too_large"),
+    }
