@@ -56,6 +56,7 @@ def cmd_demo_origin(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.demo_origin import echo_app
+    from proxy.logs import logging_config
 
     uvicorn.run(
         echo_app,
@@ -65,6 +66,7 @@ def cmd_demo_origin(args: argparse.Namespace) -> int:
         http="httptools",
         access_log=False,
         proxy_headers=False,
+        log_config=logging_config(args.log_level or "info"),  # JSON lines, like the proxy's
         log_level=args.log_level or "info",
     )
     return 0
