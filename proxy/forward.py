@@ -24,7 +24,7 @@ from yarl import URL
 
 from proxy.budget_watch import BudgetWatch
 from proxy.config import OriginSettings, Settings, header_budget
-from proxy.metrics import Metrics, OriginMetrics
+from proxy.metrics import NO_ROUTE, Metrics, OriginMetrics
 from proxy.origin import sign
 from proxy.resolver import Resolver
 
@@ -261,22 +261,28 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 
 class DisconnectWatch:
-    """While a body-less request waits for its origin: after ``after_s`` (fast answers cost one timer),
-    watch for the client leaving and cancel the wait when it does (status 499)."""
+    """While a request waits for its origin: after ``after_s`` (fast answers cost one timer), and once
+    its body (if any) is all read, watch for the client leaving and cancel the wait when it does (499).
+    Until the body is complete the body reader is the one calling ``receive`` and notices instead."""
 
     after_s = 0.05
-    __slots__ = ("_handle", "_receive", "_scope", "_task", "_waiting", "_watcher")
+    __slots__ = ("_body", "_handle", "_receive", "_scope", "_task", "_waiting", "_watcher")
 
-    def __init__(self, scope: Scope, receive: Receive) -> None:
+    def __init__(self, scope: Scope, receive: Receive, body: RequestBody | None) -> None:
         self._scope = scope
         self._receive = receive
+        self._body = body
         self._task = asyncio.current_task()
         self._waiting = True
         self._watcher: asyncio.Future[None] | None = None
         self._handle = asyncio.get_running_loop().call_later(self.after_s, self._start)
 
     def _start(self) -> None:
-        if self._waiting:
+        if not self._waiting:
+            return
+        if self._body is not None and not self._body.complete:
+            self._handle = asyncio.get_running_loop().call_later(self.after_s, self._start)
+        else:
             self._watcher = asyncio.ensure_future(wait_for_disconnect(self._receive))
             self._watcher.add_done_callback(self._gone)
 
@@ -419,6 +425,7 @@ class Forwarder:
         origin = self.router.match(raw_path)
         if origin is None or origin.session is None:
             self.metrics.no_route.inc()
+            scope["flagproxy.origin"] = NO_ROUTE
             detail = "no origin is configured for this path"
             await send_json_error(send, 404, "no_route", detail, request_id_for(scope))
             return
@@ -496,8 +503,7 @@ class Forwarder:
 
         started = time.perf_counter()
         # A slow origin: notice a client that leaves meanwhile and stop waiting for the origin.
-        # (With a body, the body reader notices; fast answers never start the watcher.)
-        watch = None if body is not None else DisconnectWatch(scope, receive)
+        watch = DisconnectWatch(scope, receive, body)
         try:
             response = await origin.session.request(  # type: ignore[union-attr]  # open while routed
                 method,
@@ -534,8 +540,7 @@ class Forwarder:
             await send_json_error(send, 502, "bad_gateway", detail, request_id)
             return 502
         finally:
-            if watch is not None:
-                watch.stop()
+            watch.stop()
         metrics.latency.observe(time.perf_counter() - started)
 
         try:

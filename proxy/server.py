@@ -97,13 +97,20 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def _reject(self, status: int, error: str, detail: str) -> None:
         """Answer at once and close: after a framing error the byte stream cannot be trusted."""
         client = self.client[0] if self.client else None
+        request_id = os.urandom(8).hex()  # the head could not be trusted: a fresh id, not the client's
         # an access-log event when the access log is on, else uvicorn's error log at info
         logger = ACCESS_LOG if ACCESS_LOG.isEnabledFor(logging.INFO) else self.logger
         logger.info(
             "rejected a request from %s: %s",
             client,
             detail,
-            extra={"event": "rejected", "status": status, "error": error, "client": client},
+            extra={
+                "event": "rejected",
+                "status": status,
+                "error": error,
+                "client": client,
+                "request_id": request_id,
+            },
         )
         if self.on_reject is not None:
             self.on_reject(error)
@@ -113,6 +120,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             REASONS[status],
             len(body),
         )
+        head += b"x-request-id: %s\r\n" % request_id.encode("ascii")
         if not self.transport.is_closing():
             self.transport.write(head + b"connection: close\r\n\r\n" + body)
             self.transport.close()

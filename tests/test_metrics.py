@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections import Counter
@@ -313,10 +314,19 @@ def test_a_client_leaving_a_slow_origin_is_499_and_frees_the_origin(proxy_factor
     assert origin.requests_to("/slow")
     # the proxy stops waiting (the read timeout is 30 s) and closes its upstream connection
     assert origin.wait_until(lambda o: o.open_connections == 0, timeout=5)
-    access = wait_for(lambda: [e for e in log_events(proxy) if e.get("path") == "/slow"], what="access")
-    assert access[0]["status"] == 499 and access[0]["request_id"] == "impatient-1"
+    # the same after a request body was sent in full (by length, and chunked)
+    for body in (b"x" * 300_000, iter([b"a" * 1000, b"b" * 1000])):
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=0.5) as client:
+            client.post(f"{proxy.base_url}/slow/post", content=body)
+        assert origin.wait_until(lambda o: o.open_connections == 0, timeout=5)
+    posts = origin.requests_to("/slow/post")
+    assert [r.body_length for r in posts] == [300_000, 2000] and all(r.complete for r in posts)
+    access = wait_for(
+        lambda: [e for e in log_events(proxy) if e.get("path", "").startswith("/slow")] or None, what="access"
+    )
+    assert [e["status"] for e in access] == [499, 499, 499] and access[0]["request_id"] == "impatient-1"
     m = scrape(proxy.base_url)
-    assert m.value("flagproxy_requests_total", origin="/", status_class="4xx") == 1
+    assert m.value("flagproxy_requests_total", origin="/", status_class="4xx") == 3
     assert m.value("flagproxy_requests_total", origin="/", status_class="2xx") == 0
     assert m.value("flagproxy_upstream_latency_seconds_count", origin="/") == 0
 
@@ -347,10 +357,13 @@ def test_requests_refused_before_routing_are_counted(proxy_factory, origin) -> N
         b"POST /r HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     )
     huge = b"GET /r HTTP/1.1\r\nHost: a\r\nX-Big: " + b"x" * 8000 + b"\r\n\r\n"
+    ids = []
     for request in (smuggle, smuggle, huge):
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
             sock.sendall(request)
-            assert sock.recv(65536).split(b" ", 2)[1] in (b"400", b"431")
+            reply = sock.recv(65536)
+            assert reply.split(b" ", 2)[1] in (b"400", b"431")
+            ids.append(re.search(rb"x-request-id: ([0-9a-f]+)\r\n", reply).group(1).decode())
     m = scrape(proxy.base_url)
     assert m.value("flagproxy_rejected_requests_total", error="bad_request") == 2
     assert m.value("flagproxy_rejected_requests_total", error="request_head_too_large") == 1
@@ -359,3 +372,5 @@ def test_requests_refused_before_routing_are_counted(proxy_factory, origin) -> N
         (400, "bad_request"),
         (431, "request_head_too_large"),
     }
+    assert all(re.fullmatch(r"[0-9a-f]{16}", e["request_id"]) for e in events)
+    assert ids == [e["request_id"] for e in events]  # the id the client got is the one logged
