@@ -107,22 +107,20 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
     metrics = proxy.metrics
 
     def counted(source: str) -> Callable[[Handler], Handler]:
-        """Count a webhook's outcome: ``request.state.outcome`` on success, else the error code."""
+        """``problem_handler``, counting the webhook's outcome: ``request.state.outcome`` on success,
+        else the error code."""
 
         def wrap(handler: Handler) -> Handler:
             async def wrapped(request: Request) -> Response:
                 try:
                     response = await handler(request)
-                except HTTPProblem as exc:
-                    metrics.webhook(source, exc.error)
-                    return exc.response()
-                except Exception:
-                    metrics.webhook(source, "error")
+                except Exception as exc:
+                    metrics.webhook(source, exc.error if isinstance(exc, HTTPProblem) else "error")
                     raise
                 metrics.webhook(source, getattr(request.state, "outcome", "accepted"))
                 return response
 
-            return wrapped
+            return problem_handler(wrapped)
 
         return wrap
 

@@ -92,25 +92,19 @@ class BudgetWatch:
         used: int,
     ) -> None:
         """A request trimmed flags or crossed the alert ratio (called on the data path: cheap)."""
-        metrics = origin.metrics
         if fitted.over_budget:
             condition = "over_budget"
             self.stats.over_budget += 1
-            if metrics is not None:
-                metrics.over_budget.inc()
         elif fitted.omitted:
             condition = "trimmed"
             self.stats.trimmed += 1
         else:
             condition = "near_limit"
             self.stats.near_limit += 1
-            if metrics is not None:
-                metrics.near_limit.inc()
-        if fitted.omitted and metrics is not None:
-            metrics.trims.inc()
-            metrics.omitted.inc(fitted.omitted)
         self.stats.omitted_entries += fitted.omitted
-        prefix = origin.prefix.decode("latin-1") or "/"
+        if origin.metrics is not None:
+            origin.metrics.budget_event(condition, fitted.omitted)
+        prefix = origin.label
         sizes = sorted(
             ((f.key, len(s.value_json) + len(s.config_json or "")) for f, s in resolved),
             key=lambda kv: -kv[1],

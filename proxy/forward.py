@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -84,11 +84,10 @@ class Origin:
     alert_at: int  # alert when a request uses this many
     session: aiohttp.ClientSession | None = None
     metrics: OriginMetrics | None = None
+    label: str = field(init=False)  # the origin as metrics and logs name it: its route prefix
 
-    @property
-    def label(self) -> str:
-        """The origin as metrics and logs name it: its route prefix."""
-        return self.prefix.decode("latin-1") or "/"
+    def __post_init__(self) -> None:
+        self.label = self.prefix.decode("latin-1") or "/"
 
     @classmethod
     def from_settings(cls, origin: OriginSettings, settings: Settings) -> Origin:
@@ -230,6 +229,10 @@ def field_text(value: bytes) -> str:
         raise BadRequest("a header value is not valid UTF-8") from None
 
 
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
 def request_id_for(scope: Scope) -> str:
     """The request's id: the client's ``X-Request-Id`` when it is sane, else a new one (kept in scope)."""
     found: str | None = scope.get("flagproxy.request_id")
@@ -238,7 +241,7 @@ def request_id_for(scope: Scope) -> str:
             if name == b"x-request-id" and REQUEST_ID.fullmatch(value):
                 found = value.decode("ascii")
                 break
-        scope["flagproxy.request_id"] = found = found or os.urandom(8).hex()
+        scope["flagproxy.request_id"] = found = found or new_request_id()
     return found
 
 
@@ -396,7 +399,7 @@ class Forwarder:
             out.append(("TE", "trailers"))
             out.append(("Connection", "TE"))
         # One id per request, the client's when it sent a sane one: passed on and returned.
-        scope["flagproxy.request_id"] = request_id = request_id or os.urandom(8).hex()
+        scope["flagproxy.request_id"] = request_id = request_id or new_request_id()
         out.append(("X-Request-Id", request_id))
         return out
 

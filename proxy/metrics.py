@@ -12,7 +12,6 @@ and two histogram observations (≈2 µs in one process, ≈5 µs in multiproces
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import time
@@ -72,6 +71,16 @@ class OriginMetrics:
     def request(self, status: int) -> None:
         index = status // 100
         self.by_status[index if 0 <= index < 10 else 0].inc()
+
+    def budget_event(self, condition: str, omitted: int) -> None:
+        """A request that crossed the alert ratio (``near_limit``) or lost ``omitted`` flag entries."""
+        if condition == "near_limit":
+            self.near_limit.inc()
+        elif condition == "over_budget":
+            self.over_budget.inc()
+        if omitted:
+            self.trims.inc()
+            self.omitted.inc(omitted)
 
     def upstream_error(self, reason: str) -> None:
         child = self.errors.get(reason)
@@ -257,14 +266,6 @@ class Metrics:
         """The exposition in the format ``accept`` asks for (Prometheus text by default)."""
         encoder, content_type = choose_encoder(accept)
         return encoder(self), content_type  # type: ignore[arg-type]  # anything with collect() will do
-
-
-def prepare_multiprocess_dir(path: str) -> None:
-    """Empty ``path`` of earlier runs' files, as prometheus_client requires before workers start."""
-    os.makedirs(path, exist_ok=True)
-    for name in glob.glob(os.path.join(path, "*.db")):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(name)
 
 
 def forget_dead_workers() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import logging
 import os
@@ -97,7 +99,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def _reject(self, status: int, error: str, detail: str) -> None:
         """Answer at once and close: after a framing error the byte stream cannot be trusted."""
         client = self.client[0] if self.client else None
-        request_id = os.urandom(8).hex()  # the head could not be trusted: a fresh id, not the client's
+        from proxy.forward import new_request_id  # not at import: proxy.metrics must wait (see run)
+
+        request_id = new_request_id()  # the head could not be trusted: a fresh id, not the client's
         # an access-log event when the access log is on, else uvicorn's error log at info
         logger = ACCESS_LOG if ACCESS_LOG.isEnabledFor(logging.INFO) else self.logger
         logger.info(
@@ -137,16 +141,20 @@ def settings_from_inputs(inputs: dict[str, Any]) -> Settings:
 
 def app_from_environment() -> Any:
     """The app factory each worker process calls (``--workers N``)."""
+    return build_app(settings_from_inputs(json.loads(os.environ[INPUTS_ENV])))
+
+
+def build_app(settings: Settings) -> Any:
+    """The app, with the protocol set up for it (head limit, rejections counted in its metrics)."""
     from proxy.app import FlagProxy
 
-    settings = settings_from_inputs(json.loads(os.environ[INPUTS_ENV]))
     ProxyHttpProtocol.max_head_bytes = settings.server.max_request_head_bytes
-    app = FlagProxy(settings)
+    app = FlagProxy(settings)  # also validates flags and settings before anything listens
     ProxyHttpProtocol.on_reject = app.metrics.rejected
     return app
 
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client (and proxy.metrics)
 
 
 def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
@@ -157,11 +165,7 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
     shared_dir = os.environ.pop(MULTIPROC_ENV, "") if workers > 1 else os.environ.get(MULTIPROC_ENV, "")
     if shared_dir and workers == 1:
         prepare_metrics_dir(shared_dir)
-    from proxy.app import FlagProxy
-
-    ProxyHttpProtocol.max_head_bytes = settings.server.max_request_head_bytes
-    app = FlagProxy(settings)  # also validates flags and settings before anything listens
-    ProxyHttpProtocol.on_reject = app.metrics.rejected
+    app = build_app(settings)
     log_settings = settings.log
     options: dict[str, Any] = {
         "host": settings.server.host,
@@ -200,6 +204,8 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
 
 
 def prepare_metrics_dir(path: str) -> None:
-    from proxy.metrics import prepare_multiprocess_dir
-
-    prepare_multiprocess_dir(path)
+    """Empty ``path`` of earlier runs' files, as prometheus_client requires before workers start."""
+    os.makedirs(path, exist_ok=True)
+    for name in glob.glob(os.path.join(path, "*.db")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
