@@ -19,7 +19,7 @@ from starlette.routing import Mount, Route
 from proxy.config import header_budget
 from proxy.engine import FlagError, compile_flag
 from proxy.evaluate import make_context
-from proxy.sources.change import Change, canonical
+from proxy.sources.change import Change, stored_text
 from proxy.sources.native import change_from_payload, updated_at_ms
 from proxy.store.base import StoreUnavailable
 from proxy.store.state import OVERRIDES, PRECEDENCE, ApplyResult
@@ -246,7 +246,7 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
         version = updated_at_ms(definition)
         change = Change(
             source="native",
-            upsert={key: canonical(definition)},
+            upsert={key: stored_text(definition)},
             item_versions={key: version} if version is not None else {},
             actor="admin",
         )
@@ -270,7 +270,7 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
         if key not in proxy.store.snapshot.flags:
             raise HTTPProblem(404, "unknown_flag", f"no flag {key!r}")
         change = Change(
-            source=OVERRIDES, upsert={key: canonical({"kill": True})}, actor="admin", action="kill"
+            source=OVERRIDES, upsert={key: stored_text({"kill": True})}, actor="admin", action="kill"
         )
         return result_response(await apply(change), 200)
 
@@ -287,7 +287,7 @@ def build_control_app(proxy: FlagProxy) -> Starlette:
             choices = ", ".join(json.dumps(s.value) for s in flag.served)
             raise HTTPProblem(422, "unknown_variant", f'body must be {{"variant": one of {choices}}}')
         change = Change(
-            source=OVERRIDES, upsert={key: canonical({"promote": variant})}, actor="admin", action="promote"
+            source=OVERRIDES, upsert={key: stored_text({"promote": variant})}, actor="admin", action="promote"
         )
         return result_response(await apply(change), 200)
 

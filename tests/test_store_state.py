@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from proxy.engine import FlagError
-from proxy.sources.change import Change, canonical
-from proxy.sources.native import change_from_payload, updated_at_ms
+from proxy.sources.change import Change, stored_text
+from proxy.sources.native import change_from_payload, reordered_only, updated_at_ms
 from proxy.store.memory import MemoryStore
 from proxy.store.state import OVERRIDES, RawState, apply_change
 
@@ -74,7 +74,7 @@ def test_first_change_applies_and_bumps_the_store_version() -> None:
         ["a", "b"],
         [],
     )
-    assert state.items("native") == {"a": canonical(flag()), "b": canonical(flag(False))}
+    assert state.items("native") == {"a": stored_text(flag()), "b": stored_text(flag(False))}
     assert state.source_versions == {"native": {"flags": 3}}
 
 
@@ -209,9 +209,38 @@ def test_identical_content_does_not_bump_the_version() -> None:
     state = state_with(a=flag(), b=flag(False))
     result = apply_change(state, document({"a": flag(), "b": flag(False)}))
     assert (result.status, result.version, result.changed) == ("unchanged", 1, [])
-    # key order and spacing do not matter: definitions are stored canonically
+    # spacing does not matter: definitions are stored as compact JSON text
     reordered = change_from_payload(json.loads('{"upsert": {"a": {"enabled": true}}}'), actor="t")
     assert apply_change(state, reordered).status == "unchanged"
+
+
+RGB = {"red": {"weight": 34}, "green": {"weight": 33}, "blue": {"weight": 33}}
+BGR = {"blue": {"weight": 33}, "green": {"weight": 33}, "red": {"weight": 34}}
+
+
+def test_declared_variant_order_is_stored_and_a_reordering_is_a_change() -> None:
+    state = state_with(colour={"variants": RGB})
+    assert list(json.loads(state.items("native")["colour"])["variants"]) == ["red", "green", "blue"]
+    assert apply_change(state, patch(upsert={"colour": {"variants": RGB}})).status == "unchanged"
+    result = apply_change(state, patch(upsert={"colour": {"variants": BGR}}))
+    assert (result.status, result.version, result.changed) == ("applied", 2, ["colour"])
+    assert list(json.loads(state.items("native")["colour"])["variants"]) == ["blue", "green", "red"]
+    seeded = RawState.from_native_document({"flags": {"colour": {"variants": RGB}}})
+    assert list(json.loads(seeded.items("native")["colour"])["variants"]) == ["red", "green", "blue"]
+
+
+def test_reordered_only_names_changes_that_just_move_keys() -> None:
+    rule = {"if": True, "rollout": {"red": 1, "blue": 1}}
+    assert reordered_only({"variants": RGB}, {"variants": BGR})
+    assert reordered_only(
+        {"variants": RGB, "rules": [rule]},
+        {"variants": RGB, "rules": [{**rule, "rollout": {"blue": 1, "red": 1}}]},
+    )
+    assert not reordered_only(
+        {"variants": RGB, "salt": "s"}, {"salt": "s", "variants": RGB}
+    )  # field order only
+    assert not reordered_only({"variants": RGB}, {"variants": {**BGR, "red": {"weight": 1}}})  # a real edit
+    assert not reordered_only({"variants": RGB}, {"variants": RGB})
 
 
 def test_unchanged_still_records_the_source_version() -> None:
@@ -225,7 +254,7 @@ def test_unchanged_still_records_the_source_version() -> None:
 def test_versions_are_per_source_and_kind() -> None:
     state = RawState()
     apply_change(state, patch(upsert={"a": flag()}, version=7))
-    other = Change(source=OVERRIDES, upsert={"a": canonical({"kill": True})}, source_version=1)
+    other = Change(source=OVERRIDES, upsert={"a": stored_text({"kill": True})}, source_version=1)
     assert apply_change(state, other).status == "applied"
     assert state.source_versions == {"native": {"flags": 7}, OVERRIDES: {"flags": 1}}
 
@@ -292,11 +321,11 @@ def test_memory_store_overrides_kill_and_promote() -> None:
     store = MemoryStore.from_document(
         {"flags": {"x": {"variants": {"a": {"weight": 1}, "b": {"weight": 1}}, "defaultVariant": "a"}}}
     )
-    kill = Change(source=OVERRIDES, upsert={"x": canonical({"kill": True})}, actor="admin", action="kill")
+    kill = Change(source=OVERRIDES, upsert={"x": stored_text({"kill": True})}, actor="admin", action="kill")
     run(store.apply(kill))
     values = {store.snapshot.flags["x"].evaluate({"key": f"u{i}"}).value for i in range(50)}
     assert values == {"a"}
-    promote = Change(source=OVERRIDES, upsert={"x": canonical({"promote": "b"})}, action="promote")
+    promote = Change(source=OVERRIDES, upsert={"x": stored_text({"promote": "b"})}, action="promote")
     run(store.apply(promote))
     values = {store.snapshot.flags["x"].evaluate({"key": f"u{i}"}).value for i in range(50)}
     assert values == {"b"}
@@ -308,7 +337,7 @@ def test_memory_store_overrides_kill_and_promote() -> None:
 def test_memory_store_audit_is_newest_first_and_capped() -> None:
     store = MemoryStore(audit_max=3)
     for i in range(5):
-        run(store.apply(Change(source="native", upsert={f"f{i}": canonical(flag())}, actor=f"actor{i}")))
+        run(store.apply(Change(source="native", upsert={f"f{i}": stored_text(flag())}, actor=f"actor{i}")))
     run(store.apply(patch(delete=["f4"])))
     entries = run(store.audit(10))
     assert len(entries) == 3

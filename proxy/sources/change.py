@@ -12,16 +12,21 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def canonical(value: Any) -> str:
-    """The JSON text a definition is stored as (stable, so equal definitions compare equal)."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+def stored_text(value: Any) -> str:
+    """The JSON text a definition is stored as: compact, object members in their declared order.
+
+    Order is kept because it can mean something (variant weights are laid out in declaration order,
+    the first variant is the default); so equal text means an equal definition, and re-ordering the
+    variants is a real change.
+    """
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass
 class Change:
     source: str
     kind: str = "flags"
-    upsert: dict[str, str] = field(default_factory=dict)  # key → canonical JSON text
+    upsert: dict[str, str] = field(default_factory=dict)  # key → stored JSON text (see stored_text)
     delete: list[str] = field(default_factory=list)
     replace: bool = False
     source_version: int | None = None

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from proxy.engine import Flag, FlagError, compile_document, compile_flag
-from proxy.sources.change import Change, canonical
+from proxy.sources.change import Change, stored_text
+
+log = logging.getLogger("flagproxy.sources.native")
 
 
 def parse_document(text: str | bytes, where: str = "document") -> dict[str, Any]:
@@ -43,15 +46,41 @@ def compile_items(items: Mapping[str, str], cache: dict[str, Any]) -> tuple[dict
             flags[key] = hit[1]
             continue
         try:
-            flag = compile_flag(key, json.loads(text))
+            definition = json.loads(text)
+            flag = compile_flag(key, definition)
         except (FlagError, ValueError) as exc:
             problems[key] = str(exc)
             continue
+        if hit is not None and reordered_only(json.loads(hit[0]), definition):
+            log.warning(
+                "flag %r: the same variants in a new order; keys are re-bucketed (variants take their "
+                "ranges in declared order)",
+                key,
+            )
         cache[key] = (text, flag)
         flags[key] = flag
     for key in [k for k in cache if k not in items]:
         del cache[key]
     return flags, problems
+
+
+def _bucket_orders(definition: Any) -> list[list[str]]:
+    """The object member orders bucketing depends on: the variants, then each rule's rollout."""
+    if not isinstance(definition, dict):
+        return []
+    orders = [list(definition.get("variants") or {})]
+    for rule in definition.get("rules") or []:
+        if isinstance(rule, dict) and isinstance(rule.get("rollout"), dict):
+            orders.append(list(rule["rollout"]))
+    return orders
+
+
+def reordered_only(old: Any, new: Any) -> bool:
+    """Equal definitions but for the order of variants or rollouts: a change that only moves keys.
+
+    (Dict equality ignores order, so this is what an upstream tool that sorts keys produces.)
+    """
+    return old == new and _bucket_orders(old) != _bucket_orders(new)
 
 
 PATCH_FIELDS = frozenset({"upsert", "delete", "version", "note"})
@@ -93,7 +122,7 @@ def change_from_payload(payload: Any, actor: str) -> Change:
         flags = payload["flags"]
         return Change(
             source="native",
-            upsert={key: canonical(d) for key, d in flags.items()},
+            upsert={key: stored_text(d) for key, d in flags.items()},
             replace=True,
             source_version=_document_version(payload),
             item_versions={k: v for k, d in flags.items() if (v := updated_at_ms(d)) is not None},
@@ -116,7 +145,7 @@ def change_from_payload(payload: Any, actor: str) -> Change:
         compile_flag(key, definition)
     return Change(
         source="native",
-        upsert={key: canonical(d) for key, d in upsert.items()},
+        upsert={key: stored_text(d) for key, d in upsert.items()},
         delete=list(delete),
         source_version=_document_version(payload),
         item_versions={k: v for k, d in upsert.items() if (v := updated_at_ms(d)) is not None},

@@ -22,7 +22,7 @@ import httpx
 
 from proxy.config import SplitSettings
 from proxy.metrics import Metrics
-from proxy.sources.change import Change, canonical
+from proxy.sources.change import Change, stored_text
 
 if TYPE_CHECKING:
     from proxy.store.base import FlagStore
@@ -87,7 +87,7 @@ def _collect(pulled: Pulled, items: Iterable[Any], what: str) -> None:
         if isinstance(version, int) and not isinstance(version, bool):
             pulled.versions[name] = version
         if item.get("status", "ACTIVE") == "ACTIVE":
-            pulled.upsert[name] = canonical(item)
+            pulled.upsert[name] = stored_text(item)
             with contextlib.suppress(ValueError):
                 pulled.delete.remove(name)
         else:  # ARCHIVED (and anything not ACTIVE): removed, as the SDK does

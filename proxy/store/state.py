@@ -22,7 +22,7 @@ from typing import Any
 
 from proxy.engine import Flag, with_override
 from proxy.sources import compile_source
-from proxy.sources.change import Change, canonical, now_iso
+from proxy.sources.change import Change, now_iso, stored_text
 
 log = logging.getLogger("flagproxy.store")
 
@@ -87,7 +87,7 @@ class RawState:
 
     @classmethod
     def from_native_document(cls, document: Mapping[str, Any]) -> RawState:
-        flags = {key: canonical(definition) for key, definition in document.get("flags", {}).items()}
+        flags = {key: stored_text(definition) for key, definition in document.get("flags", {}).items()}
         return cls(version=1 if flags else 0, data={"native": {"flags": flags}})
 
 
