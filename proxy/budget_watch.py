@@ -13,8 +13,7 @@ from urllib.parse import urlsplit
 from proxy.alerts import Alert, Alerter
 from proxy.budget import ALL_ROUTES, largest_outcome, route_groups, worst_case
 from proxy.config import Settings
-from proxy.engine import Flag, Served
-from proxy.engine.model import glob_to_regex
+from proxy.engine import Flag, Served, glob_to_regex
 from proxy.header import Fitted, FlagHeaders
 
 if TYPE_CHECKING:

@@ -49,8 +49,7 @@ from proxy.alerts import Alert, Alerter
 from proxy.budget import worst_case
 from proxy.budget_watch import BudgetWatch, route_pattern
 from proxy.config import AlertSettings, OriginSettings, Settings
-from proxy.engine import Flag, Served, compile_document, compile_flag
-from proxy.engine.model import encode_json
+from proxy.engine import Flag, Served, compile_document, compile_flag, encode_json
 from proxy.forward import Origin
 from proxy.header import Fitted, FlagHeaders, line_size
 from proxy.store.base import Snapshot

@@ -4,6 +4,24 @@ Documents are validated and compiled once (``compile_document``) into ``Flag`` o
 ``evaluate(context)`` returns a pre-encoded ``Served`` outcome.
 """
 
-from proxy.engine.model import Flag, FlagError, Served, compile_document, compile_flag, with_override
+from proxy.engine.model import (
+    Flag,
+    FlagError,
+    Served,
+    compile_document,
+    compile_flag,
+    encode_json,
+    glob_to_regex,
+    with_override,
+)
 
-__all__ = ["Flag", "FlagError", "Served", "compile_document", "compile_flag", "with_override"]
+__all__ = [
+    "Flag",
+    "FlagError",
+    "Served",
+    "compile_document",
+    "compile_flag",
+    "encode_json",
+    "glob_to_regex",
+    "with_override",
+]

@@ -78,8 +78,7 @@ from typing import Any
 
 import mmh3
 
-from proxy.engine import Flag, FlagError, Served
-from proxy.engine.model import encode_json
+from proxy.engine import Flag, FlagError, Served, encode_json
 
 log = logging.getLogger(__name__)
 
