@@ -2,20 +2,22 @@
 
 Documents are validated and compiled once (``compile_document``) into ``Flag`` objects whose
 ``evaluate(context)`` returns a pre-encoded ``Served`` outcome.
+
+- ``flag``: the types (``Context``, ``Flag``, ``Served``, ``FlagError``) and ``with_override``.
+- ``native``: the native document schema, validated and compiled into flags.
+- ``routes``: route globs that limit a flag to some request paths.
+- ``bucketing``: consistent hashing of a context into one of 10,000 buckets.
+- ``jsonlogic``: targeting conditions (JsonLogic) compiled into closures.
+- ``semver``: semantic-version parsing and precedence for the ``sem_ver`` operator.
 """
 
-from proxy.engine.model import (
-    Flag,
-    FlagError,
-    Served,
-    compile_document,
-    compile_flag,
-    encode_json,
-    glob_to_regex,
-    with_override,
-)
+from proxy.engine.bucketing import make_bucketer
+from proxy.engine.flag import Context, Flag, FlagError, Served, encode_json, with_override
+from proxy.engine.native import compile_document, compile_flag
+from proxy.engine.routes import glob_to_regex
 
 __all__ = [
+    "Context",
     "Flag",
     "FlagError",
     "Served",
@@ -23,5 +25,6 @@ __all__ = [
     "compile_flag",
     "encode_json",
     "glob_to_regex",
+    "make_bucketer",
     "with_override",
 ]

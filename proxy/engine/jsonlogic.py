@@ -16,7 +16,7 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeGuard
 
 from proxy.engine.semver import SEMVER_OPS, compare_keys, version_key
 
@@ -43,7 +43,7 @@ def truthy(value: Any) -> bool:
     return bool(value)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -97,7 +97,8 @@ def _less(a: Any, b: Any, or_equal: bool) -> bool:
     pair = _ordered(a, b)
     if pair is None:
         return False
-    return pair[0] <= pair[1] if or_equal else pair[0] < pair[1]
+    # str/str or float/float (see _ordered): the comparison is a bool; bool() states it for the checker.
+    return bool(pair[0] <= pair[1] if or_equal else pair[0] < pair[1])
 
 
 def resolve_var(context: Mapping[str, Any], path: Any, default: Any = None) -> Any:
@@ -168,6 +169,7 @@ def _constant(value: Any) -> Logic:
     def f(ctx: Mapping[str, Any]) -> Any:
         return value
 
+    # Marks read back by _is_const: functions accept any attribute, but mypy knows only declared ones.
     f.constant = True  # type: ignore[attr-defined]
     f.value = value  # type: ignore[attr-defined]
     return f

@@ -19,13 +19,17 @@ _SEMVER = re.compile(
 )
 
 
+# (major, minor, patch, 1 for a release else 0, prerelease): ordered by SemVer precedence.
+VersionKey = tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]
+
+
 class Version(NamedTuple):
     major: int
     minor: int
     patch: int
     prerelease: tuple[tuple[int, int | str], ...]  # empty = release
 
-    def key(self) -> tuple[Any, ...]:
+    def key(self) -> VersionKey:
         # A release sorts after any of its pre-releases; numeric identifiers sort before alphanumeric.
         return (self.major, self.minor, self.patch, 0 if self.prerelease else 1, self.prerelease)
 
@@ -49,7 +53,7 @@ def _parse(value: str) -> Version | None:
     return Version(int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0), pre)
 
 
-def version_key(value: Any) -> tuple[Any, ...] | None:
+def version_key(value: Any) -> VersionKey | None:
     """The precedence key of a version string (cached), or None when it is not a version."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
@@ -59,7 +63,7 @@ def version_key(value: Any) -> tuple[Any, ...] | None:
 
 
 @lru_cache(maxsize=4096)
-def _key(value: str) -> tuple[Any, ...] | None:
+def _key(value: str) -> VersionKey | None:
     version = _parse(value)
     return None if version is None else version.key()
 
@@ -68,7 +72,7 @@ def semver_matches(value: Version, op: str, target: Version) -> bool:
     return compare_keys(value.key(), op, target.key())
 
 
-def compare_keys(a: tuple[Any, ...], op: str, b: tuple[Any, ...]) -> bool:
+def compare_keys(a: VersionKey, op: str, b: VersionKey) -> bool:
     if op == "=":
         return a == b
     if op == "!=":

@@ -1,25 +1,21 @@
-"""Native flag documents: validation and compilation into fast callables.
+"""The native flag schema: validate definitions and compile them into ``Flag`` objects.
 
-A flag compiles to a ``Flag`` whose ``evaluate(context)`` does the least work possible per call:
-every outcome (``Served``) is built and JSON-encoded once, at load.
+Compilation resolves everything that does not depend on the request (outcomes, split boundaries,
+conditions, the bucketer), so evaluating a flag is a few closure calls.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
-import mmh3
-
-from proxy.engine.bucketing import BUCKETS, boundaries, bucket_value
+from proxy.engine.bucketing import BUCKETS, Bucketer, boundaries, make_bucketer
+from proxy.engine.flag import Context, Evaluate, Explain, Flag, FlagError, Served, encode_json
 from proxy.engine.jsonlogic import Logic, LogicError, compile_logic, truthy
-
-Context = Mapping[str, Any]
+from proxy.engine.routes import compile_routes
 
 FLAG_FIELDS = frozenset(
     {
@@ -39,114 +35,25 @@ FLAG_FIELDS = frozenset(
 )
 VARIANT_FIELDS = frozenset({"weight", "config"})
 DOCUMENT_FIELDS = frozenset({"flags", "$schema", "version", "updatedAt", "note"})
+RULE_FIELDS_VARIANTS = frozenset({"if", "variant", "rollout", "note"})
+RULE_FIELDS_BOOLEAN = frozenset({"if", "value", "percentage", "note"})
 MAX_KEY_LENGTH = 256
 
-
-class FlagError(ValueError):
-    """A flag definition is invalid; ``path`` names the flag and field."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
-
-
-def encode_json(value: Any) -> str:
-    """Compact, ASCII-only JSON: safe to place in an HTTP header value."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Served:
-    """One possible outcome of a flag, encoded once at load."""
-
-    value: bool | str
-    config: Any = None
-    has_config: bool = False
-    value_json: str = ""
-    config_json: str | None = None
-
-    @classmethod
-    def make(cls, value: bool | str, config: Any = None, has_config: bool = False) -> Served:
-        return cls(
-            value=value,
-            config=config,
-            has_config=has_config,
-            value_json=encode_json(value),
-            config_json=encode_json(config) if has_config else None,
-        )
-
-
-Evaluate = Callable[[Context], Served]
-Explain = Callable[[Context], tuple[Served, dict[str, Any]]]
-
-
-@dataclass(frozen=True, slots=True)
-class Flag:
-    key: str
-    key_json: str
-    evaluate: Evaluate
-    explain: Explain
-    served: tuple[Served, ...]
-    default: Served
-    priority: int = 0
-    routes: tuple[str, ...] | None = None
-    route_match: Callable[[str], bool] | None = None
-    definition: Mapping[str, Any] = field(default_factory=dict)
-    source: str = "native"
-
-    # id(served) → ('"key":value', '"key":config' or None), encoded once (see __post_init__).
-    entries: Mapping[int, tuple[str, str | None]] = field(default_factory=dict, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        entries = {
-            id(s): (
-                f"{self.key_json}:{s.value_json}",
-                None if s.config_json is None else f"{self.key_json}:{s.config_json}",
-            )
-            for s in (*self.served, self.default)
-        }
-        object.__setattr__(self, "entries", entries)
-
-    def applies_to(self, path: str) -> bool:
-        return self.route_match is None or self.route_match(path)
-
-    def entry(self, served: Served) -> tuple[str, str | None]:
-        """This flag's header fragments for ``served`` (precomputed for every declared outcome)."""
-        found = self.entries.get(id(served))
-        if found is None:
-            config = None if served.config_json is None else f"{self.key_json}:{served.config_json}"
-            found = (f"{self.key_json}:{served.value_json}", config)
-        return found
-
-    def outcome(self, value: Any) -> Served | None:
-        """The outcome serving ``value`` (a variant name, or true/false for boolean flags)."""
-        for served in self.served:
-            if served.value == value and type(served.value) is type(value):
-                return served
-        return None
-
-
-def with_override(flag: Flag, override: Mapping[str, Any]) -> Flag:
-    """A kill (everyone gets the default) or a promotion (everyone gets one outcome) on top of a flag."""
-    if override.get("kill"):
-        served, why = flag.default, {"reason": "killed"}
-    else:
-        promoted = flag.outcome(override.get("promote"))
-        if promoted is None:  # the promoted variant no longer exists: the flag serves as defined
-            return flag
-        served, why = promoted, {"reason": "promoted"}
-    return replace(flag, evaluate=lambda ctx: served, explain=lambda ctx: (served, dict(why)))
+# bucket (None: nothing to bucket by) → (served, bucket used or None): a rule's or the fallthrough's result.
+Outcome = Callable[[int | None], tuple[Served, int | None]]
+Rule = tuple[Logic, Outcome]
+# A flag's outcomes by the value they serve: true/false for boolean flags, variant names otherwise.
+ByValue = Mapping[bool | str, Served]
 
 
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -159,37 +66,20 @@ def _check_timestamp(path: str, value: Any) -> None:
         raise FlagError(path, f"{value!r} is not an ISO-8601 timestamp") from None
 
 
-def glob_to_regex(pattern: str) -> str:
-    """``**`` matches anything, ``*`` anything but ``/``, ``?`` one character other than ``/``."""
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return "".join(out)
-
-
-def compile_routes(path: str, routes: Any) -> tuple[tuple[str, ...], Callable[[str], bool]]:
-    if not isinstance(routes, list) or not routes:
-        raise FlagError(path, "expected a non-empty list of path globs")
-    for i, route in enumerate(routes):
-        if not isinstance(route, str) or not route.startswith("/"):
-            raise FlagError(f"{path}[{i}]", "a route glob must be a string starting with '/'")
-    regex = re.compile("|".join(f"(?:{glob_to_regex(r)})" for r in routes))
-    return tuple(routes), lambda p: regex.fullmatch(p) is not None
-
-
 # --- compilation ----------------------------------------------------------------------------------
+
+
+def compile_document(document: Any) -> dict[str, Flag]:
+    """Validate a whole native document ``{"flags": {...}}``; raise FlagError on the first problem."""
+    if not isinstance(document, dict):
+        raise FlagError("document", "expected a JSON object with a 'flags' object")
+    unknown = sorted(set(document) - DOCUMENT_FIELDS)
+    if unknown:
+        raise FlagError(unknown[0], "unknown top-level field")
+    flags = document.get("flags")
+    if not isinstance(flags, dict):
+        raise FlagError("flags", "expected an object of flag definitions")
+    return {key: compile_flag(key, definition) for key, definition in flags.items()}
 
 
 def compile_flag(key: str, definition: Any) -> Flag:
@@ -224,7 +114,7 @@ def compile_flag(key: str, definition: Any) -> Flag:
         if name in definition:
             _check_timestamp(f"{where}.{name}", definition[name])
     routes: tuple[str, ...] | None = None
-    route_match = None
+    route_match: Callable[[str], bool] | None = None
     if "routes" in definition:
         routes, route_match = compile_routes(f"{where}.routes", definition["routes"])
 
@@ -250,10 +140,6 @@ def compile_flag(key: str, definition: Any) -> Flag:
     )
 
 
-RULE_FIELDS_VARIANTS = frozenset({"if", "variant", "rollout", "note"})
-RULE_FIELDS_BOOLEAN = frozenset({"if", "value", "percentage", "note"})
-
-
 @dataclass(frozen=True, slots=True)
 class _Split:
     """A weighted choice over outcomes by bucket (the fallthrough, or a rule's rollout)."""
@@ -265,51 +151,11 @@ class _Split:
         return self.outcomes[bisect_right(self.bounds, b)]
 
 
-def make_bucketer(bucket_by: str, salt: str) -> Callable[[Context], int | None]:
-    """``ctx → bucket`` (None when there is nothing to bucket by), specialised once per flag.
-
-    The default attribute ``key`` means the bucketing key: a separate one when supplied, else the key.
-    Non-ASCII text is hashed as UTF-8 bytes (lone surrogates kept): mmh3 must never see a str it
-    cannot encode.
-    """
-    prefix = salt + ":"
-    murmur = mmh3.hash
-
-    def hashed(value: str) -> int:
-        text = prefix + value
-        data: str | bytes = text if text.isascii() else text.encode("utf-8", "surrogatepass")
-        return murmur(data, 0, False) % BUCKETS
-
-    def slow(raw: Any) -> int | None:
-        value = bucket_value(raw)
-        return None if value is None else hashed(value)
-
-    if bucket_by == "key":
-
-        def by_key(ctx: Context) -> int | None:
-            raw = ctx.get("bucketingKey") or ctx.get("key")
-            if type(raw) is str and raw:
-                return hashed(raw)
-            return slow(raw)
-
-        return by_key
-
-    def by_attribute(ctx: Context) -> int | None:
-        raw = ctx.get(bucket_by)
-        if type(raw) is str and raw:
-            return hashed(raw)
-        return slow(raw)
-
-    return by_attribute
-
-
-def _compile_rules(
-    where: str, rules: Any, boolean: bool, served: Mapping[str, Served], default: Served
-) -> list[tuple[Logic, Callable[[int | None], tuple[Served, int | None]]]]:
-    """Each rule → (condition, outcome(bucket) → (served, bucket used or None))."""
+def _compile_rules(where: str, rules: Any, boolean: bool, served: ByValue, default: Served) -> list[Rule]:
+    """Each rule → (condition, outcome)."""
     if not isinstance(rules, list):
         raise FlagError(f"{where}.rules", "expected a list of rules")
-    compiled = []
+    compiled: list[Rule] = []
     allowed = RULE_FIELDS_BOOLEAN if boolean else RULE_FIELDS_VARIANTS
     for i, rule in enumerate(rules):
         rwhere = f"{where}.rules[{i}]"
@@ -334,13 +180,11 @@ def _compile_rules(
     return compiled
 
 
-def _rule_outcome(
-    where: str, kind: str, spec: Any, served: Mapping[str, Served], default: Served
-) -> Callable[[int | None], tuple[Served, int | None]]:
+def _rule_outcome(where: str, kind: str, spec: Any, served: ByValue, default: Served) -> Outcome:
     if kind == "value":
         if not isinstance(spec, bool):
             raise FlagError(where, "expected true or false")
-        fixed = served[spec]  # type: ignore[index]
+        fixed = served[spec]
         return lambda b: (fixed, None)
     if kind == "variant":
         if not isinstance(spec, str) or spec not in served:
@@ -351,13 +195,13 @@ def _rule_outcome(
         if not _is_number(spec) or not 0 <= spec <= 100:
             raise FlagError(where, "expected a number from 0 to 100")
         threshold = round(spec * 100)
-        on, off = served[True], served[False]  # type: ignore[index]
+        on, off = served[True], served[False]
         return lambda b: (off, b) if b is None else ((on if b < threshold else off), b)
     # rollout
     if not isinstance(spec, dict) or not spec:
         raise FlagError(where, "expected an object of variant weights")
-    weights = []
-    outcomes = []
+    weights: list[int] = []
+    outcomes: list[Served] = []
     for name, weight in spec.items():
         if name not in served:
             raise FlagError(f"{where}.{name}", f"{name!r} is not one of the variants")
@@ -374,10 +218,10 @@ def _rule_outcome(
 def _assemble(
     enabled: bool,
     default: Served,
-    rules: list[tuple[Logic, Callable[[int | None], tuple[Served, int | None]]]],
-    fallthrough: Callable[[int | None], tuple[Served, int | None]],
+    rules: list[Rule],
+    fallthrough: Outcome,
     pick: Callable[[int], Served] | None,
-    bucket_of: Callable[[Context], int | None],
+    bucket_of: Bucketer,
     bucket_by: str,
 ) -> tuple[Evaluate, Explain]:
     """Build evaluate/explain: disabled → default; first matching rule; else the fallthrough.
@@ -445,13 +289,13 @@ def _compile_boolean(
     if not _is_number(percentage) or not 0 <= percentage <= 100:
         raise FlagError(f"{where}.percentage", "expected a number from 0 to 100")
     on, off = Served.make(True), Served.make(False)
-    served: dict[Any, Served] = {True: on, False: off}
+    served: dict[bool | str, Served] = {True: on, False: off}
     threshold = round(percentage * 100)
     rules = _compile_rules(where, definition["rules"], True, served, off) if "rules" in definition else []
 
     pick: Callable[[int], Served] | None = None
     if threshold >= BUCKETS:
-        fallthrough: Callable[[int | None], tuple[Served, int | None]] = lambda b: (on, None)  # noqa: E731
+        fallthrough: Outcome = lambda b: (on, None)  # noqa: E731
     elif threshold <= 0:
         fallthrough = lambda b: (off, None)  # noqa: E731
     else:
@@ -470,7 +314,7 @@ def _compile_variants(
         raise FlagError(f"{where}.variants", "expected a non-empty object of variants")
     if "percentage" in definition:
         raise FlagError(f"{where}.percentage", "percentage applies to boolean flags; use variant weights")
-    served: dict[str, Served] = {}
+    served: dict[bool | str, Served] = {}
     weights: list[int] = []
     for name, spec in variants.items():
         vwhere = f"{where}.variants.{name}"
@@ -496,7 +340,7 @@ def _compile_variants(
     default = served[default_name]
     if not any(weights) and "rules" not in definition:
         raise FlagError(f"{where}.variants", "all weights are zero")
-    rules = []
+    rules: list[Rule] = []
     if "rules" in definition:
         rules = _compile_rules(where, definition["rules"], False, served, default)
 
@@ -506,7 +350,7 @@ def _compile_variants(
     pick: Callable[[int], Served] | None = None
     if len(positive) == 1:
         only = positive[0]
-        fallthrough: Callable[[int | None], tuple[Served, int | None]] = lambda b: (only, None)  # noqa: E731
+        fallthrough: Outcome = lambda b: (only, None)  # noqa: E731
     elif not positive:
         fallthrough = lambda b: (default, None)  # noqa: E731
     else:
@@ -516,16 +360,3 @@ def _compile_variants(
     bucket_of = make_bucketer(bucket_by, salt)
     evaluate, explain = _assemble(enabled, default, rules, fallthrough, pick, bucket_of, bucket_by)
     return evaluate, explain, outcomes
-
-
-def compile_document(document: Any) -> dict[str, Flag]:
-    """Validate a whole native document ``{"flags": {...}}``; raise FlagError on the first problem."""
-    if not isinstance(document, dict):
-        raise FlagError("document", "expected a JSON object with a 'flags' object")
-    unknown = sorted(set(document) - DOCUMENT_FIELDS)
-    if unknown:
-        raise FlagError(unknown[0], "unknown top-level field")
-    flags = document.get("flags")
-    if not isinstance(flags, dict):
-        raise FlagError("flags", "expected an object of flag definitions")
-    return {key: compile_flag(key, definition) for key, definition in flags.items()}

@@ -1,0 +1,111 @@
+"""The engine's types: a compiled ``Flag``, its pre-encoded ``Served`` outcomes, and overrides.
+
+Every outcome is built and JSON-encoded once, at load, so ``evaluate(context)`` does the least work
+possible per call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+Context = Mapping[str, Any]
+
+
+class FlagError(ValueError):
+    """A flag definition is invalid; ``path`` names the flag and field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+def encode_json(value: Any) -> str:
+    """Compact, ASCII-only JSON: safe to place in an HTTP header value."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One possible outcome of a flag, encoded once at load."""
+
+    value: bool | str
+    config: Any = None
+    has_config: bool = False
+    value_json: str = ""
+    config_json: str | None = None
+
+    @classmethod
+    def make(cls, value: bool | str, config: Any = None, has_config: bool = False) -> Served:
+        return cls(
+            value=value,
+            config=config,
+            has_config=has_config,
+            value_json=encode_json(value),
+            config_json=encode_json(config) if has_config else None,
+        )
+
+
+Evaluate = Callable[[Context], Served]
+Explain = Callable[[Context], tuple[Served, dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    key: str
+    key_json: str
+    evaluate: Evaluate
+    explain: Explain
+    served: tuple[Served, ...]
+    default: Served
+    priority: int = 0
+    routes: tuple[str, ...] | None = None
+    route_match: Callable[[str], bool] | None = None
+    definition: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "native"
+
+    # id(served) → ('"key":value', '"key":config' or None), encoded once (see __post_init__).
+    entries: Mapping[int, tuple[str, str | None]] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        entries = {
+            id(s): (
+                f"{self.key_json}:{s.value_json}",
+                None if s.config_json is None else f"{self.key_json}:{s.config_json}",
+            )
+            for s in (*self.served, self.default)
+        }
+        object.__setattr__(self, "entries", entries)
+
+    def applies_to(self, path: str) -> bool:
+        return self.route_match is None or self.route_match(path)
+
+    def entry(self, served: Served) -> tuple[str, str | None]:
+        """This flag's header fragments for ``served`` (precomputed for every declared outcome)."""
+        found = self.entries.get(id(served))
+        if found is None:
+            config = None if served.config_json is None else f"{self.key_json}:{served.config_json}"
+            found = (f"{self.key_json}:{served.value_json}", config)
+        return found
+
+    def outcome(self, value: Any) -> Served | None:
+        """The outcome serving ``value`` (a variant name, or true/false for boolean flags)."""
+        for served in self.served:
+            if served.value == value and type(served.value) is type(value):
+                return served
+        return None
+
+
+def with_override(flag: Flag, override: Mapping[str, Any]) -> Flag:
+    """A kill (everyone gets the default) or a promotion (everyone gets one outcome) on top of a flag."""
+    if override.get("kill"):
+        served, why = flag.default, {"reason": "killed"}
+    else:
+        promoted = flag.outcome(override.get("promote"))
+        if promoted is None:  # the promoted variant no longer exists: the flag serves as defined
+            return flag
+        served, why = promoted, {"reason": "promoted"}
+    return replace(flag, evaluate=lambda ctx: served, explain=lambda ctx: (served, dict(why)))
