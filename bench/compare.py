@@ -5,6 +5,7 @@ proxy (baseline) and flagproxy, all in one run, all on 127.0.0.1, measured with 
     python bench/compare.py                  # 3 rounds x 5 s, c=1 and c=32 (the numbers for BENCHMARKS.md)
     python bench/compare.py --quick          # 1 round x 2 s, to try the harness
     python bench/compare.py --json bench/results/compare.json
+    python bench/compare.py --baseline-tree DIR   # also flagproxy from another checkout, same run
 
 Phases (see bench/README.md):
 
@@ -21,32 +22,48 @@ starts is stopped on the way out (errors, Ctrl-C and SIGTERM included).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from _harness import (
+    HOST,
+    MIB,
+    ROOT,
+    WRK_REPORT_LUA,
+    BenchError,
+    Service,
+    Services,
+    ToolMissing,
+    ensure_tools,
+    exit_on_sigterm,
+    free_port,
+    http_get,
+    parse_connections,
+    positive_float,
+    positive_int,
+    proxy_cmd,
+    rss_bytes,
+    run_wrk,
+    summarize,
+    tool_version,
+    wait_ready,
+    write_json,
+)
+
 BENCH_PATH = "/api/anything"
 ECHO_PATH = "/api/echo-flags"  # the nginx origin answers with the X-Feature-Flags it received
-MARKER = "BENCH_RESULT "
-READY_TIMEOUT_S = 30.0
-MIB = 1 << 20
+BASELINE = "flagproxy (baseline)"  # flagproxy run from --baseline-tree
 
 # Targets from the performance issue.
 TARGET_VS_NGINX = 0.25  # c=32 flagproxy rps >= 0.25 x nginx proxy_pass
@@ -57,25 +74,17 @@ TARGET_STREAM_GROWTH = 16 * MIB  # RSS growth while streaming 1 GiB each way
 
 # wrk: a fresh X-User-Id per request (a counter), so flags resolve per user; done() prints one
 # machine-readable line. Latencies are in microseconds, summary.duration too.
-WRK_SCRIPT = r"""
+WRK_SCRIPT = (
+    r"""
 local counter = 0
 request = function()
   counter = counter + 1
   wrk.headers["X-User-Id"] = tostring(counter)
   return wrk.format(nil, nil)
 end
-
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCH_RESULT {"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"mean_us":%.1f,"max_us":%d,' ..
-    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\n',
-    summary.requests, summary.duration, summary.bytes,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max,
-    e.connect, e.read, e.write, e.status, e.timeout))
-end
 """
+    + WRK_REPORT_LUA
+)
 
 NGINX_COMMON = """\
 worker_processes 1;
@@ -124,78 +133,17 @@ NGINX_ANCHOR = """\
 """
 
 
-class BenchError(Exception):
-    pass
+# --- checkouts -----------------------------------------------------------------------------------
 
 
-class ToolMissing(BenchError):
-    pass
-
-
-# --- tools ----------------------------------------------------------------------------------------
-
-
-def find_binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in ("/usr/sbin", "/usr/local/sbin", "/sbin"):  # not on PATH for non-root users
-        candidate = Path(d) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return None
-
-
-def apt_install(packages: list[str]) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-    print(f"bench: installing {' '.join(packages)} with apt-get ...", file=sys.stderr)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:  # stale or missing package lists: update once and retry
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, timeout=600)
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise ToolMissing(f"apt-get install {' '.join(packages)} failed:\n{out.stderr.strip()[-2000:]}")
-
-
-def ensure_tools(install: bool) -> dict[str, str]:
-    wanted = {"nginx": "nginx-light", "wrk": "wrk"}
-    missing = [name for name in wanted if find_binary(name) is None]
-    if missing and install:
-        can_apt = os.geteuid() == 0 and shutil.which("apt-get") is not None
-        if can_apt:
-            apt_install([wanted[name] for name in missing])
-        else:
-            raise ToolMissing(
-                f"missing: {', '.join(missing)}. Install them first, e.g.\n"
-                f"  sudo apt-get install -y {' '.join(wanted[n] for n in missing)}   (Debian/Ubuntu)\n"
-                "  brew install nginx wrk                        (macOS)\n"
-                "(this script installs them itself only when run as root on a system with apt-get)"
-            )
-    tools = {name: find_binary(name) for name in wanted}
-    still = [name for name, path in tools.items() if path is None]
-    if still:
-        raise ToolMissing(f"missing: {', '.join(still)} (install {', '.join(wanted[n] for n in still)})")
-    return {k: v for k, v in tools.items() if v}
-
-
-def tool_version(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    text = (out.stdout + out.stderr).strip()
-    return text.splitlines()[0].split(" Copyright")[0].strip() if text else "?"
-
-
-def git_revision() -> str:
+def git_revision(tree: Path = ROOT) -> str:
     try:
         rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "proxy"],
-            cwd=ROOT,
+            cwd=tree,
             capture_output=True,
             text=True,
             timeout=10,
@@ -205,145 +153,48 @@ def git_revision() -> str:
     return f"{rev}{' (proxy/ modified)' if dirty else ''}" if rev else "?"
 
 
-# --- processes ------------------------------------------------------------------------------------
+def baseline_env(tree: Path) -> dict[str, str]:
+    """Our environment with ``PYTHONPATH=tree``: with ``cwd=tree`` as well, ``python -m proxy`` imports that
+    checkout's package (this venv's editable install is a finder consulted only after sys.path)."""
+    return {**os.environ, "PYTHONPATH": str(tree)}
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def check_baseline_tree(tree: Path) -> str:
+    """Where ``proxy`` (and ``proxy.cli``) come from for a child run like the baseline; BenchError unless
+    both are inside ``tree``."""
+    code = "import proxy, proxy.cli; print(proxy.__file__); print(proxy.cli.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tree,
+        env=baseline_env(tree),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    files = [Path(line).resolve() for line in out.stdout.split()]
+    if out.returncode != 0 or len(files) != 2 or not all(f.is_relative_to(tree) for f in files):
+        raise BenchError(
+            f"--baseline-tree {tree}: `import proxy` there does not load that checkout's code "
+            f"(got {[str(f) for f in files]}):\n{out.stderr.strip()[-2000:]}"
+        )
+    return str(files[0])
 
 
-@dataclass
-class Service:
-    name: str
-    url: str
-    ready_path: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    extra_logs: list[Path] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_tail(self, limit: int = 2000) -> str:
-        parts = []
-        for path in (self.log, *self.extra_logs):
-            try:
-                text = path.read_bytes().decode("utf-8", "replace").strip()
-            except OSError:
-                continue
-            if text:
-                parts.append(text[-limit:])
-        return "\n".join(parts)
-
-
-class Services:
-    """Every process this run started; ``stop_all`` ends them (their whole process groups)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.items: list[Service] = []
-
-    def start(
-        self, name: str, cmd: list[str], port: int, ready_path: str, extra_logs: list[Path] | None = None
-    ) -> Service:
-        log = self.tmp / f"{name}.log"
-        with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: Ctrl-C reaches only us, we stop it
-            )
-        service = Service(name, f"http://{HOST}:{port}", ready_path, proc, log, extra_logs or [])
-        self.items.append(service)
-        return service
-
-    def stop(self, service: Service) -> None:
-        proc = service.proc
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        _signal_group(proc.pid, signal.SIGKILL)  # stragglers in its group (workers), if any
-        if service in self.items:
-            self.items.remove(service)
-
-    def stop_all(self) -> None:
-        for service in reversed(list(self.items)):
-            try:
-                self.stop(service)
-            except Exception as exc:  # keep stopping the others
-                print(f"bench: could not stop {service.name} (pid {service.pid}): {exc}", file=sys.stderr)
-
-    def stop_all_but(self, keep: Service | None) -> None:
-        for service in reversed(list(self.items)):
-            if service is not keep:
-                self.stop(service)
-
-    def check_alive(self) -> None:
-        for service in self.items:
-            if service.proc.poll() is not None:
-                raise BenchError(
-                    f"{service.name} exited with code {service.proc.returncode}:\n{service.log_tail()}"
-                )
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers=headers or {})
+def check_baseline_process(service: Service, tree: Path) -> str:
+    """BenchError unless the running baseline has ``tree`` as its working directory and PYTHONPATH."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def wait_ready(service: Service, timeout_s: float = READY_TIMEOUT_S) -> float:
-    """Poll until ``ready_path`` answers 200; returns the seconds it took since the process started."""
-    start = time.monotonic()
-    deadline = start + timeout_s
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        if service.proc.poll() is not None:
-            raise BenchError(
-                f"{service.name} exited with code {service.proc.returncode} before it was ready:\n"
-                f"{service.log_tail()}"
-            )
-        try:
-            status, _ = http_get(service.url + service.ready_path, timeout=1)
-            if status == 200:
-                return time.monotonic() - start
-            last = f"HTTP {status}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(exc)
-        time.sleep(0.05)
-    raise BenchError(f"{service.name} not ready after {timeout_s:.0f}s ({last}):\n{service.log_tail()}")
+        cwd = Path(os.readlink(f"/proc/{service.pid}/cwd")).resolve()
+        environ = Path(f"/proc/{service.pid}/environ").read_bytes().split(b"\0")
+    except OSError as exc:
+        raise BenchError(f"{service.name}: cannot read /proc/{service.pid}: {exc}") from None
+    prefix = b"PYTHONPATH="
+    pythonpath = next((e.removeprefix(prefix).decode() for e in environ if e.startswith(prefix)), "")
+    if cwd != tree or pythonpath != str(tree):
+        raise BenchError(f"{service.name} runs in {cwd} with PYTHONPATH={pythonpath!r}, not {tree}")
+    return f"{BASELINE}: pid {service.pid} runs in {cwd} with PYTHONPATH={pythonpath}"
 
 
 # --- RSS ------------------------------------------------------------------------------------------
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def process_tree(pid: int) -> list[int]:
@@ -467,34 +318,6 @@ def write_flags(path: Path, count: int) -> Path:
 # --- wrk ------------------------------------------------------------------------------------------
 
 
-def run_wrk(
-    wrk: str, script: str, url: str, connections: int, duration_s: float, timeout_s: float
-) -> dict[str, Any]:
-    cmd = [
-        wrk,
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(duration_s))}s",
-        f"--timeout={max(1, round(timeout_s))}s",
-        "-s",
-        script,
-        url + BENCH_PATH,
-    ]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 30)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"wrk did not finish in time: {' '.join(cmd)}") from None
-    if out.returncode != 0:
-        raise BenchError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
-    for line in out.stdout.splitlines():
-        if line.startswith(MARKER):
-            data = json.loads(line[len(MARKER) :])
-            seconds = data["duration_us"] / 1e6
-            data["rps"] = data["requests"] / seconds if seconds > 0 else 0.0
-            return data
-    raise BenchError(f"no result line in wrk output:\n{out.stdout}\n{out.stderr}")
-
-
 @dataclass
 class Row:
     system: str
@@ -515,24 +338,10 @@ class Row:
 
 def aggregate(system: str, connections: int, samples: list[dict[str, Any]]) -> Row:
     """Medians over rounds for rates and percentiles; error counts are summed."""
-
-    def med(key: str) -> float:
-        return float(statistics.median(s[key] for s in samples))
-
-    errors: dict[str, int] = {}
-    for s in samples:
-        for k, v in s["errors"].items():
-            errors[k] = errors.get(k, 0) + int(v)
     return Row(
         system=system,
         connections=connections,
-        rps=med("rps"),
-        p50_us=med("p50_us"),
-        p90_us=med("p90_us"),
-        p99_us=med("p99_us"),
-        requests=sum(int(s["requests"]) for s in samples),
-        errors=errors,
-        rounds=len(samples),
+        **summarize(samples),
         samples=[{k: s[k] for k in ("rps", "p50_us", "p99_us")} for s in samples],
     )
 
@@ -555,7 +364,7 @@ def start_nginx(services: Services, nginx: str, tmp: Path, name: str, body: str,
 
 
 def flagproxy_cmd(origin: str, flags: Path, port: int, workers: int | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "proxy", "serve", "--origin", origin, "--flags", str(flags)]
+    cmd = proxy_cmd("serve", "--origin", origin, "--flags", str(flags))
     cmd += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
     if workers is not None:
         cmd += ["--workers", str(workers)]
@@ -564,7 +373,7 @@ def flagproxy_cmd(origin: str, flags: Path, port: int, workers: int | None = Non
 
 def serve_supports_workers() -> bool:
     out = subprocess.run(
-        [sys.executable, "-m", "proxy", "serve", "--help"],
+        proxy_cmd("serve", "--help"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -773,6 +582,11 @@ class Context:
     warnings: list[str] = field(default_factory=list)
     origin: Service | None = None
 
+    def wrk(self, service: Service, connections: int, duration_s: float) -> dict[str, Any]:
+        """One wrk -t1 run against ``BENCH_PATH`` on ``service``."""
+        url = service.url + BENCH_PATH
+        return run_wrk(self.tools["wrk"], self.script, url, connections, duration_s, self.args.timeout)
+
 
 def progress(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
@@ -806,6 +620,15 @@ def phase_throughput(ctx: Context, flags20: Path, workers_supported: bool) -> li
     fp = ctx.services.start("flagproxy", flagproxy_cmd(origin.url, flags20, port), port, "/__flags/healthz")
     systems.append(("flagproxy", fp))
 
+    baseline = None
+    if args.baseline_tree is not None:  # the same command from the other checkout, same interpreter
+        tree = args.baseline_tree
+        port = free_port()
+        cmd = flagproxy_cmd(origin.url, flags20, port)
+        env = baseline_env(tree)
+        baseline = ctx.services.start("flagproxy-baseline", cmd, port, "/__flags/healthz", cwd=tree, env=env)
+        systems.append((BASELINE, baseline))
+
     if workers_supported:
         port = free_port()
         cmd = flagproxy_cmd(origin.url, flags20, port, workers=2)
@@ -819,6 +642,8 @@ def phase_throughput(ctx: Context, flags20: Path, workers_supported: bool) -> li
 
     for _, service in systems:
         wait_ready(service)
+    if baseline is not None:
+        ctx.notes.append(check_baseline_process(baseline, args.baseline_tree))
 
     # Sanity: everything answers 200 on the bench path, and the origin sees the flag header.
     for name, service in systems:
@@ -839,7 +664,7 @@ def phase_throughput(ctx: Context, flags20: Path, workers_supported: bool) -> li
     if args.warmup > 0:
         for name, service in systems:
             progress(f"warm-up {name} c={max(conns)} {args.warmup:g}s (discarded)")
-            run_wrk(ctx.tools["wrk"], ctx.script, service.url, max(conns), args.warmup, args.timeout)
+            ctx.wrk(service, max(conns), args.warmup)
 
     samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
     total = args.rounds * len(conns) * len(systems)
@@ -850,7 +675,7 @@ def phase_throughput(ctx: Context, flags20: Path, workers_supported: bool) -> li
             for name, service in systems[shift:] + systems[:shift]:
                 done += 1
                 progress(f"[{done}/{total}] round {r + 1} {name} c={c} {args.duration:g}s")
-                result = run_wrk(ctx.tools["wrk"], ctx.script, service.url, c, args.duration, args.timeout)
+                result = ctx.wrk(service, c, args.duration)
                 samples.setdefault((name, c), []).append(result)
                 ctx.services.check_alive()
 
@@ -885,7 +710,7 @@ def phase_rss(ctx: Context) -> dict[str, Any]:
     seen = flags_seen(fp) or {}
     traffic_s = min(args.duration, 3.0)
     progress(f"RSS: {args.rss_flags} flags loaded, {traffic_s:g}s of traffic at c=32")
-    result = run_wrk(ctx.tools["wrk"], ctx.script, fp.url, 32, traffic_s, args.timeout)
+    result = ctx.wrk(fp, 32, traffic_s)
     time.sleep(0.5)
     after_traffic = rss_bytes(fp.pid)
     ctx.services.check_alive()
@@ -1015,6 +840,13 @@ def targets(rows: list[Row], rss: dict[str, Any] | None, stream: dict[str, Any] 
     if fp32 and w2 and fp32.rps:
         x = w2.rps / fp32.rps
         out.append(f"c=32 flagproxy --workers 2 / 1 worker = {x:.2f}x (no target; the cores are shared)")
+    for c in dict.fromkeys(r.connections for r in rows):
+        fp, base = by.get(("flagproxy", c)), by.get((BASELINE, c))
+        if fp and base and base.rps:
+            out.append(
+                f"c={c} flagproxy / {BASELINE} = {fp.rps / base.rps:.2f}x "
+                f"(req/s; p50 {fp.p50_us:,.0f} vs {base.p50_us:,.0f} µs; no target)"
+            )
     if rss:
         worst = max(rss["rss_after_start"], rss["rss_after_traffic"])
         out.append(
@@ -1041,30 +873,6 @@ def targets(rows: list[Row], rss: dict[str, Any] | None, stream: dict[str, Any] 
 
 
 # --- main -----------------------------------------------------------------------------------------
-
-
-def parse_connections(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError("connection counts must be >= 1")
-    return values
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1095,6 +903,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-stream", action="store_true", help="skip the 1 GiB upload/download check")
     p.add_argument("--no-install", action="store_true", help="never apt-get install nginx-light / wrk")
     p.add_argument("--json", metavar="FILE", help="also write meta, rows, RSS and notes as JSON")
+    p.add_argument(
+        "--baseline-tree",
+        type=Path,
+        metavar="DIR",
+        help=f"also run flagproxy from this other checkout (e.g. a clone of an older commit) as {BASELINE!r}",
+    )
     p.add_argument("--stream-origin", type=int, metavar="PORT", help=argparse.SUPPRESS)  # internal
     return p
 
@@ -1105,6 +919,12 @@ def run(args: argparse.Namespace, tools: dict[str, str], tmp: Path, services: Se
     ctx = Context(args, tools, tmp, services, str(script))
     flags20 = write_flags(tmp / f"flags-{args.flag_count}.json", args.flag_count)
     workers_supported = serve_supports_workers()
+    if args.baseline_tree is not None:
+        imported = check_baseline_tree(args.baseline_tree)
+        rev = git_revision(args.baseline_tree)
+        ctx.notes.append(
+            f"{BASELINE}: git {rev}; `import proxy` with its cwd and PYTHONPATH loads {imported}"
+        )
     ctx.origin = start_origin(ctx)
     rows = phase_throughput(ctx, flags20, workers_supported)
     rss = stream = None
@@ -1130,22 +950,27 @@ def run(args: argparse.Namespace, tools: dict[str, str], tmp: Path, services: Se
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.stream_origin is not None:
         return stream_origin_main(args.stream_origin)
+    if args.baseline_tree is not None:
+        args.baseline_tree = args.baseline_tree.resolve()
+        if not (args.baseline_tree / "proxy" / "__init__.py").is_file():
+            parser.error(f"--baseline-tree {args.baseline_tree}: no proxy/__init__.py there")
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 2.0, 1.0
     if not Path("/proc/self/status").exists():
         print("bench: needs Linux (/proc) for RSS sampling", file=sys.stderr)
         return 2
     try:
-        tools = ensure_tools(install=not args.no_install)
+        tools = ensure_tools({"nginx": "nginx-light", "wrk": "wrk"}, install=not args.no_install)
     except ToolMissing as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
 
     # A plain `kill` of the benchmark must still run the finally below and stop the servers.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     load_before = os.getloadavg()
     started = time.time()
@@ -1182,8 +1007,13 @@ def main(argv: list[str] | None = None) -> int:
         "connections": args.connections,
         "flags_per_request": args.flag_count,
     }
+    git = f"git {meta['git']}"
+    if args.baseline_tree is not None:
+        meta["baseline_tree"] = str(args.baseline_tree)
+        meta["baseline_git"] = git_revision(args.baseline_tree)
+        git += f" (baseline: git {meta['baseline_git']})"
     print(
-        f"\n{meta['date']}, git {meta['git']}: GET {BENCH_PATH} with a fresh X-User-Id per request, "
+        f"\n{meta['date']}, {git}: GET {BENCH_PATH} with a fresh X-User-Id per request, "
         f"wrk -t1 -d{args.duration:g}s, {args.rounds} round(s), medians; {meta['cpus']} CPUs "
         f"(shared by wrk and every system), load average before {meta['loadavg_before'][0]}, "
         f"{meta['nginx']}, {meta['wrk']}, Python {meta['python']}\n"
@@ -1198,8 +1028,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {line}")
 
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "meta": meta,
             "rows": [asdict(r) for r in rows],
@@ -1209,8 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
             "warnings": result["warnings"],
             "notes": result["notes"],
         }
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {out}", file=sys.stderr)
+        write_json(args.json, report)
     return 1 if result["warnings"] else 0
 
 

@@ -15,9 +15,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,26 +24,10 @@ import time
 from pathlib import Path
 
 import aiohttp
+from _harness import clean_env, free_port, proxy_cmd, start_process, stop_process, wait_port
 
-REPO = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret"
 FLAG = "propagation-probe"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, deadline_s: float = 20.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {deadline_s}s")
 
 
 def signed(body: bytes) -> dict[str, str]:
@@ -107,70 +89,26 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         redis_port, origin_port = free_port(), free_port()
-        procs.append(
-            subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(tmp),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        redis = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
+        redis += ["--appendonly", "no", "--dir", str(tmp)]
+        procs.append(subprocess.Popen(redis, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(redis_port)
-        py = sys.executable
-        procs.append(
-            subprocess.Popen(
-                [py, "-m", "proxy", "demo-origin", "--port", str(origin_port), "--log-level", "warning"],
-                cwd=REPO,
-            )
-        )
+        origin = proxy_cmd("demo-origin", "--port", str(origin_port), "--log-level", "warning")
+        procs.append(start_process(origin))
         (tmp / "flags.json").write_text(json.dumps({"flags": {FLAG: {"enabled": False}}}))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLAGPROXY_")}
-        env |= {"FLAGPROXY_WEBHOOKS_SECRET": SECRET, "FLAGPROXY_STORE_ENVIRONMENT": "bench"}
+        env = clean_env({"FLAGPROXY_WEBHOOKS_SECRET": SECRET, "FLAGPROXY_STORE_ENVIRONMENT": "bench"})
         ports = [free_port() for _ in range(args.instances)]
         for port in ports:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        py,
-                        "-m",
-                        "proxy",
-                        "serve",
-                        "--log-level",
-                        "warning",
-                        "--port",
-                        str(port),
-                        "--origin",
-                        f"http://127.0.0.1:{origin_port}",
-                        "--flags",
-                        str(tmp / "flags.json"),
-                        "--redis-url",
-                        f"redis://127.0.0.1:{redis_port}/0",
-                    ],
-                    cwd=REPO,
-                    env=env,
-                )
-            )
+            cmd = proxy_cmd("serve", "--log-level", "warning", "--port", str(port))
+            cmd += ["--origin", f"http://127.0.0.1:{origin_port}", "--flags", str(tmp / "flags.json")]
+            cmd += ["--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
+            procs.append(start_process(cmd, env=env))
         for port in [origin_port, *ports]:
             wait_port(port)
         latencies = asyncio.run(measure(ports, args.updates, args.timeout))
     finally:
         for proc in reversed(procs):  # proxies first, Redis last: no reconnect noise on the way out
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, timeout_s=5)
         shutil.rmtree(tmp, ignore_errors=True)
 
     result = {

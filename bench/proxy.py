@@ -16,45 +16,39 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from _harness import (
+    HOST,
+    ROOT,
+    WRK_REPORT_LUA,
+    BenchError,
+    Service,
+    Services,
+    exit_on_sigterm,
+    free_port,
+    http_get,
+    median_of,
+    parse_connections,
+    positive_float,
+    positive_int,
+    proxy_cmd,
+    run_wrk,
+    summarize,
+    tool_version,
+    wait_ready,
+    write_json,
+)
+
 PATH = "/api/anything"
 USER_HEADER = ("X-User-Id", "42")
 FLAG_HEADER = "x-feature-flags"
 READY_PATH = "/__flags/healthz"
 READY_TIMEOUT_S = 20.0
-MARKER = "BENCH_RESULT "
-
-# wrk calls done() once, after the run; latency values are in microseconds, summary.duration too.
-WRK_SCRIPT = r"""
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCH_RESULT {"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"mean_us":%.1f,"max_us":%d,' ..
-    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\n',
-    summary.requests, summary.duration, summary.bytes,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max,
-    e.connect, e.read, e.write, e.status, e.timeout))
-end
-"""
-
-
-class BenchError(Exception):
-    pass
 
 
 @dataclass
@@ -75,77 +69,18 @@ class Run:
 # --- processes ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Service:
-    name: str
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, limit: int = 2000) -> str:
-        try:
-            return self.log.read_bytes().decode("utf-8", "replace")[-limit:]
-        except OSError:
-            return ""
-
-
-def start_service(name: str, args: list[str], port: int, tmp: Path) -> Service:
-    log = tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "proxy", args[0], "--log-level", "warning", *args[1:]]
-    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    return Service(name, f"http://{HOST}:{port}", proc, log)
-
-
-def stop_service(service: Service) -> None:
-    if service.proc.poll() is None:
-        service.proc.terminate()
-        try:
-            service.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            service.proc.kill()
-            service.proc.wait(timeout=5)
-
-
-def wait_ready(service: Service, timeout_s: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        if service.proc.poll() is not None:
-            raise BenchError(
-                f"{service.name} exited with code {service.proc.returncode} before it was ready:\n"
-                f"{service.log_tail()}"
-            )
-        try:
-            with urllib.request.urlopen(service.url + READY_PATH, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-                last = f"HTTP {resp.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise BenchError(f"{service.name} not ready after {timeout_s:.0f}s ({last}):\n{service.log_tail()}")
+def start_service(services: Services, name: str, args: list[str], port: int) -> Service:
+    cmd = proxy_cmd(args[0], "--log-level", "warning", *args[1:])
+    return services.start(name, cmd, port, READY_PATH)
 
 
 def sanity_check(direct: Service, proxied: Service) -> list[str]:
     """One request each way: both must answer 200, and the origin must see the flag header via the proxy."""
     notes = []
     for service in (direct, proxied):
-        req = urllib.request.Request(service.url + PATH, headers=dict([USER_HEADER]))
-        try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                status, body = resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:500]
-            raise BenchError(f"{service.name}: GET {PATH} answered {exc.code}: {detail!r}") from None
+        status, body = http_get(service.url + PATH, dict([USER_HEADER]))
         if status != 200:
-            raise BenchError(f"{service.name}: GET {PATH} answered {status}")
+            raise BenchError(f"{service.name}: GET {PATH} answered {status}: {body[:500]!r}")
         if service is proxied:
             try:
                 seen = json.loads(body)["headers"]
@@ -161,65 +96,14 @@ def sanity_check(direct: Service, proxied: Service) -> list[str]:
 # --- wrk ------------------------------------------------------------------------------------------
 
 
-def wrk_version(wrk: str) -> str:
-    out = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10)
-    text = (out.stdout + out.stderr).strip()
-    return text.splitlines()[0].split(" Copyright")[0].strip() if text else "?"
-
-
-def run_wrk(
-    wrk: str, script: str, url: str, connections: int, threads: int, duration_s: float, timeout_s: float
-) -> dict[str, Any]:
-    threads = max(1, min(threads, connections))  # wrk refuses fewer connections than threads
-    cmd = [
-        wrk,
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{max(1, round(duration_s))}s",
-        f"--timeout={max(1, round(timeout_s))}s",
-        "-H",
-        f"{USER_HEADER[0]}: {USER_HEADER[1]}",
-        "-s",
-        script,
-        url + PATH,
-    ]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 30)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"wrk did not finish in time: {' '.join(cmd)}") from None
-    if out.returncode != 0:
-        raise BenchError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
-    for line in out.stdout.splitlines():
-        if line.startswith(MARKER):
-            data = json.loads(line[len(MARKER) :])
-            seconds = data["duration_us"] / 1e6
-            data["rps"] = data["requests"] / seconds if seconds > 0 else 0.0
-            return data
-    raise BenchError(f"no result line in wrk output:\n{out.stdout}\n{out.stderr}")
-
-
 def aggregate(target: str, connections: int, samples: list[dict[str, Any]]) -> Run:
     """Median over rounds for rates and percentiles; error counts are summed."""
-
-    def med(key: str) -> float:
-        return float(statistics.median(s[key] for s in samples))
-
-    errors: dict[str, int] = {}
-    for s in samples:
-        for k, v in s["errors"].items():
-            errors[k] = errors.get(k, 0) + int(v)
     return Run(
         target=target,
         connections=connections,
-        rps=med("rps"),
-        p50_us=med("p50_us"),
-        p90_us=med("p90_us"),
-        p99_us=med("p99_us"),
-        mean_us=med("mean_us"),
+        **summarize(samples),
+        mean_us=median_of(samples, "mean_us"),
         max_us=max(float(s["max_us"]) for s in samples),
-        requests=sum(int(s["requests"]) for s in samples),
-        errors=errors,
-        rounds=len(samples),
     )
 
 
@@ -252,30 +136,6 @@ def markdown_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def parse_connections(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError("connection counts must be >= 1")
-    return values
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Benchmark flagproxy against its origin on loopback with wrk.")
     p.add_argument("--duration", type=positive_float, default=5.0, help="seconds per wrk run (default 5)")
@@ -292,27 +152,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def measure(
-    args: argparse.Namespace, wrk: str, script: str, tmp: Path, services: list[Service]
+    args: argparse.Namespace, wrk: str, script: str, services: Services
 ) -> tuple[list[Run], list[str], str]:
-    """Start origin and proxy (appended to ``services`` for the caller to stop), then run wrk."""
+    """Start origin and proxy (in ``services``, for the caller to stop), then run wrk."""
+
+    def run(service: Service, connections: int, duration_s: float) -> dict[str, Any]:
+        url = service.url + PATH
+        return run_wrk(wrk, script, url, connections, duration_s, args.timeout, args.threads, [USER_HEADER])
+
     origin_port = free_port()
     origin_args = ["demo-origin", "--host", HOST, "--port", str(origin_port)]
-    origin = start_service("origin", origin_args, origin_port, tmp)
-    services.append(origin)
-    wait_ready(origin)
+    origin = start_service(services, "origin", origin_args, origin_port)
+    wait_ready(origin, READY_TIMEOUT_S)
 
     proxy_port = free_port()
     proxy_args = ["serve", "--origin", origin.url, "--host", HOST, "--port", str(proxy_port)]
-    proxied = start_service("proxy", [*proxy_args, "--flags", args.flags], proxy_port, tmp)
-    services.append(proxied)
-    wait_ready(proxied)
+    proxied = start_service(services, "proxy", [*proxy_args, "--flags", args.flags], proxy_port)
+    wait_ready(proxied, READY_TIMEOUT_S)
     notes = sanity_check(origin, proxied)
 
     targets = [("direct", origin), ("proxy", proxied)]
     if args.warmup > 0:
         for _, service in targets:
-            c = max(args.connections)
-            run_wrk(wrk, script, service.url, c, args.threads, args.warmup, args.timeout)
+            run(service, max(args.connections), args.warmup)
 
     samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
     total = args.rounds * len(args.connections) * len(targets)
@@ -322,13 +184,9 @@ def measure(
             for name, service in targets:  # interleaved, so drift hits both targets alike
                 done += 1
                 print(f"[{done}/{total}] {name} c={connections} {args.duration:g}s ...", file=sys.stderr)
-                result = run_wrk(
-                    wrk, script, service.url, connections, args.threads, args.duration, args.timeout
-                )
+                result = run(service, connections, args.duration)
                 samples.setdefault((name, connections), []).append(result)
-                for service_ in services:
-                    if service_.proc.poll() is not None:
-                        raise BenchError(f"{service_.name} died during the run:\n{service_.log_tail()}")
+                services.check_alive()
 
     runs = [
         aggregate(name, connections, samples[(name, connections)])
@@ -352,23 +210,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # A plain `kill` of the benchmark must still run the finally below and stop the servers.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    services: list[Service] = []
+    exit_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp_dir:
         tmp = Path(tmp_dir)
         script = str(tmp / "report.lua")
-        Path(script).write_text(WRK_SCRIPT)
+        Path(script).write_text(WRK_REPORT_LUA)
+        services = Services(tmp, new_session=False)
         try:
-            runs, notes, proxy_log = measure(args, wrk, script, tmp, services)
+            runs, notes, proxy_log = measure(args, wrk, script, services)
         except BenchError as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 1
         finally:
-            for service in reversed(services):
-                stop_service(service)
+            services.stop_all()
 
     meta = {
-        "wrk": wrk_version(wrk),
+        "wrk": tool_version([wrk, "--version"]),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
@@ -394,11 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- proxy log (warnings and above):\n{proxy_log}")
 
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        report = {"meta": meta, "notes": notes, "runs": [asdict(r) for r in runs]}
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {out}", file=sys.stderr)
+        write_json(args.json, {"meta": meta, "notes": notes, "runs": [asdict(r) for r in runs]})
     return 1 if bad else 0
 
 

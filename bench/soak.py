@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,37 +26,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-LUA = """
+from _harness import (
+    MIB,
+    WRK_REPORT_LUA,
+    clean_env,
+    free_port,
+    proxy_cmd,
+    rss_bytes,
+    run_wrk,
+    start_process,
+    stop_process,
+    wait_port,
+)
+
+LUA = (
+    """
 counter = 0
 request = function()
   counter = counter + 1
   return wrk.format("GET", "/api/soak", {["X-User-Id"] = "user-" .. counter})
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing on 127.0.0.1:{port}")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    + WRK_REPORT_LUA
+)
 
 
 def flags_file(tmp: Path) -> Path:
@@ -74,30 +62,14 @@ def flags_file(tmp: Path) -> Path:
 
 
 def wrk(port: int, seconds: int, connections: int, script: Path) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            str(script),
-            f"http://127.0.0.1:{port}/api/soak",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-    ).stdout
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    wrk_path = shutil.which("wrk") or "wrk"
+    r = run_wrk(wrk_path, script, f"http://127.0.0.1:{port}/api/soak", connections, seconds, timeout_s=2)
+    e = r["errors"]
     return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
-        "errors": sum(int(x) for x in errors.groups()) if errors else 0,
-        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "rps": r["rps"],
+        "p99_ms": r["p99_us"] / 1000,
+        "errors": e["connect"] + e["read"] + e["write"] + e["timeout"],
+        "non2xx": e["status"],
     }
 
 
@@ -108,33 +80,13 @@ class Stack:
         self.tmp, self.env, self.procs = tmp, env, []
 
     def __enter__(self) -> Stack:
-        py = sys.executable
         self.origin_port, self.port = free_port(), free_port()
-        self.procs.append(
-            subprocess.Popen(
-                [py, "-m", "proxy", "demo-origin", "--port", str(self.origin_port), "--log-level", "warning"],
-                cwd=REPO,
-            )
-        )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLAGPROXY_")} | self.env
-        self.proxy = subprocess.Popen(
-            [
-                py,
-                "-m",
-                "proxy",
-                "serve",
-                "--port",
-                str(self.port),
-                "--origin",
-                f"http://127.0.0.1:{self.origin_port}",
-                "--flags",
-                str(flags_file(self.tmp)),
-                "--log-level",
-                "error",
-            ],
-            cwd=REPO,
-            env=env,
-        )
+        origin = proxy_cmd("demo-origin", "--port", str(self.origin_port), "--log-level", "warning")
+        self.procs.append(start_process(origin))
+        origin_url = f"http://127.0.0.1:{self.origin_port}"
+        flags = str(flags_file(self.tmp))
+        cmd = proxy_cmd("serve", "--port", str(self.port), "--origin", origin_url, "--flags", flags)
+        self.proxy = start_process([*cmd, "--log-level", "error"], env=clean_env(self.env))
         self.procs.append(self.proxy)
         wait_port(self.origin_port)
         wait_port(self.port)
@@ -142,11 +94,7 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         for proc in reversed(self.procs):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, timeout_s=10)
 
 
 def soak(args: argparse.Namespace, tmp: Path, script: Path) -> bool:
@@ -159,7 +107,7 @@ def soak(args: argparse.Namespace, tmp: Path, script: Path) -> bool:
         time.sleep(min(30, args.seconds / 3))  # warm-up
         samples = []
         while runner.is_alive():
-            samples.append(rss_mb(stack.proxy.pid))
+            samples.append(rss_bytes(stack.proxy.pid) / MIB)
             runner.join(5)
     base = samples[0]
     spread = max(abs(s - base) / base for s in samples)
