@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench install install-test redis-server clean
+.PHONY: run test check lint bench install install-test redis-server clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flagproxy needs Python >= 3.11")'
@@ -31,14 +31,20 @@ run: install
 redis-server:
 	@sh scripts/ensure-redis-server.sh
 
+# The whole suite, with a coverage report of the code run in the test process.
 test: install-test redis-server
-	$(BIN)/pytest
+	$(BIN)/pytest --cov --cov-report=term:skip-covered
 
-lint: install-test
+# The gate CI runs before the tests: lint, formatting, types.
+check: install-test
 	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/mypy
+
+lint: check
 
 bench: install
 	$(PY) bench/proxy.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .coverage .coverage.*

@@ -19,12 +19,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from proxy.cli.evaluate import evaluate_lines
 from proxy.config import load_settings
-from proxy.context import ContextBuilder
+from proxy.dataplane.context import ContextBuilder
+from proxy.dataplane.resolver import FlagResolver
 from proxy.engine import compile_document
-from proxy.evaluate import evaluate_lines
-from proxy.header import FlagHeaders
-from proxy.resolver import FlagResolver
+from proxy.sources.native.document import seed_state
+from proxy.sources.registry import DEFAULT
 from proxy.store import MemoryStore
 
 
@@ -102,8 +103,8 @@ def main() -> int:
             f.evaluate(context)
 
     settings = load_settings(env={})
-    store = MemoryStore.from_document(document)
-    resolver = FlagResolver(store, FlagHeaders(), ContextBuilder(settings.context))
+    store = MemoryStore(seed_state(document), compiler=DEFAULT)
+    resolver = FlagResolver(store, ContextBuilder(settings.context))
     scope = {
         "type": "http",
         "path": "/api/x",

@@ -5,8 +5,8 @@
 The same generated splitChanges (spec 1.3, with segments and a rule-based segment) is evaluated for
 every key with attributes, all flags per key:
 
-* flagproxy: ``load_flags("split", ...)`` then ``flag.evaluate(context)`` for every flag (the context is
-  built per key, as ``flagproxy eval`` does);
+* flagproxy: ``DEFAULT.load_file("split", ...)`` then ``flag.evaluate(context)`` for every flag (the context
+  is built per key, as ``flagproxy eval`` does);
 * splitio-client 10.7.0, localhost JSON mode: ``client.get_treatments(key, names, attributes)`` — the
   public call an application makes (input validation, evaluation, impressions, telemetry);
 * the SDK's evaluator alone (``context_for`` + ``eval_many_with_context``), for reference.
@@ -31,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.evaluate import make_context
-from proxy.sources import load_flags
+from proxy.dataplane.context import make_context
+from proxy.sources.registry import DEFAULT
 
 TREATMENTS = ["on", "off", "v1", "v2"]
 SEGMENTS = ("beta_users", "employees")
@@ -175,7 +175,7 @@ def main() -> int:
                 json.dumps({"name": name, "added": members, "removed": [], "since": -1, "till": 1})
             )
 
-        compiled = load_flags("split", flags_file, segments)
+        compiled = DEFAULT.load_file("split", flags_file, segments)
         ordered = [compiled[n] for n in names]
         started = time.perf_counter()
         ours = []

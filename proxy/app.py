@@ -1,30 +1,44 @@
-"""The ASGI application: control plane under the reserved prefix, everything else forwarded."""
+"""The composition root: builds every part from the settings and wires the data flow
+
+    sources → store → engine → dataplane → observers        (control plane beside it)
+
+It is the only module that imports all of them. Requests enter in ``FlagProxy.__call__``: each gets
+one ``Exchange``; control-plane paths go to Starlette, everything else to the ``Forwarder``; when the
+request is over the exchange goes to the observers.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any
 
-from proxy.admin import build_control_app
 from proxy.alerts import Alerter
-from proxy.budget_watch import BudgetWatch
-from proxy.config import Settings, StoreSettings
-from proxy.context import ContextBuilder
-from proxy.forward import Forwarder, Receive, Send, request_id_for
-from proxy.header import FlagHeaders
+from proxy.asgi import Message, Receive, Scope, Send
+from proxy.config import ConfigError, Settings, StoreSettings, flag_header_names
+from proxy.control.app import build_control_app
+from proxy.control.deps import ControlDeps
+from proxy.dataplane.context import ContextBuilder
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.forward import Forwarder
+from proxy.dataplane.header_fit import FlagHeaders
+from proxy.dataplane.header_rules import request_id_of
+from proxy.dataplane.protocol import new_request_id
+from proxy.dataplane.resolver import FlagResolver
 from proxy.metrics import Metrics, forget_dead_workers, process_exiting
-from proxy.resolver import FlagResolver
-from proxy.sources.split_sync import SplitSync
-from proxy.store import FlagStore, MemoryStore, initial_state
+from proxy.observers.access_log import AccessLog
+from proxy.observers.base import Observer, Observers
+from proxy.observers.budget_alerts import BudgetWatch
+from proxy.observers.origin_metrics import OriginMetricsObserver
+from proxy.sources.base import Sync, SyncContext
+from proxy.sources.native.document import initial_state
+from proxy.sources.registry import DEFAULT, Registry, UnknownSource
+from proxy.store import FlagStore, MemoryStore
 from proxy.store.base import Snapshot
 from proxy.store.state import RawState
 
 log = logging.getLogger("flagproxy")
-access_log = logging.getLogger("flagproxy.access")
 
 
-def build_store(settings: Settings, metrics: Metrics | None = None) -> FlagStore:
+def build_store(settings: Settings, registry: Registry, metrics: Metrics | None = None) -> FlagStore:
     """Redis when configured, else the embedded memory store; both start from the flags file."""
     path = settings.store.flags_file
     required = path != StoreSettings.flags_file  # the default seeds may be absent; an explicit file not
@@ -36,112 +50,125 @@ def build_store(settings: Settings, metrics: Metrics | None = None) -> FlagStore
     if settings.store.redis_url:
         from proxy.store.redis import RedisStore  # the Redis client is imported only when it is used
 
-        return RedisStore(settings.store, fallback=from_file, metrics=metrics)
+        return RedisStore(settings.store, fallback=from_file, metrics=metrics, compiler=registry)
     if metrics is not None:
         metrics.synced("file")
-    return MemoryStore(seed, audit_max=settings.store.audit_max)
+    return MemoryStore(seed, audit_max=settings.store.audit_max, compiler=registry)
 
 
-def with_request_id(send: Send, request_id: str) -> Send:
-    """``send`` adding ``X-Request-Id`` to the response (control-plane answers carry it too)."""
+def with_request_id(send: Send, request_id: str, exchange: Exchange) -> Send:
+    """``send`` adding ``X-Request-Id`` to the response, noting status and bytes in the exchange."""
     header = (b"x-request-id", request_id.encode("ascii"))
 
-    async def sending(message: dict[str, Any]) -> None:
+    async def sending(message: Message) -> None:
         if message["type"] == "http.response.start":
+            exchange.status = message["status"]
+            exchange.response_started = True
             message = {**message, "headers": [*message.get("headers", ()), header]}
+        else:
+            exchange.bytes_sent += len(message.get("body", b""))
         await send(message)
 
     return sending
 
 
 class FlagProxy:
-    def __init__(self, settings: Settings, store: FlagStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: FlagStore | None = None,
+        registry: Registry | None = None,
+        observers: list[Observer] | None = None,
+    ) -> None:
         self.settings = settings
+        try:
+            self.registry = (registry or DEFAULT).ordered(settings.store.sources)
+        except UnknownSource as exc:
+            raise ConfigError(f"[store] sources: {exc}") from None
         self.metrics = Metrics()
-        self.store: FlagStore = store or build_store(settings, self.metrics)
-        self.flag_headers = FlagHeaders(settings.header.name, settings.header.config_name)
-        context = ContextBuilder(settings.context, bucketing_key_header=settings.split.bucketing_key_header)
-        self.resolver = FlagResolver(self.store, self.flag_headers, context)
-        self.split = SplitSync(settings.split, self.store, metrics=self.metrics)
+        self.store: FlagStore = store or build_store(settings, self.registry, self.metrics)
+        self.flag_headers = FlagHeaders(flag_header_names(settings))
+        # Split's [split] bucketing_key_header: the one source setting the request context reads
+        split = settings.section("split")
+        bucketing_header = getattr(split, "bucketing_key_header", "") if split is not None else ""
+        context = ContextBuilder(settings.context, bucketing_key_header=bucketing_header)
+        self.resolver = FlagResolver(self.store, context)
+        self.forwarder = Forwarder(settings, self.resolver, self.flag_headers)
+        self.syncs: dict[str, Sync] = {}
+        for source in self.registry.sources:
+            sync = source.sync(SyncContext(settings, settings.section(source.name), self.store, self.metrics))
+            if sync is not None:
+                self.syncs[source.name] = sync
         self.alerter = Alerter(settings.alerts, metrics=self.metrics)
         self.budget = BudgetWatch(settings, self.alerter, self.flag_headers)
         self.store.on_change(self.budget.preflight)
         self.store.on_change(self._snapshot_metrics)
         self._snapshot_metrics(self.store.snapshot)
-        self.forwarder = Forwarder(settings, self.resolver, self.budget, self.metrics)
-        self.control = build_control_app(self)
+
+        chain: list[Observer] = [
+            OriginMetricsObserver(self.metrics, [o.label for o in self.forwarder.router.origins]),
+            self.budget,
+        ]
+        if settings.log.access_log:
+            chain.append(AccessLog())
+        chain.extend(observers or ())
+        self.observers = Observers(
+            chain, on_error=self.metrics.observer_failed, on_drop=self.metrics.observer_dropped
+        )
+
+        deps = ControlDeps(
+            settings=settings,
+            store=self.store,
+            metrics=self.metrics,
+            router=self.forwarder.router,
+            flag_headers=self.flag_headers,
+            precedence=self.registry.precedence,
+            syncs=self.syncs,
+        )
+        webhooks = [route for source in self.registry.sources for route in source.webhook_routes()]
+        self.control = build_control_app(deps, webhooks)
         self.control_prefix = settings.server.control_prefix
         self.control_prefix_slash = self.control_prefix + "/"
-        self.access_log = settings.log.access_log
 
     def _snapshot_metrics(self, snapshot: Snapshot) -> None:
         self.metrics.snapshot_installed(snapshot.version, len(snapshot.flags), snapshot.raw.source_versions)
 
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            if self.access_log:
-                await self.logged(scope, receive, send)
-            else:
-                await self.dispatch(scope, receive, send)
+            await self.exchange(scope, receive, send)
         elif kind == "lifespan":
             await self.lifespan(receive, send)
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1003})
 
-    async def dispatch(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    async def exchange(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One request, start to end: its Exchange is created here and handed to the observers."""
         path: str = scope["path"]
-        if path.startswith(self.control_prefix_slash) or path == self.control_prefix:
-            await self.control(scope, receive, with_request_id(send, request_id_for(scope)))
-        else:
-            await self.forwarder(scope, receive, send)
-
-    async def logged(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        """``dispatch`` with one access-log event per request ([log] access_log)."""
-        started = time.perf_counter()
-        status = 0
-        sent = 0
-
-        async def watch(message: dict[str, Any]) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            else:
-                sent += len(message.get("body", b""))
-            await send(message)
-
+        client = scope.get("client")
+        exchange = Exchange(
+            scope["method"],
+            path,
+            client[0] if client else None,
+            request_id_of(scope["headers"]) or new_request_id(),
+        )
         try:
-            await self.dispatch(scope, receive, watch)
+            if path.startswith(self.control_prefix_slash) or path == self.control_prefix:
+                exchange.control = True
+                await self.control(scope, receive, with_request_id(send, exchange.request_id, exchange))
+            else:
+                await self.forwarder(scope, receive, send, exchange)
         finally:
-            duration_ms = round((time.perf_counter() - started) * 1000, 3)
-            status = status or 499  # the client went away before a response started
-            method, path = scope["method"], scope["path"]
-            client = scope.get("client")
-            access_log.info(
-                "%s %s %d %.1fms",
-                method,
-                path,
-                status,
-                duration_ms,
-                extra={
-                    "event": "request",
-                    "method": method,
-                    "path": path,
-                    "status": status,
-                    "duration_ms": duration_ms,
-                    "bytes_sent": sent,
-                    "client": client[0] if client else None,
-                    "origin": scope.get("flagproxy.origin"),
-                    "request_id": scope.get("flagproxy.request_id"),
-                },
-            )
+            self.observers.finish(exchange)
 
     async def startup(self) -> None:
         forget_dead_workers()
+        self.observers.start()
         await self.alerter.start()
         await self.store.start()
         await self.forwarder.start()
-        await self.split.start()
+        for sync in self.syncs.values():
+            await sync.start()
         self.budget.preflight(self.store.snapshot)
         log.info(
             "flagproxy ready: %d flags (store version %d), origins: %s",
@@ -151,10 +178,12 @@ class FlagProxy:
         )
 
     async def shutdown(self) -> None:
-        await self.split.close()
+        for sync in self.syncs.values():
+            await sync.close()
         await self.forwarder.close()
         await self.store.close()
         await self.alerter.close()
+        self.observers.close()
         process_exiting()
 
     async def lifespan(self, receive: Receive, send: Send) -> None:

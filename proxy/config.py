@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.origin import FlagHeaderNames
+
 ENV_PREFIX = "FLAGPROXY_"
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -56,7 +58,7 @@ class ProxySettings:
 @dataclass(frozen=True)
 class HeaderSettings:
     name: str = "X-Feature-Flags"
-    config_name: str = "X-Feature-Flags-Config"
+    config_name: str = ""  # "" = <name>-Config; set, it must start with "<name>-"
     limit_bytes: int = 10240
     reserve_bytes: int = 512
     alert_ratio: float = 0.8
@@ -98,6 +100,7 @@ class StoreSettings:
     redis_timeout_s: float = 2.0
     reconnect_max_s: float = 0.5
     audit_max: int = 1000
+    sources: tuple[str, ...] = ("split", "native")  # enabled sources; a later one wins a shared flag key
 
 
 @dataclass(frozen=True)
@@ -138,17 +141,6 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
-class SplitSettings:
-    sdk_key: str = ""
-    api_url: str = "https://sdk.split.io/api"
-    interval_s: float = 60.0
-    timeout_s: float = 10.0
-    webhook_token: str = ""
-    environments: tuple[str, ...] = ()
-    bucketing_key_header: str = ""
-
-
-@dataclass(frozen=True)
 class OriginSettings:
     url: str
     prefix: str = "/"
@@ -171,18 +163,34 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
-    split: SplitSettings = field(default_factory=SplitSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     origins: tuple[OriginSettings, ...] = ()
+    sources: Mapping[str, Any] = field(default_factory=dict)  # [name] sections the flag sources own
+
+    def section(self, name: str) -> Any:
+        """A source's own settings section (None when it has none)."""
+        return self.sources.get(name)
 
 
 SECTIONS: dict[str, type] = {
     f.name: typing.get_type_hints(Settings)[f.name]
     for f in dataclasses.fields(Settings)
-    if f.name != "origins"
+    if f.name not in ("origins", "sources")
 }
+
+
+def source_sections() -> dict[str, type]:
+    """The settings sections the registered flag sources own (``Source.settings_type``)."""
+    from proxy.sources.registry import DEFAULT  # config learns the plug-ins' sections from the registry
+
+    return DEFAULT.settings_sections()
+
+
+def all_sections() -> dict[str, type]:
+    """Every ``[section]``: the proxy's own and the flag sources'."""
+    return {**SECTIONS, **source_sections()}
 
 
 # --- value coercion -------------------------------------------------------------------------------
@@ -276,8 +284,8 @@ def _origin_from_table(index: int, table: Any) -> OriginSettings:
         raise ConfigError(f"{where}: expected a table")
     if "url" not in table:
         raise ConfigError(f"{where} url: missing")
-    base = OriginSettings(url="")
-    return _apply(where, base, table, from_text=False)
+    origin: OriginSettings = _apply(where, OriginSettings(url=""), table, from_text=False)
+    return origin
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -298,17 +306,23 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     origins: list[str] | None = None,
+    plugins: Mapping[str, type] | None = None,
 ) -> Settings:
-    """Build validated settings from the four layers; raise ConfigError naming the bad field."""
+    """Build validated settings from the four layers; raise ConfigError naming the bad field.
+
+    ``plugins``: the flag sources' own sections (default: every registered source's).
+    """
     env = os.environ if env is None else env
+    plugins = source_sections() if plugins is None else plugins
     settings = Settings()
     file_data = load_file(config_file) if config_file else {}
 
     sections = {name: getattr(settings, name) for name in SECTIONS}
+    sections.update({name: kind() for name, kind in plugins.items()})
     for name, value in file_data.items():
         if name == "origins":
             continue
-        if name not in SECTIONS:
+        if name not in sections:
             raise ConfigError(f"[{name}]: unknown section")
         if not isinstance(value, dict):
             raise ConfigError(f"[{name}]: expected a table")
@@ -343,8 +357,14 @@ def load_settings(
     if origins:
         origin_list = tuple(parse_origin_spec(s) for s in origins)
 
-    settings = Settings(**sections, origins=origin_list)
+    core = {name: section for name, section in sections.items() if name in SECTIONS}
+    own = {name: section for name, section in sections.items() if name not in SECTIONS}
+    settings = Settings(**core, origins=origin_list, sources=own)
     validate(settings)
+    for section in own.values():
+        check = getattr(section, "validate", None)
+        if check is not None:
+            check()
     return settings
 
 
@@ -356,7 +376,7 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_header_name(where: str, value: str) -> None:
+def check_header_name(where: str, value: str) -> None:
     _check(bool(_TOKEN.match(value)), f"{where}: {value!r} is not a valid header name")
 
 
@@ -383,8 +403,14 @@ def validate(settings: Settings) -> None:
     _check("\r" not in settings.proxy.via and "\n" not in settings.proxy.via, "[proxy] via: no line breaks")
 
     h = settings.header
-    _check_header_name("[header] name", h.name)
-    _check_header_name("[header] config_name", h.config_name)
+    check_header_name("[header] name", h.name)
+    if h.config_name:
+        check_header_name("[header] config_name", h.config_name)
+        _check(
+            h.config_name.lower().startswith(h.name.lower() + "-"),
+            f"[header] config_name: must start with {h.name + '-'!r} (every flag header name derives from "
+            f"[header] name), got {h.config_name!r}; leave it empty for {h.name + '-Config'!r}",
+        )
     _check(h.limit_bytes > 0, f"[header] limit_bytes: must be positive, got {h.limit_bytes}")
     _check(h.reserve_bytes >= 0, f"[header] reserve_bytes: must not be negative, got {h.reserve_bytes}")
     _check(
@@ -394,8 +420,8 @@ def validate(settings: Settings) -> None:
     _check(0 < h.alert_ratio <= 1, f"[header] alert_ratio: must be in (0, 1], got {h.alert_ratio}")
     c = settings.context
     if c.key_header:
-        _check_header_name("[context] key_header", c.key_header)
-    _check_header_name("[context] telegram_header", c.telegram_header)
+        check_header_name("[context] key_header", c.key_header)
+    check_header_name("[context] telegram_header", c.telegram_header)
     _check(c.telegram_max_age_s >= 0, "[context] telegram_max_age_s: must not be negative")
     _check(c.anonymous_max_age_s > 0, "[context] anonymous_max_age_s: must be positive")
     _check(
@@ -442,13 +468,6 @@ def validate(settings: Settings) -> None:
     )
     _check(lg.format.lower() in LOG_FORMATS, f"[log] format: expected json or text, got {lg.format!r}")
 
-    sp = settings.split
-    _check(sp.interval_s > 0, f"[split] interval_s: must be positive, got {sp.interval_s}")
-    _check(sp.timeout_s > 0, f"[split] timeout_s: must be positive, got {sp.timeout_s}")
-    _check(urlsplit(sp.api_url).scheme in ("http", "https"), "[split] api_url: must be an http(s) URL")
-    if sp.bucketing_key_header:
-        _check_header_name("[split] bucketing_key_header", sp.bucketing_key_header)
-
     seen: set[str] = set()
     for i, origin in enumerate(settings.origins):
         where = f"origin #{i + 1} ({origin.prefix}={origin.url})"
@@ -479,3 +498,8 @@ def header_budget(settings: Settings, origin: OriginSettings | None = None) -> i
     limit = (origin.header_limit_bytes if origin else None) or h.limit_bytes
     reserve = origin.header_reserve_bytes if origin and origin.header_reserve_bytes is not None else None
     return limit - (h.reserve_bytes if reserve is None else reserve)
+
+
+def flag_header_names(settings: Settings) -> FlagHeaderNames:
+    """Every flag header name, derived from ``[header] name`` (and ``config_name`` when set)."""
+    return FlagHeaderNames(settings.header.name, settings.header.config_name)

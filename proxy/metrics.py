@@ -23,12 +23,11 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-disable_created_metrics()  # no *_created series: multiprocess mode has none, so neither does one process
+disable_created_metrics()  # type: ignore[no-untyped-call]  # (untyped upstream) no *_created series: multiprocess mode has none, so neither does one process
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 HEADER_BYTES_BUCKETS = (0, 128, 256, 512, 1024, 2048, 4096, 6144, 8192, 10240, 16384)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-NO_ROUTE = "none"  # origin label of requests no origin matched
 SYNC_TIMESTAMP = "flagproxy_last_sync_timestamp_seconds"
 
 
@@ -194,10 +193,22 @@ class Metrics:
             ["source", "result"],
             registry=r,
         )
-        self.split_syncs = Counter(
-            "flagproxy_split_syncs",
-            "Split API pulls by result: ok or error.",
-            ["result"],
+        self.source_syncs = Counter(
+            "flagproxy_source_syncs",
+            "Background pulls from a flag source's API (e.g. split) by result: ok or error.",
+            ["source", "result"],
+            registry=r,
+        )
+        self.observer_errors = Counter(
+            "flagproxy_observer_errors",
+            "Exchanges an observer raised on (the request itself was not affected).",
+            ["observer"],
+            registry=r,
+        )
+        self.observer_drops = Counter(
+            "flagproxy_observer_dropped",
+            "Exchanges not handed to a queued observer because its queue was full.",
+            ["observer"],
             registry=r,
         )
         self.rejections = Counter(
@@ -207,7 +218,6 @@ class Metrics:
             ["error"],
             registry=r,
         )
-        self.no_route = self.requests.labels(NO_ROUTE, "4xx")
         self._scrape_collector: Any = None
 
     # --- events -----------------------------------------------------------------------------------
@@ -217,6 +227,18 @@ class Metrics:
 
     def rejected(self, error: str) -> None:
         self.rejections.labels(error).inc()
+
+    def observer_failed(self, observer: str) -> None:
+        self.observer_errors.labels(observer).inc()
+
+    def observer_dropped(self, observer: str, count: int) -> None:
+        self.observer_drops.labels(observer).inc(count)
+
+    def source_synced(self, source: str, ok: bool) -> None:
+        """One background pull from ``source``: counted by result, and its sync time when it worked."""
+        self.source_syncs.labels(source, "ok" if ok else "error").inc()
+        if ok:
+            self.synced(source)
 
     def alert(self, condition: str, result: str) -> None:
         self.alerts.labels(condition, result).inc()
@@ -244,7 +266,7 @@ class Metrics:
             if self._scrape_collector is None:
                 from prometheus_client.multiprocess import MultiProcessCollector
 
-                self._scrape_collector = MultiProcessCollector(None)
+                self._scrape_collector = MultiProcessCollector(None)  # type: ignore[no-untyped-call]
             families: Iterable[Metric] = self._scrape_collector.collect()
         else:
             families = self.registry.collect()
@@ -265,7 +287,7 @@ class Metrics:
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition in the format ``accept`` asks for (Prometheus text by default)."""
         encoder, content_type = choose_encoder(accept)
-        return encoder(self), content_type  # type: ignore[arg-type]  # anything with collect() will do
+        return encoder(self), content_type  # Metrics has collect(): all the encoder needs
 
 
 def forget_dead_workers() -> None:
@@ -278,7 +300,7 @@ def forget_dead_workers() -> None:
     for name in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
         pid = name.rsplit("_", 1)[-1][: -len(".db")]
         if pid.isdigit() and not _alive(int(pid)):
-            multiprocess.mark_process_dead(int(pid), directory)
+            multiprocess.mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
 
 
 def process_exiting() -> None:
@@ -286,7 +308,7 @@ def process_exiting() -> None:
     if multiprocess_enabled():
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(os.getpid())
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 def _alive(pid: int) -> bool:

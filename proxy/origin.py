@@ -37,12 +37,35 @@ import hmac
 import json
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-FLAGS = "x-feature-flags"
-CONFIG = "x-feature-flags-config"
-OMITTED = "x-feature-flags-omitted"
-SIGNATURE = "x-feature-flags-signature"
+
+@dataclass(frozen=True)
+class FlagHeaderNames:
+    """The flag header family, every name derived from one (flagproxy's ``[header] name``).
+
+    ``config`` may be given explicitly (``[header] config_name``); it then still starts with
+    ``<flags>-``, so one prefix covers the whole family.
+    """
+
+    flags: str = "X-Feature-Flags"
+    config_override: str = ""
+
+    @property
+    def config(self) -> str:
+        return self.config_override or f"{self.flags}-Config"
+
+    @property
+    def omitted(self) -> str:
+        return f"{self.flags}-Omitted"
+
+    @property
+    def signature(self) -> str:
+        return f"{self.flags}-Signature"
+
+
+DEFAULT_NAMES = FlagHeaderNames()
 
 
 class FlagSignatureError(ValueError):
@@ -94,19 +117,23 @@ def verify_flags(
     method: str | None = None,
     path: str | None = None,
     now: float | None = None,
+    names: FlagHeaderNames | str = DEFAULT_NAMES,
 ) -> dict[str, Any]:
     """The verified ``{flagKey: value}`` from the request's headers, or FlagSignatureError.
 
     Pass ``method`` and ``path`` (path and query as this origin received them) to make sure the
     signature was made for this very request; ``max_age_s`` bounds replays (clock skew included).
+    ``names``: the proxy's ``[header] name`` (or a ``FlagHeaderNames``) when it is not the default.
     """
+    if isinstance(names, str):
+        names = FlagHeaderNames(names)
     lowered = _lower(headers)
-    signature = lowered.get(SIGNATURE)
+    signature = lowered.get(names.signature.lower())
     if not signature:
-        raise FlagSignatureError("no X-Feature-Flags-Signature header")
-    flags = lowered.get(FLAGS)
+        raise FlagSignatureError(f"no {names.signature} header")
+    flags = lowered.get(names.flags.lower())
     if flags is None:
-        raise FlagSignatureError("no X-Feature-Flags header")
+        raise FlagSignatureError(f"no {names.flags} header")
     timestamp, signed_method, _, signed_path = parse_signature(signature)
     expected = sign(
         secret,
@@ -114,8 +141,8 @@ def verify_flags(
         signed_method,
         signed_path,
         flags,
-        lowered.get(CONFIG, ""),
-        lowered.get(OMITTED, ""),
+        lowered.get(names.config.lower(), ""),
+        lowered.get(names.omitted.lower(), ""),
     )
     if not hmac.compare_digest(expected.encode(), signature.strip().encode()):
         raise FlagSignatureError("signature does not match the flag headers")
@@ -129,7 +156,7 @@ def verify_flags(
     try:
         parsed = json.loads(flags)
     except ValueError:
-        raise FlagSignatureError("X-Feature-Flags is not JSON") from None
+        raise FlagSignatureError(f"{names.flags} is not JSON") from None
     if not isinstance(parsed, dict):
-        raise FlagSignatureError("X-Feature-Flags is not a JSON object")
+        raise FlagSignatureError(f"{names.flags} is not a JSON object")
     return parsed

@@ -9,125 +9,16 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
-import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import ConfigError, Settings, load_settings
+from proxy.dataplane.protocol import ProxyHttpProtocol
 from proxy.logs import logging_config
 
 log = logging.getLogger("flagproxy")
-ACCESS_LOG = logging.getLogger("flagproxy.access")
 INPUTS_ENV = "FLAGPROXY__SERVE_INPUTS"  # how worker processes get the parent's settings inputs
-
-
-class HeadTooLarge(Exception):
-    pass
-
-
-REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
-
-
-class ProxyHttpProtocol(HttpToolsProtocol):
-    """httptools, hardened for a proxy.
-
-    - The header section is frozen once complete: uvicorn appends chunked trailer fields to the list
-      it handed the app as ``scope["headers"]``, and RFC 9110 §6.5.1 forbids merging them (a trailer
-      could otherwise add a Host or a flag key after the fact).
-    - Malformed framing (Content-Length with Transfer-Encoding, duplicate or invalid Content-Length,
-      bad chunks — RFC 9112 §6) gets a JSON 400 and the connection is closed.
-    - A request head above ``max_head_bytes`` gets a JSON 431 and the connection is closed.
-    """
-
-    max_head_bytes = 65536
-    on_reject: Callable[[str], None] | None = None  # counts rejections (set to the app's metrics)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._head_bytes = 0
-        self._in_head = True
-
-    def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
-        super().on_header(name, value)
-
-    def _count_head(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self.max_head_bytes:
-            raise HeadTooLarge()
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        super().on_headers_complete()
-        if self.scope.get("type") == "http":
-            self.scope["headers"] = list(self.headers)
-
-    def data_received(self, data: bytes) -> None:
-        self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, HeadTooLarge):
-                self._reject(
-                    431,
-                    "request_head_too_large",
-                    f"request line and headers exceed {self.max_head_bytes} bytes",
-                )
-            else:
-                self._reject(400, "bad_request", f"malformed HTTP request: {exc}")
-        else:
-            # A head still incomplete after this much input is too large too (one endless header line).
-            if getattr(self, "_in_head", False):
-                self._head_bytes += len(data)
-                if self._head_bytes > self.max_head_bytes:
-                    self._reject(
-                        431, "request_head_too_large", f"request head exceeds {self.max_head_bytes} bytes"
-                    )
-
-    def _reject(self, status: int, error: str, detail: str) -> None:
-        """Answer at once and close: after a framing error the byte stream cannot be trusted."""
-        client = self.client[0] if self.client else None
-        from proxy.forward import new_request_id  # not at import: proxy.metrics must wait (see run)
-
-        request_id = new_request_id()  # the head could not be trusted: a fresh id, not the client's
-        # an access-log event when the access log is on, else uvicorn's error log at info
-        logger = ACCESS_LOG if ACCESS_LOG.isEnabledFor(logging.INFO) else self.logger
-        logger.info(
-            "rejected a request from %s: %s",
-            client,
-            detail,
-            extra={
-                "event": "rejected",
-                "status": status,
-                "error": error,
-                "client": client,
-                "request_id": request_id,
-            },
-        )
-        if self.on_reject is not None:
-            self.on_reject(error)
-        body = json.dumps({"error": error, "detail": detail}).encode()
-        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
-            status,
-            REASONS[status],
-            len(body),
-        )
-        head += b"x-request-id: %s\r\n" % request_id.encode("ascii")
-        if not self.transport.is_closing():
-            self.transport.write(head + b"connection: close\r\n\r\n" + body)
-            self.transport.close()
 
 
 def settings_from_inputs(inputs: dict[str, Any]) -> Settings:

@@ -46,12 +46,13 @@ from support import (
 )
 
 from proxy.alerts import Alert, Alerter
-from proxy.budget import worst_case
-from proxy.budget_watch import BudgetWatch, route_pattern
 from proxy.config import AlertSettings, OriginSettings, Settings
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.header_fit import Fitted, FlagHeaders, line_size
+from proxy.dataplane.preflight import worst_case
+from proxy.dataplane.upstream import Origin
 from proxy.engine import Flag, Served, compile_document, compile_flag, encode_json
-from proxy.forward import Origin
-from proxy.header import Fitted, FlagHeaders, line_size
+from proxy.observers.budget_alerts import BudgetWatch, route_pattern
 from proxy.store.base import Snapshot
 from proxy.store.state import RawState
 
@@ -378,8 +379,9 @@ def test_alert_origin_label_has_no_credentials_and_matches_prefixes_with_a_slash
     origin = Origin.from_settings(origins[0], settings_)
     resolved = resolve([big], "/api/big/1")
     fitted = FlagHeaders().fit(resolved, origin.budget - 100)
-    scope = {"path": "/api/big/1", "headers": [(b"x-request-id", b"rid-1")]}
-    watch.exceeded(scope, origin, resolved, fitted, 100 + fitted.size)
+    exchange = Exchange("GET", "/api/big/1", None, "rid-1", origin=origin, resolved=resolved, fitted=fitted)
+    exchange.head_bytes = 100 + fitted.size
+    watch.observe(exchange)
     watch.preflight(Snapshot.build(1, {"big": big}, RawState()))
     assert [(a.condition, a.origin, a.route) for a in alerts] == [
         ("trimmed", "http://127.0.0.1:9", "/api/big/**"),

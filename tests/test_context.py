@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.config import ConfigError, ContextSettings
-from proxy.context import ContextBuilder
+from proxy.dataplane.context import ContextBuilder
 
 BOT_TOKEN = "123456:TEST-bot-token"
 SECRET = "s3cret-for-tests-only-0123456789abcdef"

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from support import post_webhook, raw_exchange, raw_request
 
 from proxy.engine import FlagError
-from proxy.sources.native import change_from_payload
+from proxy.sources.native.document import change_from_payload
 
 SECRET = "hostile-webhook-secret-0123456789"
 TOKEN = "hostile-admin-token-0123456789"

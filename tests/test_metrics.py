@@ -37,7 +37,9 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "flagproxy_redis_connected": ("gauge", set()),
     "flagproxy_redis_reconnects": ("counter", set()),
     "flagproxy_webhooks": ("counter", {"source", "result"}),
-    "flagproxy_split_syncs": ("counter", {"result"}),
+    "flagproxy_source_syncs": ("counter", {"source", "result"}),
+    "flagproxy_observer_errors": ("counter", {"observer"}),
+    "flagproxy_observer_dropped": ("counter", {"observer"}),
     "flagproxy_rejected_requests": ("counter", {"error"}),
 }
 

@@ -95,3 +95,33 @@ def test_the_signature_counts_against_the_budget(proxy_factory, origin) -> None:
     assert len(seen.head) <= 4000
     assert int(seen.value("X-Feature-Flags-Omitted")) > 0
     verify_flags([(n.decode(), v.decode()) for n, v in seen.headers], SECRET, path="/signed/budget")
+
+
+def test_a_custom_header_name_derives_and_reserves_every_flag_header(proxy_factory, origin) -> None:
+    """[header] name = X-Flags: config, omitted and signature derive from it; forged signatures under
+    the custom and the default names are dropped, and the origin gets exactly one, the proxy's."""
+    env = {"FLAGPROXY_HEADER_SIGNATURE_SECRET": SECRET, "FLAGPROXY_HEADER_NAME": "X-Flags"}
+    custom = proxy_factory([origin.url], flags=FLAGS, env=env)
+    forged = sign(SECRET[::-1], int(time.time()), "GET", "/custom", '{"on":false}')
+    spoofed = [
+        ("X-User-Id", "u4"),
+        ("X-Flags", '{"on":false}'),
+        ("x-flags-signature", forged),
+        ("X-FLAGS-CONFIG", '{"exp":{"x":2}}'),
+        ("X-Feature-Flags", '{"on":false}'),
+        ("X-Feature-Flags-Signature", forged),
+        ("x-feature-flags-signature", forged),
+    ]
+    assert raw_exchange(custom.port, raw_request("GET", "/custom", spoofed)).status == 200
+    seen = origin.only_request_to("/custom")
+    names = [n.decode().lower() for n, _ in seen.headers]
+    signatures = [n for n in names if n.endswith("-signature")]
+    assert signatures == ["x-flags-signature"]
+    assert names.count("x-flags") == 1 and names.count("x-flags-config") == 1
+    assert not any(n.startswith("x-feature-flags") for n in names)
+    headers = [(n.decode(), v.decode()) for n, v in seen.headers]
+    assert seen.values("X-Flags-Signature") != [forged]
+    flags = verify_flags(headers, SECRET, method="GET", path="/custom", names="X-Flags")
+    assert flags == {"exp": "a", "on": True}
+    with pytest.raises(FlagSignatureError, match="no X-Feature-Flags-Signature"):
+        verify_flags(headers, SECRET)  # the default names are not what this proxy sends

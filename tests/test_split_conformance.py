@@ -1,4 +1,4 @@
-"""Conformance of proxy/sources/split.py against the official Python SDK (splitio-client 10.7.0).
+"""Conformance of proxy/sources/split/ against the official Python SDK (splitio-client 10.7.0).
 
 Two oracles, both required to agree on every (flag, key) with zero mismatches:
 
@@ -47,7 +47,7 @@ from splitio.models import splits as sdk_splits  # noqa: E402
 from splitio.models.fallback_config import FallbackTreatmentCalculator  # noqa: E402
 from splitio.models.grammar.matchers.utils.utils import build_semver_or_none  # noqa: E402
 
-from proxy.evaluate import make_context  # noqa: E402
+from proxy.dataplane.context import make_context  # noqa: E402
 from proxy.sources.split import (  # noqa: E402
     bucket,
     compare_semver,

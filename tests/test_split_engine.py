@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from proxy.dataplane.context import make_context
 from proxy.engine import FlagError, with_override
-from proxy.evaluate import make_context
-from proxy.sources import SOURCE_KINDS, SOURCES, compile_source, load_flags
+from proxy.sources.registry import DEFAULT
 from proxy.sources.split import (
     CONTROL,
     bucket,
@@ -607,14 +607,14 @@ def test_dependency_on_an_archived_flag_sees_control(tmp_path: Path) -> None:
     }
     path = tmp_path / "splits.json"
     path.write_text(json.dumps(document))
-    flags = load_flags("split", path)
+    flags = DEFAULT.load_file("split", path)
     assert sorted(flags) == ["new"]
     assert treat(flags["new"]) == "on"
 
 
 def test_registration() -> None:
-    assert "split" in SOURCES
-    assert SOURCE_KINDS["split"] == ("flags", "segments", "rbsegments")
+    assert "split" in DEFAULT.names
+    assert DEFAULT.kinds["split"] == ("flags", "segments", "rbsegments")
 
 
 def test_compile_source_formats_and_cache() -> None:
@@ -637,15 +637,15 @@ def test_compile_source_formats_and_cache() -> None:
         "rbsegments": {"power": json.dumps(RBS), "nope": "[]"},
     }
     cache: dict[str, Any] = {}
-    flags, problems = compile_source("split", kinds, cache)
+    flags, problems = DEFAULT.compile("split", kinds, cache)
     assert sorted(flags) == ["rbs", "seg"]
     assert sorted(problems) == ["broken", "rbsegments:nope", "segments:bad"]
     assert treat(flags["seg"], "alice") == "on" and treat(flags["seg"], "bob") == "off"
     assert treat(flags["rbs"], "alice", age=40) == "on"
-    again, _ = compile_source("split", {k: dict(v) for k, v in kinds.items()}, cache)
+    again, _ = DEFAULT.compile("split", {k: dict(v) for k, v in kinds.items()}, cache)
     assert again["seg"] is flags["seg"]  # unchanged texts: nothing recompiled
     kinds["segments"]["beta"] = json.dumps(["bob"])
-    changed, _ = compile_source("split", kinds, cache)
+    changed, _ = DEFAULT.compile("split", kinds, cache)
     assert changed["seg"] is not flags["seg"]
     assert treat(changed["seg"], "bob") == "on" and treat(changed["seg"], "alice") == "off"
 

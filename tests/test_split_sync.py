@@ -9,8 +9,7 @@ import httpx
 import pytest
 import respx
 
-from proxy.config import SplitSettings
-from proxy.sources.split_sync import SplitApiError, SplitSync, referenced_segments
+from proxy.sources.split import SplitApiError, SplitSettings, SplitSync, referenced_segments
 from proxy.store import MemoryStore
 
 pytestmark = pytest.mark.anyio

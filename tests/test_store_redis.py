@@ -36,8 +36,9 @@ from support import (
 )
 
 from proxy.config import StoreSettings
-from proxy.sources.change import Change
-from proxy.sources.native import change_from_payload, updated_at_ms
+from proxy.sources.native.document import change_from_payload, updated_at_ms
+from proxy.sources.registry import DEFAULT
+from proxy.store.change import Change
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from proxy.store.state import RawState
@@ -364,7 +365,8 @@ def test_older_updated_at_is_ignored_and_the_rest_applies(
 
 
 def redis_store(redis_url: str, namespace: str) -> RedisStore:
-    return RedisStore(StoreSettings(redis_url=redis_url, environment=namespace), fallback=RawState)
+    settings = StoreSettings(redis_url=redis_url, environment=namespace)
+    return RedisStore(settings, fallback=RawState, compiler=DEFAULT)
 
 
 def test_tombstone_through_redis(single: Single, redis_server: RedisServer, origin: RawOrigin) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from proxy.engine import FlagError
-from proxy.sources.change import Change, stored_text
-from proxy.sources.native import change_from_payload, reordered_only, updated_at_ms
+from proxy.sources.native.document import change_from_payload, reordered_only, seed_state, updated_at_ms
+from proxy.sources.registry import DEFAULT
+from proxy.store.change import Change, stored_text
 from proxy.store.memory import MemoryStore
 from proxy.store.state import OVERRIDES, RawState, apply_change
 
@@ -46,6 +47,11 @@ def comparable(state: RawState) -> dict[str, Any]:
     out = state.to_json()
     out.pop("saved_at")
     return out
+
+
+def native_store(document: dict[str, Any]) -> MemoryStore:
+    """A memory store seeded with a native document, compiling with the real sources."""
+    return MemoryStore(seed_state(document), compiler=DEFAULT)
 
 
 def state_with(**flags: dict[str, Any]) -> RawState:
@@ -225,7 +231,7 @@ def test_declared_variant_order_is_stored_and_a_reordering_is_a_change() -> None
     result = apply_change(state, patch(upsert={"colour": {"variants": BGR}}))
     assert (result.status, result.version, result.changed) == ("applied", 2, ["colour"])
     assert list(json.loads(state.items("native")["colour"])["variants"]) == ["blue", "green", "red"]
-    seeded = RawState.from_native_document({"flags": {"colour": {"variants": RGB}}})
+    seeded = seed_state({"flags": {"colour": {"variants": RGB}}})
     assert list(json.loads(seeded.items("native")["colour"])["variants"]) == ["red", "green", "blue"]
 
 
@@ -280,7 +286,7 @@ def run(coro: Any) -> Any:
 
 
 def test_memory_store_serves_each_applied_change() -> None:
-    store = MemoryStore.from_document({"flags": {"a": {"enabled": True}}})
+    store = native_store({"flags": {"a": {"enabled": True}}})
     seen: list[int] = []
     store.on_change(lambda snapshot: seen.append(snapshot.version))
     assert store.ready and store.snapshot.version == 1
@@ -318,7 +324,7 @@ def test_memory_store_tombstone() -> None:
 
 
 def test_memory_store_overrides_kill_and_promote() -> None:
-    store = MemoryStore.from_document(
+    store = native_store(
         {"flags": {"x": {"variants": {"a": {"weight": 1}, "b": {"weight": 1}}, "defaultVariant": "a"}}}
     )
     kill = Change(source=OVERRIDES, upsert={"x": stored_text({"kill": True})}, actor="admin", action="kill")

@@ -11,6 +11,7 @@ from typing import Any
 
 from proxy.config import ConfigError, load_settings
 from proxy.engine import FlagError
+from proxy.sources.registry import UnknownSource
 
 EXIT_CONFIG = 2
 
@@ -55,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo_origin(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from proxy.demo_origin import echo_app
+    from proxy.cli.demo_origin import echo_app
     from proxy.logs import logging_config
 
     uvicorn.run(
@@ -81,12 +82,13 @@ def _attr_value(text: str) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from proxy.evaluate import KeysFileError, evaluate_all, evaluate_lines, make_context
-    from proxy.sources import load_flags
+    from proxy.cli.evaluate import KeysFileError, evaluate_all, evaluate_lines
+    from proxy.dataplane.context import make_context
+    from proxy.sources.registry import DEFAULT
 
     try:
-        flags = load_flags(args.source, args.flags, args.segments)
-    except ValueError as exc:  # FlagError included
+        flags = DEFAULT.load_file(args.source, args.flags, args.segments)
+    except ValueError as exc:  # FlagError and an unknown --source included
         print(f"flagproxy: invalid flags in {args.flags}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     ordered = [flags[k] for k in sorted(flags)]
@@ -116,11 +118,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_budget(args: argparse.Namespace) -> int:
     """Print the pre-flight worst case per route; exit 1 when a route can exceed its budget."""
-    from proxy.budget import render, worst_case
-    from proxy.sources import load_flags
+    from proxy.dataplane.preflight import render, worst_case
+    from proxy.sources.registry import DEFAULT
 
     settings = load_settings(config_file=args.config, overrides={"store": {"flags_file": args.flags}})
-    flags = load_flags(args.source, settings.store.flags_file, args.segments)
+    flags = DEFAULT.load_file(args.source, settings.store.flags_file, args.segments)
     rows = worst_case(settings, flags)
     print(render(rows))
     over = [r for r in rows if r.worst_bytes > r.budget]
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], help="default info (serve: [log] level)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from proxy.sources.registry import DEFAULT
+
+    sources = ", ".join(DEFAULT.names)
 
     serve = sub.add_parser("serve", parents=[common], help="run the proxy")
     serve.add_argument("--config", metavar="FILE", help="TOML settings file")
@@ -156,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", parents=[common], help="print the flag values a key would get")
     ev.add_argument("--flags", required=True, metavar="FILE", help="flag definitions")
-    ev.add_argument("--source", default="native", help="format of --flags: native (default) or split")
+    ev.add_argument("--source", default="native", help=f"format of --flags: {sources} (default native)")
     ev.add_argument("--segments", metavar="DIR", help="split: segmentChanges files <name>.json")
     who = ev.add_mutually_exclusive_group(required=True)
     who.add_argument("--key", help="evaluate for one key; prints {flagKey: value}")
@@ -170,11 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget = sub.add_parser("budget", parents=[common], help="worst-case request-header size per route")
     budget.add_argument("--config", metavar="FILE", help="TOML settings (budget, origins, flags file)")
     budget.add_argument("--flags", metavar="FILE", help="flag definitions (default: [store] flags_file)")
-    budget.add_argument("--source", default="native", help="format of --flags: native (default) or split")
+    budget.add_argument("--source", default="native", help=f"format of --flags: {sources} (default native)")
     budget.add_argument("--segments", metavar="DIR", help="split: segmentChanges files <name>.json")
     budget.set_defaults(func=cmd_budget)
 
-    from proxy.admin_client import add_parser as add_flags_parser
+    from proxy.cli.flags import add_parser as add_flags_parser
 
     add_flags_parser(sub, [common])
 
@@ -192,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except ConfigError as exc:
+    except (ConfigError, UnknownSource) as exc:
         print(f"flagproxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except FlagError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxy.forward import Receive, Send
+from proxy.asgi import Receive, Send
 
 
 async def echo_app(scope: dict[str, Any], receive: Receive, send: Send) -> None:

@@ -6,24 +6,12 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from proxy.dataplane.context import make_context
 from proxy.engine import Flag
 
 
 class KeysFileError(ValueError):
     pass
-
-
-def make_context(key: Any, attributes: Mapping[str, Any], bucketing_key: Any = None) -> dict[str, Any]:
-    context: dict[str, Any] = dict(attributes)
-    if key is not None:
-        context["key"] = _as_text(key)
-    if bucketing_key is not None:
-        context["bucketingKey"] = _as_text(bucketing_key)
-    return context
-
-
-def _as_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def evaluate_all(flags: Iterable[Flag], context: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from proxy.asgi import Header, Scope
 from proxy.config import ConfigError, ContextSettings
 
-Scope = dict[str, Any]
-Header = tuple[bytes, bytes]
 KEY_SOURCES = ("header", "cookie", "query", "jwt", "telegram")
 _CACHE_LIMIT = 10_000
 _ABSENT = object()
@@ -114,8 +113,10 @@ class JwtReader:
         if cached is not _ABSENT:
             claims, expires = cached
             if claims is None or expires is None or expires > time.time():
-                return claims
-        return self.cache.put(token, self._decode(token))[0]
+                return claims  # type: ignore[no-any-return]  # the cache holds what _decode returned
+        decoded = self._decode(token)
+        self.cache.put(token, decoded)
+        return decoded[0]
 
     def _decode(self, token: str) -> tuple[Mapping[str, Any] | None, float | None]:
         try:
@@ -155,7 +156,7 @@ class TelegramReader:
         auth_date, user = cached
         if self.max_age_s > 0 and time.time() - auth_date > self.max_age_s:
             return None
-        return user
+        return user  # type: ignore[no-any-return]  # the cache holds what _verify returned
 
     def _verify(self, init_data: str) -> tuple[int, Mapping[str, Any]] | None:
         try:
@@ -286,3 +287,19 @@ class ContextBuilder:
         context["key"] = anonymous
         cookie = f"{self.anonymous_cookie}={anonymous}{self.cookie_suffix}".encode("latin-1")
         return context, [(b"set-cookie", cookie)]
+
+
+# --- a context from a key and attributes (offline evaluation, the admin preview) -----------------------
+
+
+def make_context(key: Any, attributes: Mapping[str, Any], bucketing_key: Any = None) -> dict[str, Any]:
+    context: dict[str, Any] = dict(attributes)
+    if key is not None:
+        context["key"] = _as_text(key)
+    if bucketing_key is not None:
+        context["bucketingKey"] = _as_text(bucketing_key)
+    return context
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)

@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from proxy.asgi import Header
 from proxy.engine import Flag, Served
+from proxy.origin import DEFAULT_NAMES, FlagHeaderNames
 
-Header = tuple[bytes, bytes]
 Resolved = Sequence[tuple[Flag, Served]]
 
 
@@ -46,23 +47,28 @@ class Fitted:
 
 
 class FlagHeaders:
-    """Encodes resolved flags into the flag headers, within a byte budget."""
+    """Encodes resolved flags into the flag headers, within a byte budget.
 
-    def __init__(
-        self,
-        name: str = "X-Feature-Flags",
-        config_name: str = "X-Feature-Flags-Config",
-    ) -> None:
-        self.name = name.lower().encode("latin-1")
-        self.config_name = config_name.lower().encode("latin-1")
-        self.omitted_name = self.name + b"-omitted"
-        # Client-supplied headers that the proxy owns: dropped before it adds its own.
-        self.reserved_exact = frozenset({self.name, self.config_name})
-        self.reserved_prefix = self.name + b"-"
+    Every name comes from one ``FlagHeaderNames`` (``[header] name``), and the whole family —
+    ``<name>`` and ``<name>-*`` — is reserved: a client can never send any of them to the origin.
+    The default family ``X-Feature-Flags*`` stays reserved under a custom name too, so an origin
+    still reading the default names cannot be fed forged ones.
+    """
+
+    def __init__(self, name: str | FlagHeaderNames = DEFAULT_NAMES, config_name: str = "") -> None:
+        self.names = FlagHeaderNames(name, config_name) if isinstance(name, str) else name
+        wire = self.names
+        self.name = wire.flags.lower().encode("latin-1")
+        self.config_name = wire.config.lower().encode("latin-1")
+        self.omitted_name = wire.omitted.lower().encode("latin-1")
+        self.signature_name = wire.signature.lower().encode("latin-1")
+        families = {self.name, DEFAULT_NAMES.flags.lower().encode("latin-1")}
+        self.reserved_exact = frozenset({*families, self.config_name})
+        self.reserved_prefixes = tuple(family + b"-" for family in families)
 
     def is_reserved(self, name: bytes) -> bool:
         """``name`` must already be lower case (ASGI guarantees it)."""
-        return name in self.reserved_exact or name.startswith(self.reserved_prefix)
+        return name in self.reserved_exact or name.startswith(self.reserved_prefixes)
 
     def encode(self, resolved: Resolved) -> list[Header]:
         """Everything, no budget (the CLI and tests)."""

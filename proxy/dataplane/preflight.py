@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from proxy.config import Settings, header_budget
+from proxy.config import Settings, flag_header_names, header_budget
+from proxy.dataplane.header_fit import FlagHeaders
 from proxy.engine import Flag, Served
-from proxy.header import FlagHeaders
 
 ALL_ROUTES = "*"
 
@@ -65,7 +65,7 @@ def _origin_for(prefixes: list[str], path: str) -> str | None:
 def worst_case(
     settings: Settings, flags: Mapping[str, Flag], headers: FlagHeaders | None = None
 ) -> list[Row]:
-    encoder = headers or FlagHeaders(settings.header.name, settings.header.config_name)
+    encoder = headers or FlagHeaders(flag_header_names(settings))
     ordered = [flags[k] for k in sorted(flags)]
     origins = settings.origins or ()
     budgets = {o.prefix: header_budget(settings, o) for o in origins} or {"/": header_budget(settings)}

@@ -2,36 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from proxy.context import ContextBuilder, Header, Scope
+from proxy.asgi import Header, Scope
+from proxy.dataplane.context import ContextBuilder
 from proxy.engine import Flag, Served
-from proxy.header import FlagHeaders
-from proxy.store import FlagStore
+from proxy.store.base import Snapshot
 
 
 @dataclass(slots=True)
 class Resolution:
+    context: Mapping[str, Any]
     resolved: list[tuple[Flag, Served]]
     response_headers: list[Header] = field(default_factory=list)
 
 
 class Resolver(Protocol):
-    headers: FlagHeaders
-
     def resolve(self, scope: Scope) -> Resolution: ...
 
 
-class FlagResolver:
-    """Resolves every flag that applies to the request path against the store's current snapshot."""
+class Snapshots(Protocol):
+    """Anything serving the current snapshot: every store."""
 
-    def __init__(self, store: FlagStore, headers: FlagHeaders, context: ContextBuilder) -> None:
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+
+class FlagResolver:
+    """Resolves every flag that applies to the request path against the current snapshot."""
+
+    def __init__(self, store: Snapshots, context: ContextBuilder) -> None:
         self.store = store
-        self.headers = headers
         self.context = context
 
     def resolve(self, scope: Scope) -> Resolution:
         context, response_headers = self.context.build(scope)
         resolved = [(f, f.evaluate(context)) for f in self.store.snapshot.for_path(context["path"])]
-        return Resolution(resolved, response_headers)
+        return Resolution(context, resolved, response_headers)

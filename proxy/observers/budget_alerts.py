@@ -1,33 +1,20 @@
-"""Budget events from live traffic and from pre-flight checks, turned into counted, deduplicated alerts."""
+"""Budget alerts: from each exchange that trimmed flags or crossed the alert ratio (an observer), and
+from the pre-flight check of every new snapshot. Slack sending is queued by the ``Alerter``."""
 
 from __future__ import annotations
 
 import functools
 import re
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from proxy.alerts import Alert, Alerter
-from proxy.budget import ALL_ROUTES, largest_outcome, route_groups, worst_case
 from proxy.config import Settings
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.header_fit import FlagHeaders
+from proxy.dataplane.preflight import ALL_ROUTES, largest_outcome, route_groups, worst_case
 from proxy.engine import Flag, Served, glob_to_regex
-from proxy.header import Fitted, FlagHeaders
-
-if TYPE_CHECKING:
-    from proxy.forward import Origin
-    from proxy.store.base import Snapshot
-
-
-@dataclass
-class BudgetStats:
-    near_limit: int = 0
-    trimmed: int = 0
-    over_budget: int = 0
-    omitted_entries: int = 0
-    preflight_over_ratio: int = 0
+from proxy.store.base import Snapshot
 
 
 def origin_label(url: str) -> str:
@@ -63,47 +50,24 @@ def route_pattern(origin_prefix: str, path: str, resolved: Sequence[tuple[Flag, 
     return best or origin_prefix
 
 
-def request_id(scope: dict[str, Any]) -> str:
-    """The id the forwarder gave this request (and sent to the origin and the client)."""
-    found = scope.get("flagproxy.request_id")
-    if found:
-        return found
-    for name, value in scope["headers"]:
-        if name == b"x-request-id" and value:
-            return value.decode("latin-1")[:128]
-    return uuid.uuid4().hex
-
-
 class BudgetWatch:
+    name = "budget_alerts"
+    inline = True  # a cooldown check and a queue put (Alerter.notify); Slack is posted in the background
+
     def __init__(self, settings: Settings, alerter: Alerter, headers: FlagHeaders) -> None:
         self.settings = settings
         self.alerter = alerter
         self.headers = headers
-        self.stats = BudgetStats()
         self.labels = {normal_prefix(o.prefix): origin_label(o.url) for o in settings.origins}
 
-    def exceeded(
-        self,
-        scope: dict[str, Any],
-        origin: Origin,
-        resolved: Sequence[tuple[Flag, Served]],
-        fitted: Fitted,
-        used: int,
-    ) -> None:
-        """A request trimmed flags or crossed the alert ratio (called on the data path: cheap)."""
-        if fitted.over_budget:
-            condition = "over_budget"
-            self.stats.over_budget += 1
-        elif fitted.omitted:
-            condition = "trimmed"
-            self.stats.trimmed += 1
-        else:
-            condition = "near_limit"
-            self.stats.near_limit += 1
-        self.stats.omitted_entries += fitted.omitted
-        if origin.metrics is not None:
-            origin.metrics.budget_event(condition, fitted.omitted)
+    def observe(self, exchange: Exchange) -> None:
+        """A request that trimmed flags or crossed the alert ratio: one alert (deduplicated)."""
+        condition = exchange.budget_condition
+        origin, fitted = exchange.origin, exchange.fitted
+        if condition is None or origin is None or fitted is None:
+            return
         prefix = origin.label
+        resolved = exchange.resolved
         sizes = sorted(
             ((f.key, len(s.value_json) + len(s.config_json or "")) for f, s in resolved),
             key=lambda kv: -kv[1],
@@ -112,12 +76,12 @@ class BudgetWatch:
             Alert(
                 condition=condition,
                 origin=self.labels.get(prefix) or origin_label(origin.base),
-                route=route_pattern(prefix, scope["path"], resolved),
-                used=used,
+                route=route_pattern(prefix, exchange.path, resolved),
+                used=exchange.head_bytes,
                 budget=origin.budget,
                 largest=sizes[:5],
                 omitted=[*fitted.omitted_values, *(f"{k} (config)" for k in fitted.omitted_configs)],
-                request_id=request_id(scope),
+                request_id=exchange.request_id,
             )
         )
 
@@ -128,7 +92,6 @@ class BudgetWatch:
         for row in worst_case(self.settings, snapshot.flags, self.headers):
             if row.ratio < ratio:
                 continue
-            self.stats.preflight_over_ratio += 1
             group = groups.get(row.route, [])
             outcomes = [(f.key, largest_outcome(f)) for f in group]
             sizes = sorted(

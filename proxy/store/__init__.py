@@ -1,6 +1,9 @@
-"""Flag stores: where compiled snapshots come from (memory now, Redis later)."""
+"""Flag stores: raw state per source and kind, compiled into immutable snapshots (memory or Redis).
+
+The store imports no source: the composition root hands it a ``Compiler`` (the source registry).
+"""
 
 from proxy.store.base import FlagStore, Snapshot
-from proxy.store.memory import MemoryStore, initial_state
+from proxy.store.memory import MemoryStore
 
-__all__ = ["FlagStore", "MemoryStore", "Snapshot", "initial_state"]
+__all__ = ["FlagStore", "MemoryStore", "Snapshot"]

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.engine import Flag
-from proxy.sources.change import Change
-from proxy.store.state import ApplyResult, RawState, SnapshotBuilder
+from proxy.store.change import Change
+from proxy.store.state import ApplyResult, Compiler, NoSources, RawState, SnapshotBuilder
 
 log = logging.getLogger("flagproxy.store")
 
@@ -74,9 +74,10 @@ class FlagStore(Protocol):
 class SnapshotHolder:
     """The part every store shares: compile raw state, swap the snapshot, tell listeners."""
 
-    def __init__(self) -> None:
+    def __init__(self, compiler: Compiler | None = None) -> None:
         self._snapshot = EMPTY
-        self._builder = SnapshotBuilder()
+        self.compiler: Compiler = compiler or NoSources()
+        self._builder = SnapshotBuilder(self.compiler)
         self._listeners: list[Listener] = []
 
     @property

@@ -4,37 +4,23 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from pathlib import Path
 from typing import Any
 
-from proxy.sources.change import Change
-from proxy.sources.native import load_document
 from proxy.store.base import SnapshotHolder
-from proxy.store.state import ApplyResult, RawState, apply_change, audit_entries
+from proxy.store.change import Change
+from proxy.store.state import ApplyResult, Compiler, RawState, apply_change, audit_entries
 
 log = logging.getLogger("flagproxy.store")
 
 
-def initial_state(path: str | Path, required: bool) -> RawState:
-    """The flags file as raw state; a missing optional file (the default seeds) means no flags."""
-    if not Path(path).exists():
-        if required:
-            raise FileNotFoundError(f"flags file {path} not found")
-        log.warning("no flags file at %s: starting with no flags", path)
-        return RawState()
-    return RawState.from_native_document(load_document(Path(path)))
-
-
 class MemoryStore(SnapshotHolder):
-    def __init__(self, state: RawState | None = None, audit_max: int = 1000) -> None:
-        super().__init__()
+    def __init__(
+        self, state: RawState | None = None, audit_max: int = 1000, compiler: Compiler | None = None
+    ) -> None:
+        super().__init__(compiler)
         self._state = state or RawState()
         self._audit: deque[dict[str, Any]] = deque(maxlen=audit_max)
         self.install(self._state)
-
-    @classmethod
-    def from_document(cls, document: dict[str, Any]) -> MemoryStore:
-        return cls(RawState.from_native_document(document))
 
     @property
     def ready(self) -> bool:

@@ -34,10 +34,9 @@ from redis.exceptions import RedisError
 
 from proxy.config import StoreSettings
 from proxy.metrics import Metrics
-from proxy.sources import SOURCE_KINDS
-from proxy.sources.change import Change
 from proxy.store.base import SnapshotHolder, StoreUnavailable
-from proxy.store.state import ApplyResult, RawState
+from proxy.store.change import Change
+from proxy.store.state import ApplyResult, Compiler, RawState, layout
 
 log = logging.getLogger("flagproxy.store")
 
@@ -183,9 +182,14 @@ def load_snapshot_file(path: str) -> RawState | None:
 
 class RedisStore(SnapshotHolder):
     def __init__(
-        self, settings: StoreSettings, fallback: Callable[[], RawState], metrics: Metrics | None = None
+        self,
+        settings: StoreSettings,
+        fallback: Callable[[], RawState],
+        metrics: Metrics | None = None,
+        compiler: Compiler | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(compiler)
+        self.layout = layout(self.compiler)
         self.metrics = metrics or Metrics()
         self.settings = settings
         self.keys = RedisKeys(settings.redis_prefix, settings.environment)
@@ -209,9 +213,6 @@ class RedisStore(SnapshotHolder):
         self._save_lock = threading.Lock()
         self._saved_version = -1
         self.connected = False
-        self.reconnects = 0
-        self.last_sync: float | None = None
-        self.synced = asyncio.Event()
 
     @property
     def ready(self) -> bool:
@@ -254,7 +255,6 @@ class RedisStore(SnapshotHolder):
                 raise
             except (RedisError, OSError, TimeoutError) as exc:
                 if self.connected:
-                    self.reconnects += 1
                     self.metrics.redis_reconnects.inc()
                 self.connected = False
                 self.metrics.redis_connected.set(0)
@@ -301,7 +301,7 @@ class RedisStore(SnapshotHolder):
                     next_resync = loop.time() + self.settings.resync_interval_s
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -309,24 +309,24 @@ class RedisStore(SnapshotHolder):
         pipe = self.redis.pipeline(transaction=True)
         pipe.get(self.keys.version)
         pipe.exists(self.keys.inited)
-        layout = [(source, kind) for source, kinds in SOURCE_KINDS.items() for kind in kinds]
-        for source, kind in layout:
+        pairs = [(source, kind) for source, kinds in self.layout.items() for kind in kinds]
+        for source, kind in pairs:
             pipe.hgetall(self.keys.data(source, kind))
             pipe.hgetall(self.keys.versions(source, kind))
-        for source in SOURCE_KINDS:
+        for source in self.layout:
             pipe.hgetall(self.keys.meta(source))
         replies = await pipe.execute()
         state = RawState(version=int(replies[0] or 0))
         inited = bool(replies[1])
         at = 2
-        for source, kind in layout:
+        for source, kind in pairs:
             items, versions = replies[at], replies[at + 1]
             at += 2
             if items:
                 state.data.setdefault(source, {})[kind] = items
             if versions:
                 state.item_versions.setdefault(source, {})[kind] = {k: int(v) for k, v in versions.items()}
-        for source in SOURCE_KINDS:
+        for source in self.layout:
             meta = replies[at]
             at += 1
             for name, value in meta.items():
@@ -355,9 +355,7 @@ class RedisStore(SnapshotHolder):
 
     def _synced(self) -> None:
         """This instance holds exactly what Redis holds (after a full read or an applied change)."""
-        self.last_sync = asyncio.get_running_loop().time()
         self.metrics.synced("redis")
-        self.synced.set()
 
     async def _reseed(self) -> None:
         seed = self._last_good
@@ -368,11 +366,11 @@ class RedisStore(SnapshotHolder):
         for source, kinds in seed.data.items():
             for kind, items in kinds.items():
                 hashes[self.keys.data(source, kind)] = items
-        for source, kinds in seed.item_versions.items():
-            for kind, versions in kinds.items():
+        for source, kind_versions in seed.item_versions.items():
+            for kind, versions in kind_versions.items():
                 hashes[self.keys.versions(source, kind)] = {k: str(v) for k, v in versions.items()}
-        for source, kinds in seed.source_versions.items():
-            hashes[self.keys.meta(source)] = {f"{kind}:version": str(v) for kind, v in kinds.items()}
+        for source, by_kind in seed.source_versions.items():
+            hashes[self.keys.meta(source)] = {f"{kind}:version": str(v) for kind, v in by_kind.items()}
         payload = {
             "inited": self.keys.inited,
             "version_key": self.keys.version,
@@ -410,8 +408,8 @@ class RedisStore(SnapshotHolder):
             not reseed
             and self._redis_version is not None
             and version == self._redis_version + 1
-            and source in SOURCE_KINDS
-            and kind in SOURCE_KINDS.get(source, ())
+            and source in self.layout
+            and kind in self.layout.get(source, ())
             and isinstance(keys, list)
         )
         if not incremental:

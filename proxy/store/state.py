@@ -18,17 +18,55 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.engine import Flag, with_override
-from proxy.sources import compile_source
-from proxy.sources.change import Change, now_iso, stored_text
+from proxy.store.change import Change, now_iso
 
 log = logging.getLogger("flagproxy.store")
 
-OVERRIDES = "overrides"
-# Later sources win when two define the same flag key; overrides apply on top of everything.
-PRECEDENCE = ("split", "native")
+OVERRIDES = "overrides"  # kills and promotions (the admin API): applied on top of every source
+OVERRIDE_KINDS = ("flags",)
+
+
+class Compiler(Protocol):
+    """What the store is handed to turn stored items into flags (the source registry implements it).
+
+    The store knows no source: it holds text per source and kind, and asks this.
+    """
+
+    @property
+    def precedence(self) -> tuple[str, ...]:
+        """Sources in precedence order: a later source wins a flag key two of them define."""
+        ...
+
+    @property
+    def kinds(self) -> Mapping[str, tuple[str, ...]]:
+        """The kinds of items each source stores (``flags`` at least)."""
+        ...
+
+    def compile(
+        self, source: str, kinds: Mapping[str, Mapping[str, str]], cache: dict[str, Any]
+    ) -> tuple[dict[str, Flag], dict[str, str]]:
+        """One source's stored items → (flags, {key: problem}); ``cache`` is the source's own."""
+        ...
+
+
+class NoSources:
+    """A compiler that knows no source: raw state is kept, nothing is compiled (store tests)."""
+
+    precedence: tuple[str, ...] = ()
+    kinds: Mapping[str, tuple[str, ...]] = {}
+
+    def compile(
+        self, source: str, kinds: Mapping[str, Mapping[str, str]], cache: dict[str, Any]
+    ) -> tuple[dict[str, Flag], dict[str, str]]:
+        return {}, {}
+
+
+def layout(compiler: Compiler) -> dict[str, tuple[str, ...]]:
+    """Every (source → kinds) the store keeps: the sources', and the overrides."""
+    return {**compiler.kinds, OVERRIDES: OVERRIDE_KINDS}
 
 
 @dataclass
@@ -84,11 +122,6 @@ class RawState:
                 for s, kinds in raw.get("source_versions", {}).items()
             },
         )
-
-    @classmethod
-    def from_native_document(cls, document: Mapping[str, Any]) -> RawState:
-        flags = {key: stored_text(definition) for key, definition in document.get("flags", {}).items()}
-        return cls(version=1 if flags else 0, data={"native": {"flags": flags}})
 
 
 def apply_change(state: RawState, change: Change) -> ApplyResult:
@@ -153,18 +186,19 @@ def audit_entries(change: Change, result: ApplyResult, actions: Mapping[str, str
 class SnapshotBuilder:
     """Compiles raw state into flags; each source reuses what did not change (its own cache)."""
 
-    def __init__(self) -> None:
+    def __init__(self, compiler: Compiler) -> None:
+        self.compiler = compiler
         self._caches: dict[str, dict[str, Any]] = {}
         self._reported: set[tuple[str, str, str]] = set()
 
     def compile(self, state: RawState) -> dict[str, Flag]:
         flags: dict[str, Flag] = {}
-        for source in PRECEDENCE:
+        for source in self.compiler.precedence:
             kinds = state.data.get(source)
             if not kinds or not kinds.get("flags"):
                 continue
             try:
-                compiled, problems = compile_source(source, kinds, self._caches.setdefault(source, {}))
+                compiled, problems = self.compiler.compile(source, kinds, self._caches.setdefault(source, {}))
             except Exception as exc:  # a broken source must not take the others (or the proxy) down
                 compiled, problems = {}, {"*": f"{type(exc).__name__}: {exc}"}
             for key, problem in problems.items():

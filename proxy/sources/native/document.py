@@ -1,4 +1,4 @@
-"""The native format (docs/flags.md): documents are compiled directly by the engine."""
+"""The native format (docs/flags.md): documents, patches and stored items, compiled by the engine."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from proxy.engine import Flag, FlagError, compile_document, compile_flag
-from proxy.sources.change import Change, stored_text
+from proxy.store.change import Change, stored_text
+from proxy.store.state import RawState
 
 log = logging.getLogger("flagproxy.sources.native")
+SOURCE = "native"
 
 
 def parse_document(text: str | bytes, where: str = "document") -> dict[str, Any]:
@@ -34,6 +36,22 @@ def load_document(path: Path) -> dict[str, Any]:
 
 def load_file(path: str | Path) -> dict[str, Flag]:
     return compile_document(parse_document(Path(path).read_bytes(), str(path)))
+
+
+def seed_state(document: Mapping[str, Any]) -> RawState:
+    """A validated document as the store's raw state (the flags file, before any write)."""
+    flags = {key: stored_text(definition) for key, definition in document.get("flags", {}).items()}
+    return RawState(version=1 if flags else 0, data={SOURCE: {"flags": flags}})
+
+
+def initial_state(path: str | Path, required: bool) -> RawState:
+    """The flags file as raw state; a missing optional file (the default seeds) means no flags."""
+    if not Path(path).exists():
+        if required:
+            raise FileNotFoundError(f"flags file {path} not found")
+        log.warning("no flags file at %s: starting with no flags", path)
+        return RawState()
+    return seed_state(load_document(Path(path)))
 
 
 def compile_items(items: Mapping[str, str], cache: dict[str, Any]) -> tuple[dict[str, Flag], dict[str, str]]:
@@ -83,6 +101,18 @@ def reordered_only(old: Any, new: Any) -> bool:
     return old == new and _bucket_orders(old) != _bucket_orders(new)
 
 
+def validated_upsert(key: str, definition: Any, actor: str) -> Change:
+    """One flag written whole (the admin API's PUT); FlagError names the field."""
+    compile_flag(key, definition)
+    version = updated_at_ms(definition)
+    return Change(
+        source=SOURCE,
+        upsert={key: stored_text(definition)},
+        item_versions={key: version} if version is not None else {},
+        actor=actor,
+    )
+
+
 PATCH_FIELDS = frozenset({"upsert", "delete", "version", "note"})
 MAX_VERSION = 2**53 - 1
 SHAPE = 'expected a flags document {"flags": ...} or a patch {"upsert": ..., "delete": [...]}'
@@ -121,7 +151,7 @@ def change_from_payload(payload: Any, actor: str) -> Change:
         compile_document(payload)
         flags = payload["flags"]
         return Change(
-            source="native",
+            source=SOURCE,
             upsert={key: stored_text(d) for key, d in flags.items()},
             replace=True,
             source_version=_document_version(payload),
@@ -144,7 +174,7 @@ def change_from_payload(payload: Any, actor: str) -> Change:
     for key, definition in upsert.items():
         compile_flag(key, definition)
     return Change(
-        source="native",
+        source=SOURCE,
         upsert={key: stored_text(d) for key, d in upsert.items()},
         delete=list(delete),
         source_version=_document_version(payload),

@@ -20,30 +20,22 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from proxy.config import SplitSettings
 from proxy.metrics import Metrics
-from proxy.sources.change import Change, stored_text
+from proxy.sources.split.documents import referenced_segments
+from proxy.sources.split.settings import SplitSettings
+from proxy.store.change import Change, stored_text
 
 if TYPE_CHECKING:
     from proxy.store.base import FlagStore
 
 log = logging.getLogger("flagproxy.split")
 
+SOURCE = "split"
 MAX_PAGES = 100  # a misbehaving API must not keep us paging forever
 
 
 class SplitApiError(Exception):
     """The Split API failed or answered something that is not a splitChanges/segmentChanges body."""
-
-
-@dataclass
-class SyncStats:
-    syncs: int = 0
-    errors: int = 0
-    last_error: str = ""
-    last_success: float | None = None
-    flags_changed: int = 0
-    segments_changed: int = 0
 
 
 @dataclass
@@ -64,6 +56,8 @@ def _page(body: Any, spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Normalise a splitChanges body to spec 1.3 sections ``(ff, rbs)``, each ``{d, s, t}``."""
     if not isinstance(body, dict):
         raise SplitApiError("splitChanges body is not a JSON object")
+    ff: Any
+    rbs: Any
     if spec == "1.1":
         ff = {"d": body.get("splits"), "s": body.get("since"), "t": body.get("till")}
         rbs = {"d": [], "s": -1, "t": -1}
@@ -96,34 +90,6 @@ def _collect(pulled: Pulled, items: Iterable[Any], what: str) -> None:
                 pulled.delete.append(name)
 
 
-def referenced_segments(definitions: Iterable[str]) -> set[str]:
-    """Names of the standard segments that stored flags and rule-based segments refer to."""
-    names: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("matcherType") == "IN_SEGMENT":
-                data = node.get("userDefinedSegmentMatcherData") or {}
-                if isinstance(data.get("segmentName"), str):
-                    names.add(data["segmentName"])
-            excluded = node.get("excluded")
-            if isinstance(excluded, dict):
-                for segment in excluded.get("segments") or []:
-                    standard = isinstance(segment, dict) and segment.get("type", "standard") == "standard"
-                    if standard and isinstance(segment.get("name"), str):
-                        names.add(segment["name"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    for text in definitions:
-        with contextlib.suppress(ValueError):
-            walk(json.loads(text))
-    return names
-
-
 class SplitSync:
     def __init__(
         self,
@@ -141,7 +107,6 @@ class SplitSync:
         self._task: asyncio.Task[None] | None = None
         self._spec = "1.3"
         self._lock = asyncio.Lock()
-        self.stats = SyncStats()
 
     @property
     def enabled(self) -> bool:
@@ -174,9 +139,7 @@ class SplitSync:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # counted and logged; the last good definitions stay
-                self.stats.errors += 1
-                self.stats.last_error = str(exc)
-                self.metrics.split_syncs.labels("error").inc()
+                self.metrics.source_synced(SOURCE, ok=False)
                 log.error("Split sync failed: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.interval_s)
@@ -184,7 +147,7 @@ class SplitSync:
     # --- one pull ---------------------------------------------------------------------------------
 
     def _stored(self, kind: str) -> int:
-        return self.store.snapshot.raw.source_versions.get("split", {}).get(kind, -1)
+        return self.store.snapshot.raw.source_versions.get(SOURCE, {}).get(kind, -1)
 
     async def _get(self, path: str, params: dict[str, Any]) -> httpx.Response:
         assert self._client is not None
@@ -215,10 +178,7 @@ class SplitSync:
         async with self._lock:
             await self._sync_flags()
             await self._sync_segments()
-            self.stats.syncs += 1
-            self.stats.last_success = asyncio.get_running_loop().time()
-            self.metrics.split_syncs.labels("ok").inc()
-            self.metrics.synced("split")
+            self.metrics.source_synced(SOURCE, ok=True)
 
     async def _sync_flags(self) -> None:
         since, rb_since = self._stored("flags"), self._stored("rbsegments")
@@ -241,28 +201,26 @@ class SplitSync:
         if pulled.till <= stored and not pulled.upsert and not pulled.delete:
             return
         change = Change(
-            source="split",
+            source=SOURCE,
             kind=kind,
             upsert=pulled.upsert,
             delete=pulled.delete,
             source_version=pulled.till if pulled.till > stored else None,
             item_versions=pulled.versions,
-            actor="split",
+            actor=SOURCE,
         )
         result = await self.store.apply(change)
         if result.status == "stale":
             log.info("Split %s at %d already stored (%s)", kind, pulled.till, result.stored_source_version)
         elif result.changed:
-            if kind == "flags":
-                self.stats.flags_changed += len(result.changed)
             changed = ", ".join(result.changed)
             log.info("Split %s changed: %s (store version %d)", kind, changed, result.version)
 
     async def _sync_segments(self) -> None:
         raw = self.store.snapshot.raw
-        texts = [*raw.items("split", "flags").values(), *raw.items("split", "rbsegments").values()]
-        stored_members = raw.items("split", "segments")
-        stored_tills = raw.item_versions.get("split", {}).get("segments", {})
+        texts = [*raw.items(SOURCE, "flags").values(), *raw.items(SOURCE, "rbsegments").values()]
+        stored_members = raw.items(SOURCE, "segments")
+        stored_tills = raw.item_versions.get(SOURCE, {}).get("segments", {})
         for name in sorted(referenced_segments(texts)):
             since = stored_tills.get(name, -1)
             members: set[str] = set(json.loads(stored_members[name])) if name in stored_members else set()
@@ -282,14 +240,13 @@ class SplitSync:
                 raise SplitApiError(f"segmentChanges/{name} did not settle within {MAX_PAGES} pages")
             if till > since:
                 change = Change(
-                    source="split",
+                    source=SOURCE,
                     kind="segments",
                     upsert={name: json.dumps(sorted(members), separators=(",", ":"))},
                     item_versions={name: till},
-                    actor="split",
+                    actor=SOURCE,
                 )
-                result = await self.store.apply(change)
-                self.stats.segments_changed += len(result.changed)
+                await self.store.apply(change)
 
     async def _segment_changes(self, name: str, since: int) -> dict[str, Any]:
         response = await self._get(f"/segmentChanges/{name}", {"since": since})

@@ -1,0 +1,40 @@
+"""The control plane: one Starlette app under the reserved prefix (default ``/__flags``).
+
+    /healthz, /readyz      probes.py     liveness and readiness
+    /metrics               metrics.py    Prometheus exposition
+    /webhooks/<source>     each source's own package (Source.webhook_routes)
+    /api/flags...          flags.py      read and change flags, kill / promote / restore
+    /api/evaluate          evaluate.py   a caller's flags and why, through the data plane's fitter
+    /api/audit             audit.py      who changed what
+
+``/api`` sits behind bearer-token middleware (``[admin] token``; without one it does not exist).
+Errors are raised as ``HTTPProblem`` and answered by one registered handler (``problems.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Mount
+
+from proxy.control import audit, evaluate, flags, metrics, probes
+from proxy.control.auth import BearerAuth
+from proxy.control.deps import ControlDeps
+from proxy.control.problems import HANDLERS
+
+
+def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    api = Mount(
+        "/api",
+        routes=[*flags.ROUTES, *evaluate.ROUTES, *audit.ROUTES],
+        middleware=[Middleware(BearerAuth, token=deps.settings.admin.token)],
+    )
+    routes = [*probes.ROUTES, *metrics.ROUTES, Mount("/webhooks", routes=list(webhook_routes)), api]
+    app = Starlette(
+        routes=[Mount(deps.settings.server.control_prefix, routes=routes)],
+        exception_handlers=dict(HANDLERS),
+    )
+    app.state.deps = deps
+    return app

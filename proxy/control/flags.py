@@ -1,0 +1,125 @@
+"""``/__flags/api/flags``: read and change flags; kill, promote and restore (the overrides).
+
+Writes go to the native source (the admin API writes flagproxy's own format); a flag another source
+defines is read-only here, apart from its overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.control.bodies import read_json
+from proxy.control.deps import ControlDeps, deps_of
+from proxy.control.problems import HTTPProblem
+from proxy.control.webhooks import apply, result_response
+from proxy.engine import FlagError
+from proxy.sources.native.document import SOURCE as NATIVE
+from proxy.sources.native.document import validated_upsert
+from proxy.store.change import Change, stored_text
+from proxy.store.state import OVERRIDES
+
+
+def describe(deps: ControlDeps, key: str) -> dict[str, Any] | None:
+    """The stored definition that serves ``key`` (the winning source), with its override if any."""
+    raw = deps.store.snapshot.raw
+    for source in reversed(deps.precedence):
+        text = raw.items(source).get(key)
+        if text is not None:
+            out: dict[str, Any] = {"key": key, "source": source, "definition": json.loads(text)}
+            override = raw.items(OVERRIDES).get(key)
+            if override is not None:
+                out["override"] = json.loads(override)
+            return out
+    return None
+
+
+def unknown(key: str) -> HTTPProblem:
+    return HTTPProblem(404, "unknown_flag", f"no flag {key!r}")
+
+
+async def list_flags(request: Request) -> Response:
+    deps = deps_of(request)
+    snapshot = deps.store.snapshot
+    flags = {key: describe(deps, key) for key in sorted(snapshot.flags)}
+    return JSONResponse({"version": snapshot.version, "flags": flags})
+
+
+async def get_flag(request: Request) -> Response:
+    deps, key = deps_of(request), request.path_params["key"]
+    found = describe(deps, key)
+    if found is None:
+        raise unknown(key)
+    return JSONResponse({**found, "version": deps.store.snapshot.version})
+
+
+async def put_flag(request: Request) -> Response:
+    deps, key = deps_of(request), request.path_params["key"]
+    definition = await read_json(request, deps.settings.webhooks.max_body_bytes)
+    try:
+        change = validated_upsert(key, definition, actor="admin")
+    except FlagError as exc:
+        raise HTTPProblem(422, "invalid_flags", str(exc), field=exc.path) from None
+    return result_response(await apply(deps.store, change), 200)
+
+
+async def delete_flag(request: Request) -> Response:
+    deps, key = deps_of(request), request.path_params["key"]
+    found = describe(deps, key)
+    if found is None:
+        raise unknown(key)
+    if found["source"] != NATIVE:
+        raise HTTPProblem(409, "not_native", f"{key!r} comes from {found['source']}: change it there")
+    store = deps.store
+    result = await apply(store, Change(source=NATIVE, delete=[key], actor="admin"))
+    if key in store.snapshot.raw.items(OVERRIDES):
+        # A kill or promotion belongs to the flag: it must not come back with a new flag of that name.
+        result = await apply(store, Change(source=OVERRIDES, delete=[key], actor="admin", action="restore"))
+    return result_response(result, 200)
+
+
+async def kill_flag(request: Request) -> Response:
+    deps, key = deps_of(request), request.path_params["key"]
+    if key not in deps.store.snapshot.flags:
+        raise unknown(key)
+    change = Change(source=OVERRIDES, upsert={key: stored_text({"kill": True})}, actor="admin", action="kill")
+    return result_response(await apply(deps.store, change), 200)
+
+
+async def promote_flag(request: Request) -> Response:
+    deps, key = deps_of(request), request.path_params["key"]
+    flag = deps.store.snapshot.flags.get(key)
+    if flag is None:
+        raise unknown(key)
+    body = await read_json(request, deps.settings.webhooks.max_body_bytes)
+    variant = body.get("variant") if isinstance(body, dict) else None
+    if isinstance(variant, str) and isinstance(flag.default.value, bool) and variant in ("true", "false"):
+        variant = variant == "true"
+    if variant is None or flag.outcome(variant) is None:
+        choices = ", ".join(json.dumps(s.value) for s in flag.served)
+        raise HTTPProblem(422, "unknown_variant", f'body must be {{"variant": one of {choices}}}')
+    change = Change(
+        source=OVERRIDES, upsert={key: stored_text({"promote": variant})}, actor="admin", action="promote"
+    )
+    return result_response(await apply(deps.store, change), 200)
+
+
+async def restore_flag(request: Request) -> Response:
+    deps, key = deps_of(request), request.path_params["key"]
+    change = Change(source=OVERRIDES, delete=[key], actor="admin", action="restore")
+    return result_response(await apply(deps.store, change), 200)
+
+
+ROUTES = [
+    Route("/flags", list_flags, methods=["GET"]),
+    Route("/flags/{key}", get_flag, methods=["GET"]),
+    Route("/flags/{key}", put_flag, methods=["PUT"]),
+    Route("/flags/{key}", delete_flag, methods=["DELETE"]),
+    Route("/flags/{key}/kill", kill_flag, methods=["POST"]),
+    Route("/flags/{key}/promote", promote_flag, methods=["POST"]),
+    Route("/flags/{key}/restore", restore_flag, methods=["POST"]),
+]

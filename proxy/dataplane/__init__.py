@@ -1,0 +1,1 @@
+"""The forwarding path: context, flag resolution, header fitting, upstream, one Exchange per request."""
