@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -955,3 +956,31 @@ def served_flags(
     assert response.status_code == 200, (response.status_code, response.text)
     header = origin.only_request_to(target).value("X-Feature-Flags")
     return json.loads(header) if header else {}
+
+
+# --- the proxy in this process -------------------------------------------------------------------------
+
+
+class InProcessProxy:
+    """A ``FlagProxy`` app served by uvicorn in a thread of the test process (to plug in test
+    observers or sources); ``with`` starts and stops it."""
+
+    def __init__(self, app: Any, port: int) -> None:
+        self.app = app
+        self.port = port
+        config = uvicorn.Config(app, host=LOCALHOST, port=port, lifespan="on", log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCALHOST}:{self.port}"
+
+    def __enter__(self) -> InProcessProxy:
+        self.thread.start()
+        wait_for(lambda: self.server.started, timeout=20, what="the in-process proxy")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)

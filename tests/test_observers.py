@@ -15,8 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from support import LOCALHOST, RawOrigin, free_port, wait_for
+from support import LOCALHOST, InProcessProxy, RawOrigin, free_port, wait_for
 
 from proxy.app import FlagProxy
 from proxy.config import load_settings
@@ -62,28 +61,6 @@ class Blocking:
     def observe(self, exchange: Exchange) -> None:
         self.entered.set()
         self.release.wait(30)
-
-
-class InProcessProxy:
-    def __init__(self, app: FlagProxy, port: int) -> None:
-        self.app = app
-        self.port = port
-        config = uvicorn.Config(app, host=LOCALHOST, port=port, lifespan="on", log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.port}"
-
-    def __enter__(self) -> InProcessProxy:
-        self.thread.start()
-        wait_for(lambda: self.server.started, timeout=20, what="the in-process proxy")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
 
 
 def serve(origin_url: str, tmp_path: Path, observers: list[Any]) -> InProcessProxy:
