@@ -9,6 +9,7 @@ request is over the exchange goes to the observers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from proxy.alerts import Alerter
@@ -181,9 +182,9 @@ class FlagProxy:
         for sync in self.syncs.values():
             await sync.close()
         await self.forwarder.close()
+        await asyncio.to_thread(self.observers.close)  # queued observers may still raise alerts
         await self.store.close()
         await self.alerter.close()
-        self.observers.close()
         process_exiting()
 
     async def lifespan(self, receive: Receive, send: Send) -> None:

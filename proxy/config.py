@@ -167,7 +167,8 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     origins: tuple[OriginSettings, ...] = ()
-    sources: Mapping[str, Any] = field(default_factory=dict)  # [name] sections the flag sources own
+    # [name] sections the flag sources own; Settings() alone gets each source's defaults
+    sources: Mapping[str, Any] = field(default_factory=lambda: {n: t() for n, t in source_sections().items()})
 
     def section(self, name: str) -> Any:
         """A source's own settings section (None when it has none)."""
@@ -441,6 +442,11 @@ def validate(settings: Settings) -> None:
         )
 
     st = settings.store
+    _check(
+        "native" in st.sources,
+        f"[store] sources: must include 'native' (the flags file and the admin API write it), "
+        f"got {list(st.sources)}",
+    )
     for name in ("resync_interval_s", "redis_timeout_s", "reconnect_max_s"):
         _check(getattr(st, name) > 0, f"[store] {name}: must be positive, got {getattr(st, name)}")
     _check(st.audit_max > 0, f"[store] audit_max: must be positive, got {st.audit_max}")

@@ -25,7 +25,9 @@ REASONS = {
 
 
 def error_body(error: str, detail: str, **extra: Any) -> bytes:
-    return json.dumps({"error": error, "detail": detail, **extra}).encode()
+    """Compact UTF-8 JSON, as Starlette's JSONResponse writes every other control-plane body."""
+    body = {"error": error, "detail": detail, **extra}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def error_headers(body: bytes, request_id: str = "") -> list[Header]:

@@ -189,3 +189,5 @@ def test_an_unknown_source_in_the_precedence_list_is_a_config_error(tmp_path: Pa
     )
     with pytest.raises(ConfigError, match=r"\[store\] sources: unknown source 'unleash'"):
         FlagProxy(settings)
+    with pytest.raises(ConfigError, match=r"\[store\] sources: must include 'native'"):
+        load_settings(env={"FLAGPROXY_STORE_SOURCES": "split"})

@@ -88,7 +88,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         flags = DEFAULT.load_file(args.source, args.flags, args.segments)
-    except ValueError as exc:  # FlagError and an unknown --source included
+    except UnknownSource as exc:
+        print(f"flagproxy: --source: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:  # FlagError included
         print(f"flagproxy: invalid flags in {args.flags}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     ordered = [flags[k] for k in sorted(flags)]

@@ -26,10 +26,11 @@ from proxy.control.problems import HANDLERS
 
 
 def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    api_routes = [*flags.ROUTES, *evaluate.ROUTES, *audit.ROUTES]
     api = Mount(
         "/api",
-        routes=[*flags.ROUTES, *evaluate.ROUTES, *audit.ROUTES],
-        middleware=[Middleware(BearerAuth, token=deps.settings.admin.token)],
+        routes=api_routes,
+        middleware=[Middleware(BearerAuth, token=deps.settings.admin.token, routes=api_routes)],
     )
     routes = [*probes.ROUTES, *metrics.ROUTES, Mount("/webhooks", routes=list(webhook_routes)), api]
     app = Starlette(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 
 from starlette.requests import Request
+from starlette.routing import BaseRoute, Match
 
 from proxy.asgi import App, Receive, Scope, Send
 from proxy.control.problems import problem_response
@@ -17,25 +19,29 @@ def bearer_matches(authorization: str, token: str) -> bool:
 
 
 class BearerAuth:
-    """Lets a request through with the right token; 401 otherwise.
+    """Lets a request for one of ``routes`` through with the right token; 401 otherwise.
 
     With no token configured the routes behind it do not exist (404): a disabled API answers like an
-    absent one. ``what`` names the token in the 401 detail.
+    absent one. Requests that match no route (404), or a route but not its method (405), go on to
+    the router untouched, as if the routes themselves checked the token.
     """
 
-    def __init__(self, app: App, token: str, what: str = "admin", disabled_detail: str = "") -> None:
+    def __init__(self, app: App, token: str, routes: Sequence[BaseRoute], what: str = "admin") -> None:
         self.app = app
         self.token = token
+        self.routes = routes
         self.what = what
-        self.disabled_detail = disabled_detail
+
+    def guarded(self, scope: Scope) -> bool:
+        return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not self.guarded(scope):
             await self.app(scope, receive, send)
             return
         request = Request(scope)
         if not self.token:
-            detail = self.disabled_detail or f"no control endpoint {request.url.path}"
+            detail = f"no control endpoint {request.url.path}"
             await problem_response(404, "not_found", detail)(scope, receive, send)
             return
         if not bearer_matches(request.headers.get("authorization", ""), self.token):

@@ -72,7 +72,8 @@ class Observers:
         self._stopping = True
         self._wake.set()
         thread.join(timeout_s)
-        self._thread = None
+        if not thread.is_alive():
+            self._thread = None
 
     def finish(self, exchange: Exchange) -> None:
         """The request is over: ``exchange`` is complete and goes to every observer."""

@@ -64,7 +64,9 @@ class Registry:
 
     @property
     def kinds(self) -> Mapping[str, tuple[str, ...]]:
-        return {source.name: source.kinds for source in self.sources}
+        """Every known source's kinds, enabled or not: a store shared with instances that enable
+        other sources keeps (and re-seeds) their items too."""
+        return {source.name: source.kinds for source in self.known.values()}
 
     def compile(self, source: str, kinds: Mapping[str, Mapping[str, str]], cache: dict[str, Any]) -> Compiled:
         return self.get(source).compile(kinds, cache)

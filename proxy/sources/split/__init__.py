@@ -172,7 +172,7 @@ class SplitSource:
     def sync(self, context: SyncContext) -> Sync | None:
         from proxy.sources.split.sync import SplitSync  # the HTTP client only where the proxy runs
 
-        return SplitSync(context.section, context.store, metrics=context.metrics)
+        return SplitSync(context.section or SplitSettings(), context.store, metrics=context.metrics)
 
     def webhook_routes(self) -> list[BaseRoute]:
         from proxy.sources.split.webhook import ROUTES
