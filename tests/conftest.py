@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ProxyProcess, RawOrigin, RedisServer, unique_namespace
+from support import ProxyProcess, RawOrigin, RedisServer, close_http_clients, unique_namespace
+
+
+@pytest.fixture(scope="session", autouse=True)
+def http_clients() -> Iterator[None]:
+    """The per-thread keep-alive clients of ``support.http_client`` are closed when the session ends."""
+    yield
+    close_http_clients()
 
 
 @pytest.fixture(scope="module")

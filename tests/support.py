@@ -936,6 +936,8 @@ def wait_for(
 
 _probe_ids = itertools.count(1)
 _http = threading.local()
+_http_clients: list[httpx.Client] = []  # kept until close_http_clients(): a worker thread's client
+_http_lock = threading.Lock()  # must not reach the garbage collector with its sockets open
 
 
 def http_client() -> httpx.Client:
@@ -944,7 +946,17 @@ def http_client() -> httpx.Client:
     client = getattr(_http, "client", None)
     if client is None:
         client = _http.client = httpx.Client(timeout=10)
+        with _http_lock:
+            _http_clients.append(client)
     return client
+
+
+def close_http_clients() -> None:
+    """Close every thread's client (the end of the session)."""
+    with _http_lock:
+        clients, _http_clients[:] = list(_http_clients), []
+    for client in clients:
+        client.close()
 
 
 def served_flags(
