@@ -127,6 +127,16 @@ class Alerter:
         if self._own_client and self._client is not None:
             await self._client.aclose()
 
+    def cooling_down(self, origin: str, route: str, condition: str) -> bool:
+        """Would an alert for this key be suppressed now? (Counted as suppressed when it would.) Lets a
+        caller skip building an alert — sorting flags by size — that would not be sent anyway."""
+        last = self._last.get((origin, route, condition))
+        if last is None or time.monotonic() - last >= self.settings.cooldown_s:
+            return False
+        self.stats.suppressed += 1
+        self.metrics.alert(condition, "suppressed")
+        return True
+
     def notify(self, alert: Alert) -> bool:
         """Queue ``alert`` unless the same condition fired for this origin and route within the cooldown."""
         key = (alert.origin, alert.route, alert.condition)

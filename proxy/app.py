@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from proxy.alerts import Alerter
 from proxy.asgi import Message, Receive, Scope, Send
@@ -19,11 +20,11 @@ from proxy.control.app import build_control_app
 from proxy.control.deps import ControlDeps
 from proxy.dataplane.context import ContextBuilder
 from proxy.dataplane.exchange import Exchange
-from proxy.dataplane.forward import Forwarder
+from proxy.dataplane.forward import Forwarder, ProxyExchange
 from proxy.dataplane.header_fit import FlagHeaders
-from proxy.dataplane.header_rules import request_id_of
-from proxy.dataplane.protocol import new_request_id
+from proxy.dataplane.messages import RequestHead
 from proxy.dataplane.resolver import FlagResolver
+from proxy.errors import send_error
 from proxy.metrics import Metrics, forget_dead_workers, process_exiting
 from proxy.observers.access_log import AccessLog
 from proxy.observers.base import Observer, Observers
@@ -35,6 +36,9 @@ from proxy.sources.registry import DEFAULT, Registry, UnknownSource
 from proxy.store import FlagStore, MemoryStore
 from proxy.store.base import Snapshot
 from proxy.store.state import RawState
+
+if TYPE_CHECKING:
+    from proxy.dataplane.client_side import ClientConnection
 
 log = logging.getLogger("flagproxy")
 
@@ -135,32 +139,29 @@ class FlagProxy:
         self.metrics.snapshot_installed(snapshot.version, len(snapshot.flags), snapshot.raw.source_versions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI side uvicorn sees: the lifespan. Requests arrive through the connection protocol
+        (``proxy.dataplane.client_side.ClientConnection``), which calls ``proxied`` and
+        ``control_exchange``; an ASGI server without it reaches the control plane only."""
         kind = scope["type"]
         if kind == "http":
-            await self.exchange(scope, receive, send)
+            path: str = scope["path"]
+            if path.startswith(self.control_prefix_slash) or path == self.control_prefix:
+                await self.control(scope, receive, send)
+            else:
+                detail = "proxied requests are served by flagproxy's connection protocol (flagproxy serve)"
+                await send_error(send, 501, "not_served_here", detail)
         elif kind == "lifespan":
             await self.lifespan(receive, send)
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1003})
 
-    async def exchange(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """One request, start to end: its Exchange is created here and handed to the observers."""
-        path: str = scope["path"]
-        client = scope.get("client")
-        exchange = Exchange(
-            scope["method"],
-            path,
-            client[0] if client else None,
-            request_id_of(scope["headers"]) or new_request_id(),
-        )
-        try:
-            if path.startswith(self.control_prefix_slash) or path == self.control_prefix:
-                exchange.control = True
-                await self.control(scope, receive, with_request_id(send, exchange.request_id, exchange))
-            else:
-                await self.forwarder(scope, receive, send, exchange)
-        finally:
-            self.observers.finish(exchange)
+    def proxied(self, client: ClientConnection, head: RequestHead, exchange: Exchange) -> ProxyExchange:
+        """What serves one proxied request (the connection protocol calls it per request head)."""
+        return ProxyExchange(self.forwarder, client, head, exchange)
+
+    async def control_exchange(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
+        """One control-plane request; the connection hands the exchange to the observers after it."""
+        await self.control(scope, receive, with_request_id(send, exchange.request_id, exchange))
 
     async def startup(self) -> None:
         forget_dead_workers()

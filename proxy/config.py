@@ -37,6 +37,11 @@ class ServerSettings:
     control_prefix: str = "/__flags"
     max_request_head_bytes: int = 65536
     shutdown_grace_s: float = 10.0
+    header_timeout_s: float = 30.0  # a client's request head must arrive within this (408 + close)
+    body_idle_timeout_s: float = 60.0  # longest silence inside a request body (0 = none)
+    send_idle_timeout_s: float = 60.0  # longest a client may keep its receive window shut (0 = none)
+    keepalive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 10000  # open client connections per worker; beyond it refused (503)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,10 @@ class UpstreamSettings:
     pool_timeout_s: float = 10.0
     pool_limit: int = 256
     keepalive_timeout_s: float = 15.0
+    stream_idle_timeout_s: float = 300.0  # silence between response body chunks (0 = none)
+    total_timeout_s: float = 0.0  # the whole exchange, request head to response end (0 = none)
+    max_response_head_bytes: int = 65536  # the origin's status line and headers
+    forward_expect: bool = False  # pass Expect: 100-continue on instead of answering it
 
 
 @dataclass(frozen=True)
@@ -148,9 +157,34 @@ class OriginSettings:
     rewrite_host: bool | None = None
     connect_timeout_s: float | None = None
     read_timeout_s: float | None = None
+    stream_idle_timeout_s: float | None = None
+    total_timeout_s: float | None = None
+    body_idle_timeout_s: float | None = None
+    send_idle_timeout_s: float | None = None
     pool_limit: int | None = None
     header_limit_bytes: int | None = None
     header_reserve_bytes: int | None = None
+
+
+ROUTE_TIMEOUTS = (
+    "read_timeout_s",
+    "stream_idle_timeout_s",
+    "total_timeout_s",
+    "body_idle_timeout_s",
+    "send_idle_timeout_s",
+)
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """A ``[[routes]]`` table: timeouts for the paths matching ``path`` (a glob, as flag routes)."""
+
+    path: str
+    read_timeout_s: float | None = None
+    stream_idle_timeout_s: float | None = None
+    total_timeout_s: float | None = None
+    body_idle_timeout_s: float | None = None
+    send_idle_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +201,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     origins: tuple[OriginSettings, ...] = ()
+    routes: tuple[RouteSettings, ...] = ()
     # [name] sections the flag sources own; Settings() alone gets each source's defaults
     sources: Mapping[str, Any] = field(default_factory=lambda: {n: t() for n, t in source_sections().items()})
 
@@ -178,7 +213,7 @@ class Settings:
 SECTIONS: dict[str, type] = {
     f.name: typing.get_type_hints(Settings)[f.name]
     for f in dataclasses.fields(Settings)
-    if f.name not in ("origins", "sources")
+    if f.name not in ("origins", "routes", "sources")
 }
 
 
@@ -289,6 +324,17 @@ def _origin_from_table(index: int, table: Any) -> OriginSettings:
     return origin
 
 
+def _route_from_table(index: int, table: Any) -> RouteSettings:
+    where = f"[[routes]] #{index + 1}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    path = table.get("path")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"{where} path: a glob starting with '/' is required, got {path!r}")
+    route: RouteSettings = _apply(where, RouteSettings(path=""), table, from_text=False)
+    return route
+
+
 # --- loading --------------------------------------------------------------------------------------
 
 
@@ -321,7 +367,7 @@ def load_settings(
     sections = {name: getattr(settings, name) for name in SECTIONS}
     sections.update({name: kind() for name, kind in plugins.items()})
     for name, value in file_data.items():
-        if name == "origins":
+        if name in ("origins", "routes"):
             continue
         if name not in sections:
             raise ConfigError(f"[{name}]: unknown section")
@@ -358,9 +404,14 @@ def load_settings(
     if origins:
         origin_list = tuple(parse_origin_spec(s) for s in origins)
 
+    raw_routes = file_data.get("routes", [])
+    if not isinstance(raw_routes, list):
+        raise ConfigError("[[routes]]: expected an array of tables")
+    route_list = tuple(_route_from_table(i, t) for i, t in enumerate(raw_routes))
+
     core = {name: section for name, section in sections.items() if name in SECTIONS}
     own = {name: section for name, section in sections.items() if name not in SECTIONS}
-    settings = Settings(**core, origins=origin_list, sources=own)
+    settings = Settings(**core, origins=origin_list, routes=route_list, sources=own)
     validate(settings)
     for section in own.values():
         check = getattr(section, "validate", None)
@@ -390,11 +441,30 @@ def validate(settings: Settings) -> None:
     )
     _check(s.max_request_head_bytes > 0, "[server] max_request_head_bytes: must be positive")
     _check(s.shutdown_grace_s >= 0, "[server] shutdown_grace_s: must not be negative")
+    for name in ("header_timeout_s", "keepalive_timeout_s"):
+        _check(getattr(s, name) > 0, f"[server] {name}: must be positive, got {getattr(s, name)}")
+    for name in ("body_idle_timeout_s", "send_idle_timeout_s"):
+        _check(getattr(s, name) >= 0, f"[server] {name}: must not be negative (0 = none)")
+    _check(s.max_connections > 0, f"[server] max_connections: must be positive, got {s.max_connections}")
 
     u = settings.upstream
     for name in ("connect_timeout_s", "read_timeout_s", "pool_timeout_s", "keepalive_timeout_s"):
         _check(getattr(u, name) > 0, f"[upstream] {name}: must be positive, got {getattr(u, name)}")
     _check(u.pool_limit > 0, f"[upstream] pool_limit: must be positive, got {u.pool_limit}")
+    for name in ("stream_idle_timeout_s", "total_timeout_s"):
+        _check(getattr(u, name) >= 0, f"[upstream] {name}: must not be negative (0 = none)")
+    _check(
+        u.max_response_head_bytes >= 1024,
+        f"[upstream] max_response_head_bytes: must be at least 1024, got {u.max_response_head_bytes}",
+    )
+    for i, origin in enumerate(settings.origins):
+        for name in ("connect_timeout_s", "read_timeout_s", *ROUTE_TIMEOUTS):
+            value = getattr(origin, name, None)
+            _check(value is None or value >= 0, f"[[origins]] #{i + 1} {name}: must not be negative")
+    for i, route in enumerate(settings.routes):
+        for name in ROUTE_TIMEOUTS:
+            value = getattr(route, name)
+            _check(value is None or value >= 0, f"[[routes]] #{i + 1} {name}: must not be negative")
 
     for cidr in settings.proxy.trusted_proxies:
         try:

@@ -14,6 +14,7 @@ from proxy.asgi import Header, Send
 REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
+    405: b"Method Not Allowed",
     408: b"Request Timeout",
     413: b"Content Too Large",
     431: b"Request Header Fields Too Large",
@@ -45,10 +46,15 @@ async def send_error(send: Send, status: int, error: str, detail: str, request_i
     return len(body)
 
 
-def error_response_bytes(status: int, error: str, detail: str, request_id: str = "") -> bytes:
-    """The same answer as raw HTTP/1.1 bytes, closing the connection (the protocol layer's refusals)."""
+def error_response_bytes(
+    status: int, error: str, detail: str, request_id: str = "", close: bool = True
+) -> bytes:
+    """The same answer as raw HTTP/1.1 bytes (the data plane's own answers), by default closing the
+    connection (after a framing error the byte stream cannot be trusted)."""
     body = error_body(error, detail)
     head = b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error"))
     for name, value in error_headers(body, request_id):
         head += name + b": " + value + b"\r\n"
-    return head + b"connection: close\r\n\r\n" + body
+    if close:
+        head += b"connection: close\r\n"
+    return head + b"\r\n" + body

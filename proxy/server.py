@@ -14,7 +14,7 @@ from typing import Any
 import uvicorn
 
 from proxy.config import ConfigError, Settings, load_settings
-from proxy.dataplane.protocol import ProxyHttpProtocol
+from proxy.dataplane.client_side import ClientConnection
 from proxy.logs import logging_config
 
 log = logging.getLogger("flagproxy")
@@ -36,13 +36,10 @@ def app_from_environment() -> Any:
 
 
 def build_app(settings: Settings) -> Any:
-    """The app, with the protocol set up for it (head limit, rejections counted in its metrics)."""
+    """The app; ``ClientConnection`` finds it through uvicorn's config and serves its requests."""
     from proxy.app import FlagProxy
 
-    ProxyHttpProtocol.max_head_bytes = settings.server.max_request_head_bytes
-    app = FlagProxy(settings)  # also validates flags and settings before anything listens
-    ProxyHttpProtocol.on_reject = app.metrics.rejected
-    return app
+    return FlagProxy(settings)  # also validates flags and settings before anything listens
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client (and proxy.metrics)
@@ -62,7 +59,7 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
         "host": settings.server.host,
         "port": settings.server.port,
         "loop": "uvloop",
-        "http": ProxyHttpProtocol,
+        "http": ClientConnection,  # proxied traffic at the protocol level, control plane via ASGI
         "lifespan": "on",
         "access_log": False,  # the proxy writes its own ([log] access_log)
         "server_header": False,

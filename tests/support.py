@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 import uvicorn
 
+from proxy.dataplane.client_side import ClientConnection
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
@@ -980,7 +982,9 @@ class InProcessProxy:
     def __init__(self, app: Any, port: int) -> None:
         self.app = app
         self.port = port
-        config = uvicorn.Config(app, host=LOCALHOST, port=port, lifespan="on", log_level="warning")
+        config = uvicorn.Config(
+            app, host=LOCALHOST, port=port, lifespan="on", log_level="warning", http=ClientConnection
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -1,32 +1,38 @@
-"""The parts of uvicorn's httptools protocol that ``proxy.dataplane.protocol`` relies on.
+"""The parts of uvicorn that ``proxy.dataplane.client_side.ClientConnection`` relies on.
 
-pyproject.toml pins uvicorn to the versions this was checked with; this test fails first when a
-uvicorn within (or beyond) the pin no longer has them, instead of a proxy failing under traffic.
+uvicorn builds its ``http`` protocol class with ``config``, ``server_state``, ``app_state`` and
+``_loop``, keeps live connections in ``server_state.connections`` and calls ``shutdown()`` on each
+when it stops, waits for ``server_state.tasks``. pyproject.toml pins the minor version these were
+checked on; this fails on a uvicorn that changed them.
 """
 
 from __future__ import annotations
 
 import inspect
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import uvicorn.server
+from uvicorn.server import Server, ServerState
 
-from proxy.dataplane.protocol import UVICORN_PRIVATE_API, ProxyHttpProtocol
-
-
-def test_uvicorn_still_has_every_private_method_the_protocol_calls() -> None:
-    missing = [name for name in UVICORN_PRIVATE_API if not callable(getattr(HttpToolsProtocol, name, None))]
-    assert missing == []
+from proxy.dataplane.client_side import ClientConnection
 
 
-def test_the_overridden_callbacks_exist_with_the_same_signature() -> None:
-    for name in ("on_message_begin", "on_url", "on_header", "on_headers_complete", "data_received"):
-        ours, theirs = getattr(ProxyHttpProtocol, name), getattr(HttpToolsProtocol, name)
-        assert ours is not theirs, name
-        assert list(inspect.signature(ours).parameters) == list(inspect.signature(theirs).parameters), name
+def test_uvicorn_builds_the_protocol_with_the_arguments_it_takes() -> None:
+    source = inspect.getsource(Server.startup)
+    for argument in ("config=config", "server_state=self.server_state", "app_state=", "_loop=_loop"):
+        assert argument in source, argument
+    parameters = inspect.signature(ClientConnection).parameters
+    assert list(parameters) == ["config", "server_state", "app_state", "_loop"]
 
 
-def test_every_private_name_the_protocol_uses_is_declared() -> None:
-    source = inspect.getsource(ProxyHttpProtocol)
-    used = {name for name in dir(HttpToolsProtocol) if name.startswith("_") and not name.startswith("__")}
-    called = {name for name in used if f"self.{name}(" in source}
-    assert called <= set(UVICORN_PRIVATE_API)
+def test_uvicorn_tracks_connections_and_tasks_in_the_server_state() -> None:
+    state = ServerState()
+    assert isinstance(state.connections, set) and isinstance(state.tasks, set)
+    assert state.total_requests == 0
+
+
+def test_uvicorn_shuts_connections_down_and_waits_for_them() -> None:
+    source = inspect.getsource(Server.shutdown) + inspect.getsource(Server._wait_tasks_to_complete)
+    assert "connection.shutdown()" in source
+    assert "self.server_state.connections" in source and "self.server_state.tasks" in source
+    assert callable(ClientConnection.shutdown)
+    assert uvicorn.server.__name__ == "uvicorn.server"

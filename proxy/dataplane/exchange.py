@@ -43,7 +43,9 @@ class Exchange:
     bytes_sent: int = 0  # response body bytes sent to the client
     upstream_latency_s: float | None = None  # request sent → origin's response head
     upstream_error: str | None = None  # timeout, connect or other, when the origin did not answer
-    client_gone: bool = False  # the client left while the proxy waited for the origin
+    client_gone: bool = False  # the client left before its response was complete
+    cut: str | None = None  # why a started response was cut short (stream_idle, total, send_idle, ...)
+    upgraded: bool = False  # switched protocols (101) and tunnelled
     duration_s: float = 0.0  # set when the exchange ends
 
     @property

@@ -1,8 +1,16 @@
-"""Data plane: forward one request to its origin, streaming both ways, flags added on the way.
+"""Data plane: one proxied exchange, from the client's request head to the end of the response.
 
-Read top to bottom: route → resolve flags → rewrite request headers → fit the flag headers into the
-budget → send upstream → rewrite response headers → stream the body back. Everything that happens is
-written into the request's ``Exchange``; the observers read it when the request is over.
+Read top to bottom: route → resolve flags → rewrite the request head → fit the flag headers into the
+budget → take an upstream connection → write the head (the bytes the budget measured) and relay the
+body → relay the response head and body back → done (or the one error path, ``fail``). Everything
+that happens is written into the request's ``Exchange``; the observers read it when it is over.
+
+The exchange is driven by hooks, not a coroutine: the client side (``client_side.ClientConnection``)
+calls ``start``, ``request_body``, ``request_end``, ``client_paused``, ``client_lost``; the upstream
+side (``upstream_side.UpstreamConnection`` and its ``Pool``) calls ``upstream_ready``,
+``upstream_failed``, ``response_head``, ``response_body``, ``response_end``, ``response_lost``,
+``upstream_paused``. Timeouts are one timer per phase (body → read → stream) plus the total and the
+send-idle timers; each fires into the same error path.
 """
 
 from __future__ import annotations
@@ -11,299 +19,560 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import aiohttp
-from yarl import URL
-
-from proxy.asgi import Header, Receive, Scope, Send
 from proxy.config import Settings
 from proxy.dataplane.exchange import NO_ROUTE, Exchange
 from proxy.dataplane.header_fit import FlagHeaders
-from proxy.dataplane.header_rules import BadRequest, RequestRules, has_body, response_headers
+from proxy.dataplane.header_rules import BadRequest, RequestRules, response_lines
+from proxy.dataplane.messages import RequestHead
 from proxy.dataplane.resolver import Resolver
-from proxy.dataplane.upstream import Origin, Router, head_size
-from proxy.errors import send_error
+from proxy.dataplane.upstream import Origin, Router, Timeouts
+from proxy.dataplane.upstream_side import Pool, UpstreamConnection
+from proxy.errors import error_response_bytes
 from proxy.origin import sign
+
+if TYPE_CHECKING:
+    from proxy.dataplane.client_side import ClientConnection
 
 log = logging.getLogger("flagproxy.forward")
 
-
-class ClientGone(Exception):
-    """The downstream client disconnected while we were reading its request body."""
-
-
-class RequestBody:
-    """The client's request body as an async iterator, streamed to the origin chunk by chunk."""
-
-    __slots__ = ("complete", "receive")
-
-    def __init__(self, receive: Receive) -> None:
-        self.receive = receive
-        self.complete = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            chunk = message.get("body", b"")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                self.complete = True
-                return
-
-
-async def wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class DisconnectWatch:
-    """While a request waits for its origin: after ``after_s`` (fast answers cost one timer), and once
-    its body (if any) is all read, watch for the client leaving and cancel the wait when it does (499).
-    Until the body is complete the body reader is the one calling ``receive`` and notices instead."""
-
-    after_s = 0.05
-    __slots__ = ("_body", "_exchange", "_handle", "_receive", "_task", "_waiting", "_watcher")
-
-    def __init__(self, exchange: Exchange, receive: Receive, body: RequestBody | None) -> None:
-        self._exchange = exchange
-        self._receive = receive
-        self._body = body
-        self._task = asyncio.current_task()
-        self._waiting = True
-        self._watcher: asyncio.Future[None] | None = None
-        self._handle = asyncio.get_running_loop().call_later(self.after_s, self._start)
-
-    def _start(self) -> None:
-        if not self._waiting:
-            return
-        if self._body is not None and not self._body.complete:
-            self._handle = asyncio.get_running_loop().call_later(self.after_s, self._start)
-        else:
-            self._watcher = asyncio.ensure_future(wait_for_disconnect(self._receive))
-            self._watcher.add_done_callback(self._gone)
-
-    def _gone(self, watcher: asyncio.Future[None]) -> None:
-        if watcher.cancelled() or watcher.exception() is not None:
-            return
-        if self._waiting and self._task is not None:
-            self._exchange.client_gone = True
-            self._task.cancel()
-
-    def stop(self) -> None:
-        self._waiting = False
-        self._handle.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
+BUFFER_LIMIT = 1 << 16  # request body bytes held while no upstream connection is ready
+RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})  # idempotent
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# phases of the per-exchange idle timer
+IDLE, BODY, READ, STREAM = 0, 1, 2, 3
 
 
 class Forwarder:
-    """The raw ASGI handler for proxied traffic (no framework objects on this path)."""
+    """What every proxied exchange shares: routes, pools, the resolver, the header rules."""
 
-    def __init__(self, settings: Settings, resolver: Resolver, flag_headers: FlagHeaders) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: Resolver,
+        flag_headers: FlagHeaders,
+        finish: Callable[[Exchange], None] = lambda exchange: None,
+    ) -> None:
         self.router = Router.from_settings(settings)
+        self.pools: dict[int, Pool] = {}
         self.resolver = resolver
         self.flag_headers = flag_headers
+        self.finish = finish  # the observers get the exchange
         self.signature_secret = settings.header.signature_secret
-        self.signature_name = flag_headers.names.signature
+        self.signature_name = flag_headers.names.signature.encode("latin-1")
+        self.forward_expect = settings.upstream.forward_expect
         self.rules = RequestRules(
             is_reserved=flag_headers.is_reserved,
             trusted=tuple(ipaddress.ip_network(c, strict=False) for c in settings.proxy.trusted_proxies),
             via_name=settings.proxy.via,
+            forward_expect=settings.upstream.forward_expect,
         )
 
     async def start(self) -> None:
-        for origin in self.router.origins:
-            await origin.open()
+        self.pools = {id(origin): Pool(origin) for origin in self.router.origins}
 
     async def close(self) -> None:
-        for origin in self.router.origins:
-            await origin.close()
+        for pool in self.pools.values():
+            pool.close()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        origin = self.router.match(raw_path)
-        if origin is None or origin.session is None:
+    def pool(self, origin: Origin) -> Pool:
+        pool = self.pools.get(id(origin))
+        if pool is None:  # served before startup (tests driving the protocol directly)
+            pool = self.pools[id(origin)] = Pool(origin)
+        return pool
+
+
+class ProxyExchange:
+    """One request forwarded to its origin."""
+
+    def __init__(
+        self, forwarder: Forwarder, client: ClientConnection, head: RequestHead, exchange: Exchange
+    ) -> None:
+        self.fw = forwarder
+        self.client = client
+        self.head = head
+        self.exchange = exchange
+        self.loop = asyncio.get_running_loop()
+        self.origin: Origin | None = None
+        self.pool_: Pool | None = None
+        self.timeouts: Timeouts | None = None
+        self.up: UpstreamConnection | None = None
+        self.request_head = b""
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.request_done = not head.has_body
+        self.finished = False
+        self.reused = False
+        self.retried = False
+        self.sent_continue = False
+        self.tunnel = False
+        self.keep = head.keep_alive  # keep the client connection after this exchange
+        self.to_client_chunked = False
+        self.response_extra: list[tuple[bytes, bytes]] = []
+        self.sent_at = 0.0
+        self._phase = IDLE
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._total: asyncio.TimerHandle | None = None
+        self._send_idle: asyncio.TimerHandle | None = None
+
+    # --- the request -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Route, resolve, rewrite, fit, then ask the pool for a connection."""
+        fw, head, exchange = self.fw, self.head, self.exchange
+        origin = fw.router.match(head.raw_path)
+        if origin is None:
             exchange.origin_label = NO_ROUTE
-            detail = "no origin is configured for this path"
-            exchange.bytes_sent = await send_error(send, 404, "no_route", detail, exchange.request_id)
-            exchange.status = 404
+            self.fail(404, "no_route", "no origin is configured for this path")
             return
+        self.origin = origin
         exchange.origin = origin
         exchange.origin_label = origin.label
-        try:
-            exchange.status = await self.forward(scope, receive, send, exchange, origin, raw_path)
-        except asyncio.CancelledError:
-            if exchange.client_gone:
-                exchange.status = 499  # DisconnectWatch stopped the wait: nobody to answer
-            else:
-                exchange.status = await self.cut_short(send, exchange)
+        self.timeouts = timeouts = origin.timeouts_for(head.path)
 
-    @staticmethod
-    async def cut_short(send: Send, exchange: Exchange) -> int:
-        """uvicorn cancels what still runs when the shutdown grace period ends: say so in JSON (503)
-        when the response has not started, else end here (the client sees a cut body)."""
-        log.warning(
-            "shutdown grace period over: request cut short", extra={"request_id": exchange.request_id}
-        )
-        if exchange.response_started:
-            return exchange.status
-        detail = "the proxy is shutting down and the origin did not answer within the grace period"
-        exchange.bytes_sent = await send_error(send, 503, "shutting_down", detail, exchange.request_id)
-        return 503
-
-    async def fail(self, send: Send, exchange: Exchange, status: int, error: str, detail: str) -> int:
-        """The one error path: a JSON answer to the client, its size in the exchange."""
-        exchange.bytes_sent = await send_error(send, status, error, detail, exchange.request_id)
-        return status
-
-    async def forward(
-        self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, origin: Origin, raw_path: bytes
-    ) -> int:
-        """Forward one request; the status the client got (499 when it left before a response)."""
-        resolution = self.resolver.resolve(scope)
+        resolution = fw.resolver.resolve(head.scope)
         exchange.context = resolution.context
-        exchange.resolved = resolution.resolved
-        request_id = exchange.request_id
+        self.response_extra = resolution.response_headers
+        request_id = exchange.request_id.encode("ascii")
         try:
-            headers = self.rules.rewrite(scope, origin.netloc, origin.rewrite_host, request_id)
+            lines = fw.rules.rewrite(
+                head.headers,
+                head.lowered,
+                head.client_ip,
+                head.version,
+                origin.netloc,
+                origin.rewrite_host,
+                request_id,
+                head.upgrade,
+            )
         except BadRequest as exc:
-            return await self.fail(send, exchange, 400, "bad_request", str(exc))
-        body = RequestBody(receive) if has_body(scope["headers"]) else None
-        target = origin.target(raw_path, scope.get("query_string", b""))
-        method = scope["method"]
+            self.fail(400, "bad_request", str(exc))
+            return
+        if head.chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        target = origin.target(head.raw_path, head.query) if head.target != b"*" else b"*"
+        request_line = head.method + b" " + target + b" HTTP/1.1\r\n"
+        size = len(request_line) + sum(map(len, lines)) + 2
 
-        head = head_size(method, target, headers, body is not None)
-        signing_at = int(time.time()) if self.signature_secret else 0
-        signature_name = self.signature_name
+        signing_at = int(time.time()) if fw.signature_secret else 0
+        method = head.method.decode("latin-1")
+        target_text = target.decode("latin-1")
         if signing_at:  # room for <name>-Signature: t=…,m=…,v1=<64 hex>,p=<target>
-            head += len(signature_name) + 4 + len(f"t={signing_at},m={method},v1=,p={target}") + 64
-        fitted = self.flag_headers.fit(resolution.resolved, origin.budget - head)
+            size += len(fw.signature_name) + 4 + len(f"t={signing_at},m={method},v1=,p={target_text}") + 64
+        fitted, exchange.resolved = fw.flag_headers.fit_plan(
+            resolution.plan, resolution.context, origin.budget - size
+        )
         exchange.fitted = fitted
-        for name, value in fitted.headers:
-            headers.append((name.decode("latin-1"), value.decode("ascii")))
+        flag_lines = [name + b": " + value + b"\r\n" for name, value in fitted.headers]
         flag_bytes = fitted.size
         if signing_at:
-            names = self.flag_headers
+            names = fw.flag_headers
             values = {name: value.decode("ascii") for name, value in fitted.headers}
             signature = sign(
-                self.signature_secret,
+                fw.signature_secret,
                 signing_at,
                 method,
-                target,
+                target_text,
                 values.get(names.name, ""),
                 values.get(names.config_name, ""),
                 values.get(names.omitted_name, ""),
-            )
-            headers.append((signature_name, signature))
-            flag_bytes += len(signature_name) + 4 + len(signature)
+            ).encode("ascii")
+            flag_lines.append(fw.signature_name + b": " + signature + b"\r\n")
+            flag_bytes += len(fw.signature_name) + 4 + len(signature)
         exchange.flag_header_bytes = flag_bytes
-        exchange.head_bytes = head + fitted.size
-        url = URL(origin.base + target, encoded=True)
+        self.request_head = request_line + b"".join(lines) + b"".join(flag_lines) + b"\r\n"
+        exchange.head_bytes = len(self.request_head)
 
-        started = time.perf_counter()
-        # A slow origin: notice a client that leaves meanwhile and stop waiting for the origin.
-        watch = DisconnectWatch(exchange, receive, body)
-        try:
-            response = await origin.session.request(  # type: ignore[union-attr]  # open while routed
-                method,
-                url,
-                headers=headers,
-                data=body.__aiter__() if body is not None else None,
-                allow_redirects=False,
-                compress=False,
-            )
-        except ClientGone:
-            return 499
-        except TimeoutError:
-            exchange.upstream_error = "timeout"
-            return await self.fail(
-                send, exchange, 504, "gateway_timeout", "the origin did not answer in time"
-            )
-        except aiohttp.ClientConnectorError as exc:
-            exchange.upstream_error = "connect"
-            reason = exc.os_error.strerror or exc
-            return await self.fail(send, exchange, 502, "bad_gateway", f"origin unreachable: {reason}")
-        except (aiohttp.ClientError, OSError) as exc:
-            if body is not None and isinstance(exc.__cause__, ClientGone):
-                return 499
-            exchange.upstream_error = "other"
-            log.warning(
-                "upstream request failed: %s: %s",
-                type(exc).__name__,
-                exc,
-                extra={"request_id": request_id, "origin": origin.label},
-            )
-            detail = f"origin request failed: {type(exc).__name__}"
-            return await self.fail(send, exchange, 502, "bad_gateway", detail)
-        finally:
-            watch.stop()
-        exchange.upstream_latency_s = time.perf_counter() - started
+        if timeouts.total:
+            self._total = self.loop.call_later(timeouts.total, self._total_over)
+        if not self.request_done:
+            self._enter(BODY)
+        self.pool_ = fw.pool(origin)
+        self.pool_.acquire(self, timeouts.connect, timeouts.pool, fresh=head.upgrade is not None)
 
-        try:
-            await self.stream_response(receive, send, exchange, response, body, resolution.response_headers)
-        finally:
-            response.release()
-        return response.status
+    def request_body(self, chunk: bytes) -> None:
+        self._last = self.loop.time()
+        self.request_body_raw(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.head.chunked else chunk)
 
-    async def stream_response(
-        self,
-        receive: Receive,
-        send: Send,
-        exchange: Exchange,
-        response: aiohttp.ClientResponse,
-        body: RequestBody | None,
-        extra_headers: list[Header],
+    def request_end(self) -> None:
+        self.request_done = True
+        if self.head.chunked:
+            self.request_body_raw(b"0\r\n\r\n")
+        if self.up is not None and self._phase == BODY:
+            self._enter(READ)
+            self.sent_at = time.perf_counter()
+
+    def request_body_raw(self, data: bytes) -> None:
+        """Bytes for the origin as they are: written now, or held (bounded) until a connection is ready."""
+        if self.up is not None:
+            self.up.write(data)
+        elif not self.finished:
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            if self.pending_bytes > BUFFER_LIMIT:
+                self.client.pause_reading("buffer")
+
+    # --- the upstream connection -----------------------------------------------------------------
+
+    def upstream_ready(self, conn: UpstreamConnection, reused: bool) -> None:
+        if self.finished:  # the client left while we waited: the connection is untouched
+            if conn.pool is not None:
+                conn.pool.release(conn, True)
+            else:
+                conn.close()
+            return
+        assert self.origin is not None
+        self.up = conn
+        self.reused = reused
+        conn.begin(self, self.head.method == b"HEAD", self.origin.max_response_head_bytes)
+        if self.pending:
+            conn.write(self.request_head + b"".join(self.pending))
+            self.pending = []
+            self.pending_bytes = 0
+            self.client.resume_reading("buffer")
+        else:
+            conn.write(self.request_head)
+        head = self.head
+        if (
+            head.expect_continue
+            and not self.fw.forward_expect
+            and not self.request_done
+            and head.version == b"1.1"
+            and not self.sent_continue
+        ):
+            self.sent_continue = True  # ready for the body now: ask the client for it
+            self.client.write(CONTINUE)
+        if self.request_done:
+            self.sent_at = time.perf_counter()
+            self._enter(READ)
+
+    def upstream_failed(self, status: int, error: str, detail: str, reason: str) -> None:
+        if self.finished:
+            return
+        self.exchange.upstream_error = reason
+        self.fail(status, error, detail)
+
+    def upstream_paused(self, paused: bool) -> None:
+        if paused:
+            self.client.pause_reading("upstream")
+        else:
+            self.client.resume_reading("upstream")
+
+    # --- the response ----------------------------------------------------------------------------
+
+    def response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
     ) -> None:
-        headers = response_headers(response.raw_headers)
-        if extra_headers:
-            headers.extend(extra_headers)
-        headers.append((b"x-request-id", exchange.request_id.encode("ascii")))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        exchange.status = response.status
+        head, exchange, client = self.head, self.exchange, self.client
+        if status < 200 and status != 101:  # interim: relayed to HTTP/1.1 clients
+            if head.version == b"1.1" and not (status == 100 and self.sent_continue):
+                lines, _, _ = response_lines(headers, upgrade=False)
+                client.write(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, b"".join(lines)))
+                if status == 100:
+                    self.sent_continue = True
+            return
+        if exchange.upstream_latency_s is None and self.sent_at:
+            exchange.upstream_latency_s = time.perf_counter() - self.sent_at
+        upgraded = status == 101 and head.upgrade is not None
+        lines, length, chunked = response_lines(headers, upgrade=upgraded)  # ValueError: 502
+        if status == 101 and not upgraded:
+            raise ValueError("101 Switching Protocols to a request that asked for no upgrade")
+        if head.upgrade is not None and not upgraded:
+            self.keep = False  # the client may already be speaking the new protocol
+        if self.client.closing:
+            self.keep = False
+        no_body = head.method == b"HEAD" or status in (204, 304)
+        if upgraded:
+            pass
+        elif no_body:
+            if chunked and head.version == b"1.1" and head.method == b"HEAD":
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif length is None:
+            if head.version == b"1.1":
+                self.to_client_chunked = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.keep = False  # HTTP/1.0: the body ends when the connection does
+        if not upgraded:
+            if not self.keep:
+                lines.append(b"Connection: close\r\n")
+            elif head.version == b"1.0":
+                lines.append(b"Connection: keep-alive\r\n")
+        for name, value in self.response_extra:
+            lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"X-Request-Id: " + exchange.request_id.encode("ascii") + b"\r\n")
+        client.write(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, b"".join(lines)))
+        exchange.status = status
         exchange.response_started = True
+        if upgraded:
+            self._start_tunnel()
+        else:
+            self._enter(STREAM)
 
-        content = response.content
-        try:
-            chunk = await content.readany()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+    def response_body(self, chunk: bytes) -> None:
+        self._last = self.loop.time()
+        self.exchange.bytes_sent += len(chunk)
+        if self.to_client_chunked:
+            self.client.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self.client.write(chunk)
+
+    def response_end(self, reusable: bool) -> None:
+        if self.finished:
+            return
+        if self.to_client_chunked:
+            self.client.write(b"0\r\n\r\n")
+        up, self.up = self.up, None
+        if up is not None:
+            reusable = reusable and self.request_done and not self.tunnel
+            if up.pool is not None:
+                up.pool.release(up, reusable)
+            else:
+                up.close()
+        if not self.request_done:
+            self.keep = False  # the client is still sending a body nobody reads
+        self._finish()
+
+    def response_lost(self, why: str, got_bytes: bool) -> None:
+        """The upstream connection broke (or sent garbage) before the response was complete."""
+        self.up = None
+        if self.finished:
+            return
+        exchange = self.exchange
+        if self.tunnel:
+            self._finish()
+            return
+        head = self.head
+        if (
+            not got_bytes
+            and self.reused
+            and not self.retried
+            and head.method in RETRYABLE
+            and not head.has_body
+            and self.pool_ is not None
+            and self.timeouts is not None
+        ):
+            self.retried = True  # a pooled connection that died unused: once more on a fresh one
+            self.reused = False
+            self.pool_.acquire(self, self.timeouts.connect, self.timeouts.pool)
+            return
+        exchange.upstream_error = "other"
+        if not exchange.response_started:
             log.warning(
-                "origin response broke before its body: %s",
-                type(exc).__name__,
-                extra={"request_id": exchange.request_id},
+                "upstream request failed: %s",
+                why,
+                extra={"request_id": exchange.request_id, "origin": exchange.origin_label},
             )
-            return
-        if content.at_eof():
-            await send({"type": "http.response.body", "body": chunk})
-            exchange.bytes_sent = len(chunk)
-            return
+            self.fail(502, "bad_gateway", why)
+        else:
+            self._cut("upstream_closed", why)
 
-        # A longer body: watch for the client going away so the upstream connection is freed at once.
-        watcher = None
-        if body is None or body.complete:
-            watcher = asyncio.ensure_future(wait_for_disconnect(receive))
-            watcher.add_done_callback(lambda task: None if task.cancelled() else response.close())
-        sent = 0
-        try:
-            while chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                sent += len(chunk)
-                if watcher is not None and watcher.done():
-                    return
-                chunk = await content.readany()
-            await send({"type": "http.response.body", "body": b""})
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            if watcher is None or not watcher.done():
-                # Headers are out: the only honest signal left is an incomplete response.
-                log.warning(
-                    "origin response broke mid-body: %s",
-                    type(exc).__name__,
-                    extra={"request_id": exchange.request_id},
+    # --- the client connection -------------------------------------------------------------------
+
+    def client_paused(self, paused: bool) -> None:
+        """The client stopped (or started again) reading what we send."""
+        up = self.up
+        if paused:
+            if up is not None:
+                up.pause()
+            send_idle = self.timeouts.send_idle if self.timeouts is not None else 0
+            if send_idle and self._send_idle is None:
+                self._send_idle = self.loop.call_later(send_idle, self._send_idle_over)
+        else:
+            if up is not None:
+                up.resume()
+            if self._send_idle is not None:
+                self._send_idle.cancel()
+                self._send_idle = None
+
+    def client_lost(self) -> None:
+        if self.finished:
+            return
+        exchange = self.exchange
+        exchange.client_gone = True
+        if not exchange.response_started:
+            exchange.status = 499
+        if self.pool_ is not None:
+            self.pool_.cancel(self)
+        up, self.up = self.up, None
+        if up is not None:
+            up.user = None
+            up.abort()  # mid-exchange: the connection cannot be reused
+        self.keep = False
+        self._finish()
+
+    def shutdown(self) -> None:
+        """The shutdown grace period is over and this exchange still runs."""
+        if self.finished:
+            return
+        log.warning(
+            "shutdown grace period over: request cut short", extra={"request_id": self.exchange.request_id}
+        )
+        if not self.exchange.response_started:
+            detail = "the proxy is shutting down and the origin did not answer within the grace period"
+            self.keep = False
+            self.fail(503, "shutting_down", detail)
+        else:
+            self._cut("shutdown", "shutting down")
+
+    # --- tunnels (Upgrade) -----------------------------------------------------------------------
+
+    def upgrading(self) -> bool:
+        """The client's bytes after an Upgrade request's head go to the origin as they are."""
+        if self.head.upgrade is None:
+            return False
+        self.keep = False
+        self.request_done = True  # nothing more is parsed: from here on it is a byte stream
+        if self.up is not None and self._phase == BODY:
+            self.sent_at = time.perf_counter()
+            self._enter(READ)
+        return True
+
+    def _start_tunnel(self) -> None:
+        self.tunnel = True
+        self.exchange.upgraded = True
+        self.keep = False
+        self._enter(STREAM)
+
+    def tunnel_data(self, data: bytes) -> None:
+        """Bytes from the origin after the 101."""
+        self._last = self.loop.time()
+        self.exchange.bytes_sent += len(data)
+        self.client.write(data)
+
+    def tunnel_eof(self) -> None:
+        self.client.write_eof()
+
+    def client_tunnel_data(self, data: bytes) -> None:
+        self._last = self.loop.time()
+        self.request_body_raw(data)
+
+    def client_tunnel_eof(self) -> None:
+        up = self.up
+        if up is not None and up.transport is not None and up.transport.can_write_eof():
+            up.transport.write_eof()
+
+    # --- timers ----------------------------------------------------------------------------------
+
+    def _limit(self) -> float:
+        t = self.timeouts
+        if t is None:
+            return 0.0
+        phase = self._phase
+        if phase == BODY:
+            return t.body_idle
+        if phase == READ:
+            return t.read
+        if phase == STREAM:
+            return t.stream_idle
+        return 0.0
+
+    def _enter(self, phase: int) -> None:
+        self._phase = phase
+        self._last = self.loop.time()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        limit = self._limit()
+        if limit:
+            self._timer = self.loop.call_later(limit, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.finished:
+            return
+        limit = self._limit()
+        if not limit:
+            return
+        now = self.loop.time()
+        due = self._last + limit
+        if self._phase == BODY and self.client.reading_paused():
+            due = now + limit  # we stopped reading: the client is not the one being slow
+        if due > now + 0.001:
+            self._timer = self.loop.call_later(due - now, self._tick)
+            return
+        phase, exchange = self._phase, self.exchange
+        if phase == BODY:
+            if exchange.response_started:
+                self._cut("body_idle", "the request body stalled")
+            else:
+                self.keep = False
+                self.fail(
+                    408, "body_timeout", f"the request body stalled for {limit:g} s (body_idle_timeout_s)"
                 )
-        finally:
-            exchange.bytes_sent = sent
-            if watcher is not None:
-                watcher.cancel()
+        elif phase == READ:
+            exchange.upstream_error = "timeout"
+            self.fail(
+                504, "gateway_timeout", f"the origin did not answer within {limit:g} s (read_timeout_s)"
+            )
+        else:
+            exchange.upstream_error = "stream_idle"
+            self._cut("stream_idle", f"no bytes for {limit:g} s (stream_idle_timeout_s)")
+
+    def _total_over(self) -> None:
+        self._total = None
+        if self.finished:
+            return
+        self.exchange.upstream_error = "total"
+        if self.exchange.response_started:
+            self._cut("total", "total_timeout_s")
+        else:
+            assert self.timeouts is not None
+            detail = f"the exchange took longer than {self.timeouts.total:g} s (total_timeout_s)"
+            self.fail(504, "gateway_timeout", detail)
+
+    def _send_idle_over(self) -> None:
+        self._send_idle = None
+        if not self.finished:
+            self._cut("send_idle", "the client stopped reading (send_idle_timeout_s)")
+
+    # --- the ends --------------------------------------------------------------------------------
+
+    def fail(self, status: int, error: str, detail: str) -> None:
+        """The one error path: a JSON answer to the client (the response had not started)."""
+        exchange = self.exchange
+        if not self.request_done:
+            self.keep = False  # an unread body follows: the connection cannot carry another request
+        body = error_response_bytes(status, error, detail, exchange.request_id, close=not self.keep)
+        self.client.write(body)
+        exchange.status = status
+        exchange.response_started = True
+        exchange.bytes_sent = len(body) - body.index(b"\r\n\r\n") - 4
+        self._drop_upstream()
+        self._finish()
+
+    def _cut(self, why: str, detail: str) -> None:
+        """The response started and cannot finish: the client sees it incomplete (no last chunk)."""
+        exchange = self.exchange
+        exchange.cut = why
+        log.warning(
+            "response cut: %s",
+            detail,
+            extra={"request_id": exchange.request_id, "origin": exchange.origin_label, "cut": why},
+        )
+        self.keep = False
+        self._drop_upstream()
+        self.client.abort()
+        self._finish()
+
+    def _drop_upstream(self) -> None:
+        if self.pool_ is not None:
+            self.pool_.cancel(self)
+        up, self.up = self.up, None
+        if up is not None:
+            up.user = None
+            up.abort()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        for timer in (self._timer, self._total, self._send_idle):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._total = self._send_idle = None
+        self.pending = []
+        self.client.exchange_done(self, self.keep)

@@ -5,17 +5,24 @@
 
 When the whole request head would exceed the budget, entries are dropped deterministically —
 configs before values, lowest ``priority`` first, ties by key — and
-``X-Feature-Flags-Omitted: <n>`` tells the origin how many entries (configs and values) are missing.
-Each header stays valid JSON. Sizes are wire bytes: ``name: value\\r\\n`` per header line.
+``X-Feature-Flags-Omitted: <n>`` tells the origin how many flags did not arrive whole: flags whose
+value was left out, plus flags whose value arrived without its config. Each header stays valid JSON.
+Sizes are wire bytes: ``name: value\\r\\n`` per header line.
+
+``fit_plan`` gives the same headers as evaluating every flag and then ``fit``: it evaluates in keep
+order (``TrimPlan``) and stops as soon as the values alone cannot fit, so a path with thousands of
+flags costs what the few hundred that fit cost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxy.asgi import Header
 from proxy.engine import Flag, Served
+from proxy.engine.plan import TrimPlan
 from proxy.origin import DEFAULT_NAMES, FlagHeaderNames
 
 Resolved = Sequence[tuple[Flag, Served]]
@@ -37,13 +44,27 @@ class Fitted:
 
     headers: list[Header]
     size: int  # wire bytes of ``headers``
-    omitted_values: list[str] = field(default_factory=list)
+    _omitted_values: list[str] = field(default_factory=list)
     omitted_configs: list[str] = field(default_factory=list)
     over_budget: bool = False  # the request does not fit even without flag headers
+    # fit_plan: the flags never evaluated, as plan.keep[cut:] (kept by reference, listed on demand)
+    _plan: TrimPlan | None = None
+    _cut: int = 0
+
+    @property
+    def omitted_values(self) -> list[str]:
+        """Keys of the flags whose value was left out."""
+        if self._plan is None:
+            return self._omitted_values
+        return [*self._omitted_values, *(f.key for f in self._plan.keep[self._cut :])]
 
     @property
     def omitted(self) -> int:
-        return len(self.omitted_values) + len(self.omitted_configs)
+        """Flags that did not arrive whole (value left out, or value without its config)."""
+        left_out = len(self._omitted_values)
+        if self._plan is not None:
+            left_out += self._plan.count - self._cut
+        return left_out + len(self.omitted_configs)
 
 
 class FlagHeaders:
@@ -105,7 +126,7 @@ class FlagHeaders:
         self, resolved: Resolved, values: list[str], configs: list[tuple[int, str]], available: int
     ) -> Fitted:
         """Drop entries in a fixed order until the headers fit."""
-        total = len(values) + len(configs)
+        total = len(values)  # the count never exceeds the number of flags
         omitted_line = line_size(self.omitted_name, len(str(total)))  # room for the count, at most
         order = sorted(range(len(resolved)), key=lambda i: (resolved[i][0].priority, resolved[i][0].key))
         keep_value = [True] * len(values)
@@ -133,20 +154,69 @@ class FlagHeaders:
             value_count -= 1
 
         keys = [flag.key for flag, _ in resolved]
-        omitted_configs = [keys[i] for i, _ in configs if i not in keep_config]
-        omitted_values = [keys[i] for i in range(len(values)) if not keep_value[i]]
         if current() > available:  # not even an empty object fits: no flag headers at all
-            headers = [(self.omitted_name, str(total).encode("ascii"))]
-            return Fitted(
-                headers,
-                line_size(self.omitted_name, len(str(total))),
-                omitted_values=keys,
-                omitted_configs=[keys[i] for i, _ in configs],
-                over_budget=True,
-            )
+            return self._over_budget(keys)
+        # a config counts only when its flag's value was sent (a flag left out counts once)
+        omitted_configs = [keys[i] for i, _ in configs if i not in keep_config and keep_value[i]]
+        omitted_values = [keys[i] for i in range(len(values)) if not keep_value[i]]
         kept_values = [v for i, v in enumerate(values) if keep_value[i]]
         kept_configs = [c for i, c in configs if i in keep_config]
         omitted = len(omitted_values) + len(omitted_configs)
         headers = self._headers(kept_values, kept_configs, omitted)
         size = sum(line_size(n, len(v)) for n, v in headers)
         return Fitted(headers, size, omitted_values, omitted_configs)
+
+    def _over_budget(self, keys: list[str], plan: TrimPlan | None = None) -> Fitted:
+        total = plan.count if plan is not None else len(keys)
+        headers = [(self.omitted_name, str(total).encode("ascii"))]
+        size = line_size(self.omitted_name, len(str(total)))
+        if plan is not None:
+            return Fitted(headers, size, [], [], over_budget=True, _plan=plan, _cut=0)
+        return Fitted(headers, size, keys, [], over_budget=True)
+
+    def fit_plan(
+        self, plan: TrimPlan, context: Mapping[str, Any], available: int
+    ) -> tuple[Fitted, list[tuple[Flag, Served]]]:
+        """Evaluate ``plan``'s flags for ``context`` and fit them into ``available`` bytes: the same
+        headers as ``fit`` over every flag in key order, evaluating only the flags that can matter.
+        Also returns what was evaluated (keep order)."""
+        keep, count = plan.keep, plan.count
+        name_room = available - line_size(self.name, 2)  # the value object's members and commas
+        reserve = line_size(self.omitted_name, len(str(count)))
+        evaluated: list[tuple[Flag, Served]] = []
+        entries: list[tuple[str, str | None]] = []
+        members = -1  # bytes of the values' members plus commas
+        fit_until = -1  # the longest keep-order prefix whose values fit with the count line
+        for i, flag in enumerate(keep):
+            served = flag.evaluate(context)
+            evaluated.append((flag, served))
+            entry = flag.entries.get(id(served)) or flag.entry(served)
+            entries.append(entry)
+            members += len(entry[0]) + 1
+            if fit_until < 0 and members + reserve > name_room:
+                fit_until = i  # keep[:i] fits with the count line; keep[:i+1] does not
+            if members > name_room:  # even without the count line and configs: trimming for sure
+                if fit_until < 0:
+                    fit_until = i
+                return self._values_prefix(plan, entries, fit_until, available, reserve), evaluated
+        # every value fits (with the count line): the budget bounds how many flags these are
+        ordered: list[tuple[Flag, Served]] = [evaluated[0]] * count if count else []
+        for i, pair in enumerate(evaluated):
+            ordered[plan.position[i]] = pair
+        return self.fit(ordered, available), evaluated
+
+    def _values_prefix(
+        self, plan: TrimPlan, entries: list[tuple[str, str | None]], kept: int, available: int, reserve: int
+    ) -> Fitted:
+        """Phase two of the trim: no configs, the first ``kept`` values in keep order."""
+        if reserve + line_size(self.name, 2) > available and kept == 0:
+            return self._over_budget([], plan)
+        position = plan.position
+        order = sorted(range(kept), key=position.__getitem__)
+        values = [entries[i][0] for i in order]
+        keys = plan.keep
+        omitted_configs = [keys[i].key for i in order if entries[i][1] is not None]
+        omitted = plan.count - kept + len(omitted_configs)
+        headers = self._headers(values, [], omitted)
+        size = sum(line_size(n, len(v)) for n, v in headers)
+        return Fitted(headers, size, [], omitted_configs, _plan=plan, _cut=kept)

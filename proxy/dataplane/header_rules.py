@@ -1,9 +1,16 @@
 """Header rules as data: what never crosses the proxy, what the proxy sets, and the two rewrites.
 
-- Hop-by-hop headers (RFC 9110 §7.6.1) and every header a ``Connection`` header names are dropped in
-  both directions.
-- ``X-Forwarded-*`` / ``Forwarded`` are kept only from trusted peers; the proxy adds its own.
-- The flag header family is the proxy's: whatever a client sends under those names is dropped.
+Headers travel as the bytes they arrived as — names keep their case, fields keep their order — with
+these exceptions, in both directions unless stated:
+
+- Hop-by-hop headers (RFC 9110 §7.6.1) and every header a ``Connection`` header names are dropped;
+  an upgrade keeps ``Upgrade`` and ``Connection: Upgrade``.
+- Requests: ``X-Forwarded-*`` / ``Forwarded`` are kept only from trusted peers and the proxy adds its
+  own; ``Via`` gets the proxy's hop; the flag header family is the proxy's (whatever a client sends
+  under those names is dropped); ``X-Request-Id`` is the request's id; ``Expect`` is answered by the
+  proxy unless ``[upstream] forward_expect``; ``TE: trailers`` survives as ``TE: trailers`` with
+  ``Connection: TE``.
+- Responses: the origin's ``X-Request-Id`` is replaced by the request's id.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.asgi import Header, Scope
+from proxy.asgi import Header
 
 HOP_BY_HOP: frozenset[bytes] = frozenset(
     {
@@ -33,6 +40,7 @@ FORWARDING: frozenset[bytes] = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
 )
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")  # anything else is replaced, never logged as sent
+DIGITS = re.compile(rb"[0-9]{1,18}")
 
 
 class BadRequest(Exception):
@@ -40,138 +48,155 @@ class BadRequest(Exception):
 
 
 def request_id_of(headers: list[Header]) -> str | None:
-    """The client's first sane ``X-Request-Id``, else None."""
+    """The client's first sane ``X-Request-Id`` (names lower case), else None."""
     for name, value in headers:
         if name == b"x-request-id" and REQUEST_ID.fullmatch(value):
             return value.decode("ascii")
     return None
 
 
-def has_body(headers: list[Header]) -> bool:
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            return True
-        if name == b"content-length":
-            return value.strip() != b"0"
-    return False
-
-
-def connection_tokens(headers: list[Header]) -> set[bytes]:
+def connection_tokens(values: list[bytes]) -> set[bytes]:
     tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    for value in values:
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
-
-
-def field_text(value: bytes) -> str:
-    """Header fields go upstream as UTF-8, so decode them as UTF-8: the origin gets the client's bytes.
-
-    Bytes that are not UTF-8 (obs-text) could not reach the origin unchanged, so such a request is
-    refused (400) rather than forwarded altered.
-    """
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("a header value is not valid UTF-8") from None
 
 
 @dataclass(frozen=True)
 class RequestRules:
     """How a client's request head becomes the origin's (flag headers are added later, by the fit)."""
 
-    is_reserved: Callable[[bytes], bool]  # the flag header family
+    is_reserved: Callable[[bytes], bool]  # the flag header family (lower-case names)
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     via_name: str = "flagproxy"
+    forward_expect: bool = False
 
-    def is_trusted(self, client: tuple[str, int] | None) -> bool:
+    def is_trusted(self, client: str | None) -> bool:
         if not self.trusted or not client:
             return False
         try:
-            address = ipaddress.ip_address(client[0])
+            address = ipaddress.ip_address(client)
         except ValueError:
             return False
         return any(address in network for network in self.trusted)
 
     def rewrite(
-        self, scope: Scope, netloc: bytes, rewrite_host: bool, request_id: str
-    ) -> list[tuple[str, str]]:
-        """Incoming headers minus hop-by-hop and reserved ones, plus forwarding info and the request id."""
-        incoming: list[Header] = scope["headers"]
+        self,
+        headers: list[Header],
+        lowered: list[bytes],
+        client: str | None,
+        version: bytes,
+        netloc: bytes,
+        rewrite_host: bool,
+        request_id: bytes,
+        upgrade: bytes | None,
+    ) -> list[bytes]:
+        """The origin's header lines (``Name: value\\r\\n``), in the client's order and spelling.
+
+        ``headers`` as received, ``lowered`` their names in lower case, ``upgrade`` the protocol the
+        client asks to switch to (it keeps ``Upgrade`` and gets ``Connection: Upgrade``).
+        """
         drop = HOP_BY_HOP
-        if any(n == b"connection" for n, _ in incoming):
-            drop = HOP_BY_HOP | connection_tokens(incoming)
-        trusted = self.is_trusted(scope.get("client"))
+        if b"connection" in lowered:
+            values = [v for (_, v), n in zip(headers, lowered, strict=True) if n == b"connection"]
+            named = connection_tokens(values)
+            drop = HOP_BY_HOP | (named - {b"upgrade"} if upgrade is not None else named)
+        trusted = self.is_trusted(client)
         reserved = self.is_reserved
 
-        out: list[tuple[str, str]] = []
+        out: list[bytes] = []
+        host_at = -1
         host = xff = xfp = xfh = via = None
         te_trailers = False
-        for name, value in incoming:
-            if name in drop:
-                if name == b"te" and b"trailers" in value.lower():
+        for (name, value), low in zip(headers, lowered, strict=True):
+            if low in drop:
+                if low == b"te" and b"trailers" in value.lower():
                     te_trailers = True
+                elif low == b"upgrade" and upgrade is not None:
+                    out.append(name + b": " + value + b"\r\n")
                 continue
-            if reserved(name):
+            if reserved(low):
                 continue
-            if name == b"host":
+            if low == b"host":
                 if host is not None:
                     raise BadRequest("more than one Host header")  # RFC 9112 §3.2
                 host = value
-            elif name in FORWARDING:
+                host_at = len(out)
+                out.append(name + b": " + (netloc if rewrite_host else value) + b"\r\n")
+            elif low in FORWARDING:
                 if trusted:
-                    if name == b"x-forwarded-for":
+                    if low == b"x-forwarded-for":
                         xff = value if xff is None else xff + b", " + value
-                    elif name == b"x-forwarded-proto":
+                    elif low == b"x-forwarded-proto":
                         xfp = value
-                    elif name == b"x-forwarded-host":
+                    elif low == b"x-forwarded-host":
                         xfh = value
                     else:
-                        out.append(("forwarded", field_text(value)))
-            elif name == b"via":
+                        out.append(name + b": " + value + b"\r\n")
+            elif low == b"via":
                 via = value if via is None else via + b", " + value
-            elif name != b"x-request-id":
-                out.append((name.decode("latin-1"), field_text(value)))
+            elif low == b"expect":
+                if self.forward_expect:
+                    out.append(name + b": " + value + b"\r\n")
+            elif low != b"x-request-id":
+                out.append(name + b": " + value + b"\r\n")
 
-        if host is None and scope.get("http_version") == "1.1":
-            raise BadRequest("an HTTP/1.1 request needs a Host header")  # RFC 9112 §3.2
-        outgoing_host = netloc if rewrite_host or host is None else host
-        out.insert(0, ("Host", field_text(outgoing_host)))
-        client = scope.get("client")
+        if host_at < 0:
+            if version == b"1.1":
+                raise BadRequest("an HTTP/1.1 request needs a Host header")  # RFC 9112 §3.2
+            out.insert(0, b"Host: " + netloc + b"\r\n")  # the origin speaks HTTP/1.1
         if client:
-            ip = client[0].encode("latin-1")
+            ip = client.encode("latin-1")
             xff = ip if xff is None else xff + b", " + ip
         if xff is not None:
-            out.append(("X-Forwarded-For", field_text(xff)))
-        out.append(("X-Forwarded-Proto", field_text(xfp or scope.get("scheme", "http").encode())))
+            out.append(b"X-Forwarded-For: " + xff + b"\r\n")
+        out.append(b"X-Forwarded-Proto: " + (xfp or b"http") + b"\r\n")
         if xfh is not None or host is not None:
-            out.append(("X-Forwarded-Host", field_text(xfh or host or b"")))
+            out.append(b"X-Forwarded-Host: " + (xfh or host or b"") + b"\r\n")
         if self.via_name:
-            hop = f"{scope.get('http_version', '1.1')} {self.via_name}"
-            out.append(("Via", f"{field_text(via)}, {hop}" if via else hop))
-        if te_trailers:
-            out.append(("TE", "trailers"))
-            out.append(("Connection", "TE"))
+            hop = version + b" " + self.via_name.encode("latin-1")
+            out.append(b"Via: " + (via + b", " + hop if via else hop) + b"\r\n")
+        if upgrade is not None:
+            out.append(b"Connection: Upgrade\r\n")
+        elif te_trailers:
+            out.append(b"TE: trailers\r\nConnection: TE\r\n")
         # One id per request, the client's when it sent a sane one: passed on and returned.
-        out.append(("X-Request-Id", request_id))
+        out.append(b"X-Request-Id: " + request_id + b"\r\n")
         return out
 
 
-def response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[Header]:
-    """The origin's headers, lower-cased, minus hop-by-hop ones and those its Connection names,
-    and minus its X-Request-Id: the client gets the id the origin was sent (and the logs show)."""
-    out = []
-    connection = None
-    for name, value in raw:
-        lname = name.lower()
-        if lname in HOP_BY_HOP:
-            if lname == b"connection":
-                connection = value if connection is None else connection + b"," + value
+def response_lines(headers: list[Header], upgrade: bool) -> tuple[list[bytes], bytes | None, bool]:
+    """The origin's response header lines minus hop-by-hop ones, those its ``Connection`` names and its
+    ``X-Request-Id``; also its ``Content-Length`` (None when absent) and whether it is chunked.
+
+    ``upgrade`` (a 101): ``Upgrade`` and ``Connection`` stay. A ``Content-Length`` that is not digits
+    only, or two that differ, raise ``ValueError`` (RFC 9112 §6.3: the response is discarded, 502).
+    """
+    connection: list[bytes] = []
+    lowered = [name.lower() for name, _ in headers]
+    for (_, value), low in zip(headers, lowered, strict=True):
+        if low == b"connection":
+            connection.append(value)
+    named = connection_tokens(connection) if connection else set()
+    if upgrade:
+        named.discard(b"upgrade")
+    out: list[bytes] = []
+    length: bytes | None = None
+    chunked = False
+    for (name, value), low in zip(headers, lowered, strict=True):
+        if low in HOP_BY_HOP or low in named:
+            if low == b"transfer-encoding":
+                chunked = True
+            elif upgrade and low in (b"upgrade", b"connection"):
+                out.append(name + b": " + value + b"\r\n")
             continue
-        if lname == b"x-request-id":
+        if low == b"content-length":
+            if not DIGITS.fullmatch(value) or (length is not None and length != value):
+                raise ValueError(f"invalid Content-Length {value[:40]!r}")
+            if length is not None:
+                continue  # an identical repeat: sent once
+            length = value
+        elif low == b"x-request-id":
             continue
-        out.append((lname, value))
-    if connection is not None:
-        named = connection_tokens([(b"connection", connection)])
-        out = [h for h in out if h[0] not in named]
-    return out
+        out.append(name + b": " + value + b"\r\n")
+    return out, length, chunked

@@ -9,14 +9,25 @@ from typing import Any, Protocol
 from proxy.asgi import Header, Scope
 from proxy.dataplane.context import ContextBuilder
 from proxy.engine import Flag, Served
+from proxy.engine.plan import TrimPlan
 from proxy.store.base import Snapshot
 
 
 @dataclass(slots=True)
 class Resolution:
     context: Mapping[str, Any]
-    resolved: list[tuple[Flag, Served]]
+    plan: TrimPlan  # the flags that apply to the path, in keep order; evaluated by the header fit
     response_headers: list[Header] = field(default_factory=list)
+
+    @property
+    def resolved(self) -> list[tuple[Flag, Served]]:
+        """Every applying flag evaluated, in key order (the CLI and tests; the data plane evaluates
+        through ``FlagHeaders.fit_plan`` instead, which stops when the budget is full)."""
+        pairs: list[tuple[Flag, Served]] = [(f, f.evaluate(self.context)) for f in self.plan.keep]
+        ordered = list(pairs)
+        for i, pair in enumerate(pairs):
+            ordered[self.plan.position[i]] = pair
+        return ordered
 
 
 class Resolver(Protocol):
@@ -31,7 +42,7 @@ class Snapshots(Protocol):
 
 
 class FlagResolver:
-    """Resolves every flag that applies to the request path against the current snapshot."""
+    """The caller's context and the flags that apply to the request path, from the current snapshot."""
 
     def __init__(self, store: Snapshots, context: ContextBuilder) -> None:
         self.store = store
@@ -39,5 +50,4 @@ class FlagResolver:
 
     def resolve(self, scope: Scope) -> Resolution:
         context, response_headers = self.context.build(scope)
-        resolved = [(f, f.evaluate(context)) for f in self.store.snapshot.for_path(context["path"])]
-        return Resolution(context, resolved, response_headers)
+        return Resolution(context, self.store.snapshot.plan_for_path(context["path"]), response_headers)

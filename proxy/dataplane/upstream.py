@@ -1,40 +1,82 @@
-"""The upstream side: origins matched by path prefix, each with its own keep-alive pool."""
+"""The upstream side's data: origins matched by path prefix, and the timeouts each request runs under.
+
+Timeouts resolve per request, most specific first: a ``[[routes]]`` table whose glob matches the
+path (the glob with the most literal characters; the first declared on a tie), then the origin's
+``[[origins]]`` table, then ``[upstream]`` / ``[server]``. ``0`` means no limit.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+import ssl
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
-import aiohttp
-
-from proxy.config import OriginSettings, Settings, header_budget
-
-# What aiohttp would otherwise add on its own: the origin sees only what the client sent.
-SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-# Header lines aiohttp adds on its own (see aiohttp ClientRequest.update_body_from_data).
-CHUNKED_LINE = len("Transfer-Encoding: chunked\r\n")
-EMPTY_LENGTH_LINE = len("Content-Length: 0\r\n")
-BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
+from proxy.config import ROUTE_TIMEOUTS, OriginSettings, RouteSettings, Settings, header_budget
+from proxy.engine.routes import glob_to_regex
 
 
-def wire_size(headers: list[tuple[str, str]]) -> int:
-    """Bytes of ``name: value\\r\\n`` lines as aiohttp writes them (values in UTF-8)."""
-    total = 0
-    for name, value in headers:
-        total += len(name) + 4 + (len(value) if value.isascii() else len(value.encode("utf-8")))
-    return total
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds; 0 = none."""
+
+    connect: float  # TCP (and TLS) connect to the origin
+    read: float  # request sent → the origin's first response byte
+    stream_idle: float  # silence between response body chunks
+    total: float  # request head received → response end
+    body_idle: float  # silence inside the client's request body
+    send_idle: float  # the client not reading what we send
+    pool: float  # waiting for a free upstream connection
 
 
-def head_size(method: str, target: str, headers: list[tuple[str, str]], has_body: bool) -> int:
-    """The request head exactly as aiohttp writes it: request line, headers, what it adds, blank line."""
-    head = len(method) + len(target) + 12 + wire_size(headers) + 2
-    if not any(name == "content-length" for name, _ in headers):
-        if has_body:
-            head += CHUNKED_LINE  # aiohttp frames a streamed body without a length as chunked
-        elif method not in BODYLESS_METHODS:
-            head += EMPTY_LENGTH_LINE  # and declares an empty body on POST/PUT/PATCH/DELETE
-    return head
+OVERRIDE_FIELDS = {
+    "read_timeout_s": "read",
+    "stream_idle_timeout_s": "stream_idle",
+    "total_timeout_s": "total",
+    "body_idle_timeout_s": "body_idle",
+    "send_idle_timeout_s": "send_idle",
+}
+assert set(OVERRIDE_FIELDS) == set(ROUTE_TIMEOUTS)
+
+
+def overridden(base: Timeouts, table: OriginSettings | RouteSettings) -> Timeouts:
+    changes = {}
+    for setting, name in OVERRIDE_FIELDS.items():
+        value = getattr(table, setting, None)
+        if value is not None:
+            changes[name] = value
+    connect = getattr(table, "connect_timeout_s", None)
+    if connect:
+        changes["connect"] = connect
+    return replace(base, **changes) if changes else base
+
+
+def global_timeouts(settings: Settings) -> Timeouts:
+    up, server = settings.upstream, settings.server
+    return Timeouts(
+        connect=up.connect_timeout_s,
+        read=up.read_timeout_s,
+        stream_idle=up.stream_idle_timeout_s,
+        total=up.total_timeout_s,
+        body_idle=server.body_idle_timeout_s,
+        send_idle=server.send_idle_timeout_s,
+        pool=up.pool_timeout_s,
+    )
+
+
+@dataclass
+class RouteTimeouts:
+    """A ``[[routes]]`` table compiled: its glob and its overrides."""
+
+    pattern: re.Pattern[str]
+    specificity: int
+    table: RouteSettings
+
+    @classmethod
+    def compile(cls, table: RouteSettings) -> RouteTimeouts:
+        literal = sum(1 for c in table.path if c not in "*?")
+        return cls(re.compile(glob_to_regex(table.path)), literal, table)
 
 
 @dataclass
@@ -42,80 +84,87 @@ class Origin:
     """One upstream, matched by raw path prefix (on segment boundaries)."""
 
     prefix: bytes  # normalised: no trailing slash, b"" for the root
-    base: str  # scheme://host[:port]
-    base_path: str  # path on the origin to prepend, no trailing slash
+    scheme: str
+    host: str
+    port: int
+    base_path: bytes  # path on the origin to prepend, no trailing slash
     netloc: bytes
     strip_prefix: bool
     rewrite_host: bool
-    timeout: aiohttp.ClientTimeout
+    timeouts: Timeouts
     pool_limit: int
     keepalive_timeout_s: float
+    max_response_head_bytes: int
     budget: int  # bytes of request line + headers the origin may receive
     alert_at: int  # alert when a request uses this many
-    session: aiohttp.ClientSession | None = None
+    routes: tuple[RouteTimeouts, ...] = ()
     label: str = field(init=False)  # the origin as metrics and logs name it: its route prefix
+    _by_path: dict[str, Timeouts] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.label = self.prefix.decode("latin-1") or "/"
+
+    @property
+    def base(self) -> str:
+        return f"{self.scheme}://{self.netloc.decode('latin-1')}"
 
     @classmethod
     def from_settings(cls, origin: OriginSettings, settings: Settings) -> Origin:
         parts = urlsplit(origin.url)
         up = settings.upstream
-        connect = origin.connect_timeout_s or up.connect_timeout_s
+        scheme = parts.scheme or "http"
         return cls(
             prefix=origin.prefix.rstrip("/").encode("latin-1"),
-            base=f"{parts.scheme}://{parts.netloc}",
-            base_path=parts.path.rstrip("/"),
+            scheme=scheme,
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or (443 if scheme == "https" else 80),
+            base_path=parts.path.rstrip("/").encode("latin-1"),
             netloc=parts.netloc.encode("latin-1"),
             strip_prefix=origin.strip_prefix,
             rewrite_host=settings.proxy.rewrite_host if origin.rewrite_host is None else origin.rewrite_host,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=up.pool_timeout_s + connect,
-                sock_connect=connect,
-                sock_read=origin.read_timeout_s or up.read_timeout_s,
-            ),
+            timeouts=overridden(global_timeouts(settings), origin),
             pool_limit=origin.pool_limit or up.pool_limit,
             keepalive_timeout_s=up.keepalive_timeout_s,
+            max_response_head_bytes=up.max_response_head_bytes,
             budget=(budget := header_budget(settings, origin)),
             alert_at=math.ceil(budget * settings.header.alert_ratio),
+            routes=tuple(RouteTimeouts.compile(r) for r in settings.routes),
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context() if self.scheme == "https" else None
 
     def matches(self, raw_path: bytes) -> bool:
         p = self.prefix
         return not p or raw_path == p or (raw_path.startswith(p) and raw_path[len(p) : len(p) + 1] == b"/")
 
-    def target(self, raw_path: bytes, query: bytes) -> str:
-        """The request target sent upstream, byte for byte: base path + (stripped) raw path + query."""
+    def target(self, raw_path: bytes, query: bytes | None) -> bytes:
+        """The request target sent upstream, byte for byte: base path + (stripped) raw path + query
+        (``query`` None: the client sent no ``?``; ``b""``: a bare ``?``, kept)."""
         path = raw_path[len(self.prefix) :] if self.strip_prefix else raw_path
         if not path.startswith(b"/"):
             path = b"/" + path
-        target = self.base_path + path.decode("latin-1")
-        if query:
-            target += "?" + query.decode("latin-1")
+        target = self.base_path + path
+        if query is not None:
+            target += b"?" + query
         return target
 
-    async def open(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.pool_limit,
-            limit_per_host=0,
-            keepalive_timeout=self.keepalive_timeout_s,
-            ttl_dns_cache=300,
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self.timeout,
-            auto_decompress=False,
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            raise_for_status=False,
-        )
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+    def timeouts_for(self, path: str) -> Timeouts:
+        """This origin's timeouts with the most specific ``[[routes]]`` table matching ``path`` (the
+        decoded request path, as flag routes see it) applied."""
+        if not self.routes:
+            return self.timeouts
+        found = self._by_path.get(path)
+        if found is None:
+            best: RouteTimeouts | None = None
+            for route in self.routes:
+                if route.pattern.fullmatch(path) and (best is None or route.specificity > best.specificity):
+                    best = route
+            found = self.timeouts if best is None else overridden(self.timeouts, best.table)
+            if len(self._by_path) >= 4096:
+                self._by_path.clear()
+            self._by_path[path] = found
+        return found
 
 
 class Router:

@@ -16,21 +16,22 @@ class AccessLog:
     def observe(self, exchange: Exchange) -> None:
         duration_ms = round(exchange.duration_s * 1000, 3)
         status = exchange.status or 499  # the client went away before a response started
-        access_log.info(
-            "%s %s %d %.1fms",
-            exchange.method,
-            exchange.path,
-            status,
-            duration_ms,
-            extra={
-                "event": "request",
-                "method": exchange.method,
-                "path": exchange.path,
-                "status": status,
-                "duration_ms": duration_ms,
-                "bytes_sent": exchange.bytes_sent,
-                "client": exchange.client,
-                "origin": exchange.origin_label,
-                "request_id": exchange.request_id,
-            },
-        )
+        extra: dict[str, object] = {
+            "event": "request",
+            "method": exchange.method,
+            "path": exchange.path,
+            "status": status,
+            "duration_ms": duration_ms,
+            "bytes_sent": exchange.bytes_sent,
+            "client": exchange.client,
+            "origin": exchange.origin_label,
+            "request_id": exchange.request_id,
+        }
+        if exchange.cut is not None:  # the response started but was cut short: never a clean status
+            extra["cut"] = exchange.cut
+        if exchange.upgraded:
+            extra["upgraded"] = True
+        message = "%s %s %d %.1fms"
+        if exchange.cut is not None:
+            message += " cut: " + exchange.cut.replace("%", "%%")
+        access_log.info(message, exchange.method, exchange.path, status, duration_ms, extra=extra)

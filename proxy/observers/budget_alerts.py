@@ -68,6 +68,10 @@ class BudgetWatch:
             return
         prefix = origin.label
         resolved = exchange.resolved
+        where = self.labels.get(prefix) or origin_label(origin.base)
+        route = route_pattern(prefix, exchange.path, resolved)
+        if self.alerter.cooling_down(where, route, condition):
+            return  # before any sorting: most trimmed requests land here
         sizes = sorted(
             ((f.key, len(s.value_json) + len(s.config_json or "")) for f, s in resolved),
             key=lambda kv: -kv[1],
@@ -75,8 +79,8 @@ class BudgetWatch:
         self.alerter.notify(
             Alert(
                 condition=condition,
-                origin=self.labels.get(prefix) or origin_label(origin.base),
-                route=route_pattern(prefix, exchange.path, resolved),
+                origin=where,
+                route=route,
                 used=exchange.head_bytes,
                 budget=origin.budget,
                 largest=sizes[:5],

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.engine import Flag
+from proxy.engine.plan import TrimPlan
 from proxy.store.change import Change
 from proxy.store.state import ApplyResult, Compiler, NoSources, RawState, SnapshotBuilder
 
@@ -26,6 +27,7 @@ class Snapshot:
     ordered: tuple[Flag, ...] = ()
     routed: bool = False  # does any flag declare routes?
     _by_path: dict[str, tuple[Flag, ...]] = field(default_factory=dict, compare=False, repr=False)
+    _plans: dict[str, TrimPlan] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, version: int, flags: Mapping[str, Flag], raw: RawState) -> Snapshot:
@@ -42,6 +44,16 @@ class Snapshot:
             if len(self._by_path) >= 4096:
                 self._by_path.clear()
             found = self._by_path[path] = tuple(f for f in self.ordered if f.applies_to(path))
+        return found
+
+    def plan_for_path(self, path: str) -> TrimPlan:
+        """``for_path(path)`` in keep order, for fitting into the header budget (cached alike)."""
+        key = path if self.routed else ""
+        found = self._plans.get(key)
+        if found is None:
+            if len(self._plans) >= 4096:
+                self._plans.clear()
+            found = self._plans[key] = TrimPlan.of(self.for_path(path))
         return found
 
 

@@ -1,0 +1,28 @@
+"""The order in which a path's flags give way when the header budget is short, compiled per snapshot.
+
+Entries are dropped lowest ``priority`` first, ties by key; the data plane evaluates in the reverse
+(keep) order and stops once the budget is full, so the cost of a request does not grow with the
+number of flags that cannot fit anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.engine.flag import Flag
+
+
+@dataclass(frozen=True, slots=True)
+class TrimPlan:
+    keep: tuple[Flag, ...]  # highest priority first (ties: key descending) — the reverse of trim order
+    position: tuple[int, ...]  # keep[i]'s place in key order (the order members are written in)
+    count: int  # how many flags apply
+
+    @classmethod
+    def of(cls, flags: tuple[Flag, ...]) -> TrimPlan:
+        """``flags`` in key order."""
+        order = sorted(range(len(flags)), key=lambda i: (flags[i].priority, flags[i].key), reverse=True)
+        return cls(tuple(flags[i] for i in order), tuple(order), len(flags))
+
+
+EMPTY_PLAN = TrimPlan((), (), 0)
