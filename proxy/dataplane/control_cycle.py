@@ -45,6 +45,18 @@ class ControlExchange:
 
     # --- what the client connection calls
     def start(self) -> None:
+        head = self.head
+        head.scope.update(
+            {
+                "type": "http",
+                "asgi": {"version": "3.0", "spec_version": "2.4"},
+                "http_version": head.version.decode("ascii"),
+                "server": self.client.sockname,
+                "scheme": "http",
+                "root_path": "",
+                "raw_path": head.raw_path,
+            }
+        )
         self.task = asyncio.get_running_loop().create_task(self.run())
         tasks = self.client.server_state.tasks
         tasks.add(self.task)

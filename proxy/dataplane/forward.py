@@ -87,6 +87,36 @@ class Forwarder:
 class ProxyExchange:
     """One request forwarded to its origin."""
 
+    __slots__ = (
+        "_last",
+        "_phase",
+        "_send_idle",
+        "_timer",
+        "_total",
+        "client",
+        "exchange",
+        "finished",
+        "fw",
+        "head",
+        "keep",
+        "loop",
+        "origin",
+        "pending",
+        "pending_bytes",
+        "pool_",
+        "request_done",
+        "request_head",
+        "response_extra",
+        "retried",
+        "reused",
+        "sent_at",
+        "sent_continue",
+        "timeouts",
+        "to_client_chunked",
+        "tunnel",
+        "up",
+    )
+
     def __init__(
         self, forwarder: Forwarder, client: ClientConnection, head: RequestHead, exchange: Exchange
     ) -> None:
@@ -471,12 +501,17 @@ class ProxyExchange:
         return 0.0
 
     def _enter(self, phase: int) -> None:
+        """Start a phase. A timer already armed to fire no later than this phase's limit is kept (it
+        re-checks when it fires): most exchanges arm one timer, not one per phase."""
         self._phase = phase
-        self._last = self.loop.time()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        now = self._last = self.loop.time()
         limit = self._limit()
+        timer = self._timer
+        if timer is not None:
+            if not limit or timer.when() <= now + limit:
+                return
+            timer.cancel()
+            self._timer = None
         if limit:
             self._timer = self.loop.call_later(limit, self._tick)
 

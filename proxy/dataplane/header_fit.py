@@ -186,6 +186,7 @@ class FlagHeaders:
         evaluated: list[tuple[Flag, Served]] = []
         entries: list[tuple[str, str | None]] = []
         members = -1  # bytes of the values' members plus commas
+        config_members = -1
         fit_until = -1  # the longest keep-order prefix whose values fit with the count line
         for i, flag in enumerate(keep):
             served = flag.evaluate(context)
@@ -193,6 +194,8 @@ class FlagHeaders:
             entry = flag.entries.get(id(served)) or flag.entry(served)
             entries.append(entry)
             members += len(entry[0]) + 1
+            if entry[1] is not None:
+                config_members += len(entry[1]) + 1
             if fit_until < 0 and members + reserve > name_room:
                 fit_until = i  # keep[:i] fits with the count line; keep[:i+1] does not
             if members > name_room:  # even without the count line and configs: trimming for sure
@@ -200,9 +203,16 @@ class FlagHeaders:
                     fit_until = i
                 return self._values_prefix(plan, entries, fit_until, available, reserve), evaluated
         # every value fits (with the count line): the budget bounds how many flags these are
-        ordered: list[tuple[Flag, Served]] = [evaluated[0]] * count if count else []
-        for i, pair in enumerate(evaluated):
-            ordered[plan.position[i]] = pair
+        inverse = plan.inverse
+        size = line_size(self.name, members + 2 if count else 2)
+        if config_members >= 0:
+            size += line_size(self.config_name, config_members + 2)
+        if size <= available:  # everything fits: written in key order, nothing left out
+            in_order = [entries[inverse[j]] for j in range(count)]
+            values = [value for value, _ in in_order]
+            configs = [config for _, config in in_order if config is not None]
+            return Fitted(self._headers(values, configs), size), evaluated
+        ordered = [evaluated[inverse[j]] for j in range(count)]
         return self.fit(ordered, available), evaluated
 
     def _values_prefix(

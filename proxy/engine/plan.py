@@ -17,12 +17,16 @@ class TrimPlan:
     keep: tuple[Flag, ...]  # highest priority first (ties: key descending) — the reverse of trim order
     position: tuple[int, ...]  # keep[i]'s place in key order (the order members are written in)
     count: int  # how many flags apply
+    inverse: tuple[int, ...] = ()  # the key-order flag j is keep[inverse[j]]
 
     @classmethod
     def of(cls, flags: tuple[Flag, ...]) -> TrimPlan:
         """``flags`` in key order."""
         order = sorted(range(len(flags)), key=lambda i: (flags[i].priority, flags[i].key), reverse=True)
-        return cls(tuple(flags[i] for i in order), tuple(order), len(flags))
+        inverse = [0] * len(flags)
+        for kept_at, key_at in enumerate(order):
+            inverse[key_at] = kept_at
+        return cls(tuple(flags[i] for i in order), tuple(order), len(flags), tuple(inverse))
 
 
 EMPTY_PLAN = TrimPlan((), (), 0)
