@@ -572,3 +572,48 @@ def test_an_origin_that_refuses_the_upgrade_is_answered_normally(proxy, origin) 
     with pytest.raises(websockets.exceptions.InvalidStatus) as raised:
         asyncio.run(talk())
     assert raised.value.response.status_code == 200
+
+
+# --- what follows a last request is never a request -------------------------------------------------
+
+
+def test_bytes_after_a_closing_request_are_not_read_as_a_request(proxy, origin) -> None:
+    with connect(proxy) as sock:
+        sock.sendall(
+            raw_request("GET", "/last/one", [("Connection", "close")])
+            + raw_request("GET", "/last/two", [("X-Feature-Flags", '{"evil":true}')])
+        )
+        data = read_all(sock)
+    assert data.startswith(b"HTTP/1.1 200 ") and data.count(b"HTTP/1.1") == 1
+    assert origin.requests_to("/last/two") == []
+
+
+def test_after_a_refused_upgrade_the_next_bytes_never_reach_the_origin(proxy, origin) -> None:
+    upgrade = raw_request(
+        "GET", "/last/upgrade-refused", [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+    )
+    smuggled = raw_request("GET", "/last/smuggled", [("X-Feature-Flags", '{"evil":true}')])
+    with connect(proxy) as sock:
+        sock.sendall(upgrade + smuggled)
+        data = read_all(sock)
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert origin.wait_until(lambda o: bool(o.requests_to("/last/upgrade-refused")))
+    assert origin.requests_to("/last/smuggled") == []
+    assert all(b"evil" not in r.head for r in origin.requests)
+
+
+def test_an_upgrade_with_early_data_and_a_half_close_reaches_the_origin_and_ends(proxy, origin) -> None:
+    async def switch_and_echo(request: RecordedRequest, conn: OriginConnection) -> None:
+        await conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+        while data := await conn.reader.read(65536):
+            await conn.send(data.upper())
+        conn.close_after = True
+
+    origin.route("/last/echo", switch_and_echo)
+    request = raw_request("GET", "/last/echo", [("Upgrade", "echo"), ("Connection", "Upgrade")])
+    with connect(proxy) as sock:
+        sock.sendall(request + b"early bytes")
+        sock.shutdown(socket.SHUT_WR)  # before the origin has even answered
+        data = read_all(sock)  # ends: the origin saw the half-close and closed
+    assert data.startswith(b"HTTP/1.1 101 ")
+    assert data.endswith(b"EARLY BYTES")

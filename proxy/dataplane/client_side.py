@@ -52,6 +52,7 @@ class Served(Protocol):
     """What serves one request on a connection (``ProxyExchange``, ``ControlExchange``)."""
 
     exchange: Exchange
+    head: RequestHead
 
     def start(self) -> None: ...
     def request_body(self, chunk: bytes) -> None: ...
@@ -132,6 +133,7 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False  # shutting down: no request after the current one
         self.closed = False
         self.half_closed = False
+        self._last_request = False
         self.requests = 0
         self._paused_by: set[str] = set()
         self._writing_paused = False
@@ -168,8 +170,8 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.client_tunnel_data(data)
             return
-        if self.closed:
-            return
+        if self.closed or self._last_request:
+            return  # after a request that closes the connection, nothing more is read
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -185,6 +187,8 @@ class ClientConnection(asyncio.Protocol):
             if rest:
                 served.client_tunnel_data(rest)
         except httptools.HttpParserError as exc:
+            if self._last_request:
+                return  # bytes after a request that closes the connection: not a request of ours
             cause = exc.__context__
             if isinstance(cause, Refused):
                 self._refuse(cause.status, cause.error, cause.detail)
@@ -385,6 +389,9 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         receiving, self.receiving = self.receiving, None
+        if receiving is not None and not receiving.head.keep_alive and receiving.head.upgrade is None:
+            self._last_request = True  # Connection: close, or HTTP/1.0: this request is the last
+            self.pause_reading("last request")
         if receiving is not None:
             receiving.request_end()
 
@@ -417,6 +424,8 @@ class ClientConnection(asyncio.Protocol):
                 expect = True
         if not parser.should_upgrade():
             upgrade = None
+        elif chunked:  # its body could not be told from the new protocol's bytes without parsing
+            raise Refused(400, "bad_request", "an Upgrade request with a chunked body is not served")
         target = self._url
         if target.startswith(b"/") or target == b"*":
             raw_path, sep, query = target.partition(b"?")
@@ -451,6 +460,7 @@ class ClientConnection(asyncio.Protocol):
             keep_alive=parser.should_keep_alive(),
             chunked=chunked,
             has_body=chunked or length > 0,
+            length=length,
             upgrade=upgrade,
             expect_continue=expect,
             scope=scope,

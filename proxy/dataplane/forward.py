@@ -94,6 +94,8 @@ class ProxyExchange:
         "_timer",
         "_total",
         "client",
+        "client_eof",
+        "early",
         "exchange",
         "finished",
         "fw",
@@ -115,6 +117,7 @@ class ProxyExchange:
         "to_client_chunked",
         "tunnel",
         "up",
+        "upgrade_body",
     )
 
     def __init__(
@@ -138,6 +141,9 @@ class ProxyExchange:
         self.retried = False
         self.sent_continue = False
         self.tunnel = False
+        self.upgrade_body = 0  # bytes of an Upgrade request's body still to relay
+        self.early: list[bytes] | None = None  # the client's bytes after it, held until a 101
+        self.client_eof = False
         self.keep = head.keep_alive  # keep the client connection after this exchange
         self.to_client_chunked = False
         self.response_extra: list[tuple[bytes, bytes]] = []
@@ -451,20 +457,34 @@ class ProxyExchange:
     # --- tunnels (Upgrade) -----------------------------------------------------------------------
 
     def upgrading(self) -> bool:
-        """The client's bytes after an Upgrade request's head go to the origin as they are."""
+        """The parser stopped at this Upgrade request's head. Its body (by ``Content-Length``) goes
+        to the origin; bytes after it — the new protocol — are held until the origin answers 101,
+        and dropped if it does not: never may the origin read them as another request."""
         if self.head.upgrade is None:
             return False
         self.keep = False
-        self.request_done = True  # nothing more is parsed: from here on it is a byte stream
-        if self.up is not None and self._phase == BODY:
+        self.upgrade_body = self.head.length
+        self.early = []
+        if self.upgrade_body == 0:
+            self._upgrade_body_sent()
+        return True
+
+    def _upgrade_body_sent(self) -> None:
+        self.request_done = True
+        if self.up is not None and self._phase in (IDLE, BODY):
             self.sent_at = time.perf_counter()
             self._enter(READ)
-        return True
 
     def _start_tunnel(self) -> None:
         self.tunnel = True
         self.exchange.upgraded = True
         self.keep = False
+        early, self.early = self.early, None
+        if early:
+            self.request_body_raw(b"".join(early))
+            self.client.resume_reading("buffer")
+        if self.client_eof:
+            self.client_tunnel_eof()
         self._enter(STREAM)
 
     def tunnel_data(self, data: bytes) -> None:
@@ -477,10 +497,26 @@ class ProxyExchange:
         self.client.write_eof()
 
     def client_tunnel_data(self, data: bytes) -> None:
+        """The client's bytes after an Upgrade request's head."""
         self._last = self.loop.time()
-        self.request_body_raw(data)
+        if self.tunnel:
+            self.request_body_raw(data)
+            return
+        if self.upgrade_body:  # the request's own body first
+            body, data = data[: self.upgrade_body], data[self.upgrade_body :]
+            self.upgrade_body -= len(body)
+            self.request_body_raw(body)
+            if not self.upgrade_body:
+                self._upgrade_body_sent()
+        if data and self.early is not None:  # the new protocol's first bytes: held until the 101
+            self.early.append(data)
+            if sum(map(len, self.early)) > BUFFER_LIMIT:
+                self.client.pause_reading("buffer")
 
     def client_tunnel_eof(self) -> None:
+        if not self.tunnel:
+            self.client_eof = True  # passed on once the tunnel is up
+            return
         up = self.up
         if up is not None and up.transport is not None and up.transport.can_write_eof():
             up.transport.write_eof()

@@ -185,23 +185,25 @@ class FlagHeaders:
         reserve = line_size(self.omitted_name, len(str(count)))
         evaluated: list[tuple[Flag, Served]] = []
         entries: list[tuple[str, str | None]] = []
+        keep_result, keep_entry = evaluated.append, entries.append
         members = -1  # bytes of the values' members plus commas
         config_members = -1
         fit_until = -1  # the longest keep-order prefix whose values fit with the count line
-        for i, flag in enumerate(keep):
+        with_reserve = name_room - reserve
+        for flag in keep:
             served = flag.evaluate(context)
-            evaluated.append((flag, served))
+            keep_result((flag, served))
             entry = flag.entries.get(id(served)) or flag.entry(served)
-            entries.append(entry)
-            members += len(entry[0]) + 1
-            if entry[1] is not None:
-                config_members += len(entry[1]) + 1
-            if fit_until < 0 and members + reserve > name_room:
-                fit_until = i  # keep[:i] fits with the count line; keep[:i+1] does not
-            if members > name_room:  # even without the count line and configs: trimming for sure
-                if fit_until < 0:
-                    fit_until = i
-                return self._values_prefix(plan, entries, fit_until, available, reserve), evaluated
+            keep_entry(entry)
+            value, config = entry
+            members += len(value) + 1
+            if config is not None:
+                config_members += len(config) + 1
+            if members > with_reserve:
+                if fit_until < 0:  # keep[:i] fits with the count line; keep[:i+1] does not
+                    fit_until = len(entries) - 1
+                if members > name_room:  # even without the count line and configs: trimming for sure
+                    return self._values_prefix(plan, entries, fit_until, available, reserve), evaluated
         # every value fits (with the count line): the budget bounds how many flags these are
         inverse = plan.inverse
         size = line_size(self.name, members + 2 if count else 2)

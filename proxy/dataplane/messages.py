@@ -20,6 +20,7 @@ class RequestHead:
     keep_alive: bool  # the client wants the connection kept after this exchange
     chunked: bool  # the request body is chunked
     has_body: bool  # a body follows the head
+    length: int = 0  # its Content-Length (0 when chunked or absent)
     upgrade: bytes | None = None  # the protocol an Upgrade request asks for
     expect_continue: bool = False
     scope: dict[str, Any] = field(default_factory=dict)  # the ASGI-shaped view the resolver reads

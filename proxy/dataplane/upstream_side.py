@@ -3,8 +3,8 @@
 An ``UpstreamConnection`` serves one exchange at a time (its ``user``, a ``ProxyExchange``) and tells
 it what happens through named hooks: ``upstream_ready`` / ``upstream_failed`` (from the pool),
 ``response_head``, ``response_body``, ``response_end``, ``response_lost`` and ``upstream_paused``.
-httptools parses the response; a fresh parser per exchange, because it cannot be told that a
-response to HEAD has no body (MagicStack/httptools#47).
+httptools parses the responses; one parser per connection, and a fresh one around a response to
+HEAD, because httptools cannot be told that such a response has no body (MagicStack/httptools#47).
 """
 
 from __future__ import annotations
@@ -206,11 +206,13 @@ class UpstreamConnection(asyncio.Protocol):
     def begin(self, user: User, head_request: bool, head_limit: int) -> None:
         """Start an exchange: the caller writes its request next."""
         self.user = user
+        if head_request or self._head_request or self._parser is None:
+            # after a response to HEAD the parser may still wait for a body that never comes
+            self._parser = httptools.HttpResponseParser(self)
         self._head_request = head_request
         self._head_limit = head_limit
         self._got = False
         self._done = False
-        self._parser = httptools.HttpResponseParser(self)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
