@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: run test check lint bench install install-test redis-server clean
+.PHONY: run test check lint bench install install-test redis-server nginx clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flagproxy needs Python >= 3.11")'
@@ -31,8 +31,12 @@ run: install
 redis-server:
 	@sh scripts/ensure-redis-server.sh
 
+# tests/test_differential.py compares flagproxy with nginx proxy_pass
+nginx:
+	@sh scripts/ensure-nginx.sh
+
 # The whole suite, with a coverage report of the code run in the test process.
-test: install-test redis-server
+test: install-test redis-server nginx
 	$(BIN)/pytest --cov --cov-report=term:skip-covered
 
 # The gate CI runs before the tests: lint, formatting, types.
