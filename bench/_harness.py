@@ -60,14 +60,23 @@ def wait_port(port: int, timeout_s: float = 20.0, host: str = HOST) -> None:
     raise RuntimeError(f"nothing listening on {host}:{port} after {timeout_s}s")
 
 
-def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    """(status, body); an HTTP error status is returned, not raised. Connection errors raise."""
+def http_request(
+    url: str, headers: dict[str, str] | None = None, timeout: float = 5.0
+) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url``: (status, response headers with lower-case names, body); an HTTP error status is
+    returned, not raised. Connection errors raise."""
     req = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body); an HTTP error status is returned, not raised. Connection errors raise."""
+    status, _, body = http_request(url, headers, timeout)
+    return status, body
 
 
 # --- processes ------------------------------------------------------------------------------------
@@ -256,6 +265,50 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # utime/stime unit
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state is [0], ppid [1], utime [11],
+    stime [12]); None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), ``pid`` first."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is None:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parents.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by ``pid`` and its live descendants (all their threads), in
+    seconds, from ``/proc/<pid>/stat`` (clock ticks of ``SC_CLK_TCK``). Take it before and after a run:
+    the difference is what the server's process tree spent on it."""
+    ticks = 0
+    for p in process_tree(pid):
+        fields = _stat_fields(p)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
+
+
 # --- wrk ------------------------------------------------------------------------------------------
 
 WRK_MARKER = "BENCH_RESULT "
@@ -330,8 +383,9 @@ def summed_errors(samples: list[dict[str, Any]]) -> dict[str, int]:
 
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """``run_wrk`` results of the same run repeated: medians of req/s and the latency percentiles,
-    requests and error counters summed, and the number of rounds."""
-    return {
+    requests and error counters summed, and the number of rounds. With ``cpu_us`` in every sample (CPU
+    µs per request, added by the caller) its median as well."""
+    out = {
         "rps": median_of(samples, "rps"),
         "p50_us": median_of(samples, "p50_us"),
         "p90_us": median_of(samples, "p90_us"),
@@ -340,6 +394,9 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": summed_errors(samples),
         "rounds": len(samples),
     }
+    if samples and all(s.get("cpu_us") is not None for s in samples):
+        out["cpu_us"] = median_of(samples, "cpu_us")
+    return out
 
 
 # --- tools ----------------------------------------------------------------------------------------
@@ -403,14 +460,19 @@ def tool_version(cmd: list[str]) -> str:
 # --- arguments and output -------------------------------------------------------------------------
 
 
-def parse_connections(text: str) -> list[int]:
+def parse_counts(text: str, what: str = "counts") -> list[int]:
+    """Comma-separated integers >= 1 (duplicates dropped, order kept)."""
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError("connection counts must be >= 1")
-    return values
+        raise argparse.ArgumentTypeError(f"{what} must be >= 1")
+    return list(dict.fromkeys(values))
+
+
+def parse_connections(text: str) -> list[int]:
+    return parse_counts(text, "connection counts")
 
 
 def positive_float(text: str) -> float:

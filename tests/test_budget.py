@@ -463,7 +463,7 @@ def flag_lines(request: RecordedRequest) -> tuple[list[tuple[bytes, bytes]], int
     found = [(n, v) for n, v in request.headers if n.lower() in FLAG_HEADERS]
     for name, value in found:
         assert b"\r\n" + name + b": " + value + b"\r\n" in request.head
-    return found, wire(found)
+    return [(n.lower(), v) for n, v in found], wire(found)  # names compared in lower case
 
 
 def toml_origins(entries: Sequence[tuple[str, str, int | None, int | None]]) -> str:

@@ -124,6 +124,7 @@ def test_header_names_order_and_case_reach_the_origin_as_sent(proxy, origin) -> 
     seen = origin.only_request_to("/exact/case")
     names = [name for name, _ in seen.headers]
     assert names[:4] == [b"hOsT", b"X-lower-UPPER", b"x-second", b"X-Third"]
+    assert b"\r\nX-Feature-Flags: " in seen.head  # the proxy's own headers spelled as documented
 
 
 def test_response_header_case_order_and_reason_phrase_reach_the_client(proxy, origin) -> None:

@@ -61,7 +61,7 @@ class Forwarder:
         self.flag_headers = flag_headers
         self.finish = finish  # the observers get the exchange
         self.signature_secret = settings.header.signature_secret
-        self.signature_name = flag_headers.names.signature.encode("latin-1")
+        self.signature_name = flag_headers.names.signature.encode("latin-1")  # as configured
         self.forward_expect = settings.upstream.forward_expect
         self.rules = RequestRules(
             is_reserved=flag_headers.is_reserved,
@@ -202,7 +202,8 @@ class ProxyExchange:
             resolution.plan, resolution.context, origin.budget - size
         )
         exchange.fitted = fitted
-        flag_lines = [name + b": " + value + b"\r\n" for name, value in fitted.headers]
+        spelled = fw.flag_headers.spelled
+        flag_lines = [spelled[name] + b": " + value + b"\r\n" for name, value in fitted.headers]
         flag_bytes = fitted.size
         if signing_at:
             names = fw.flag_headers

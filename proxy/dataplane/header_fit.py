@@ -83,6 +83,12 @@ class FlagHeaders:
         self.config_name = wire.config.lower().encode("latin-1")
         self.omitted_name = wire.omitted.lower().encode("latin-1")
         self.signature_name = wire.signature.lower().encode("latin-1")
+        # what the origin reads: the names as configured (``X-Feature-Flags``), not lower case
+        self.spelled = {
+            self.name: wire.flags.encode("latin-1"),
+            self.config_name: wire.config.encode("latin-1"),
+            self.omitted_name: wire.omitted.encode("latin-1"),
+        }
         families = {self.name, DEFAULT_NAMES.flags.lower().encode("latin-1")}
         self.reserved_exact = frozenset({*families, self.config_name})
         self.reserved_prefixes = tuple(family + b"-" for family in families)
