@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.engine.jsonlogic import LogicError, compile_logic
+from proxy.engine.jsonlogic import LogicError, _ordered, compile_logic
 from proxy.engine.semver import parse_semver
 
 CTX = {
@@ -157,3 +158,23 @@ def test_compiler_fuzz_never_raises_anything_but_logic_error(expr: Any, ctx: dic
     except LogicError:
         return
     f(ctx)  # evaluating a compiled expression never raises
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=6),
+        st.from_regex(r"\s*[+-]?\d{0,4}(\.\d*)?([eE][+-]?\d)?\s*", fullmatch=True),
+        st.sampled_from(["nan", "inf", " 1_0 ", "", " ", "\u2003 5", "0\x1f"]),
+    ),
+    st.one_of(st.integers(-1000, 1000), st.floats(allow_nan=False)),
+)
+def test_ordering_a_string_against_a_number_coerces_like_the_general_path(
+    value: str, constant: float
+) -> None:
+    """The fast path for ``{"<": [{"var": "key"}, 1000]}`` agrees with JsonLogic's coercion."""
+
+    for op, compare in (("<", operator.lt), ("<=", operator.le), (">", operator.gt), (">=", operator.ge)):
+        pair = _ordered(value, constant)
+        expected = pair is not None and compare(pair[0], pair[1])
+        assert compile_logic({op: [{"var": "x"}, constant]})({"x": value}) is expected, (op, value, constant)

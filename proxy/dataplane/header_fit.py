@@ -220,8 +220,42 @@ class FlagHeaders:
             values = [value for value, _ in in_order]
             configs = [config for _, config in in_order if config is not None]
             return Fitted(self._headers(values, configs), size), evaluated
-        ordered = [evaluated[inverse[j]] for j in range(count)]
-        return self.fit(ordered, available), evaluated
+        if fit_until >= 0 or not count:  # the values fit only without the count line, which is needed
+            kept = max(fit_until, 0)
+            return self._values_prefix(plan, entries, kept, available, reserve), evaluated
+        return self._configs_trim(plan, entries, members, config_members, available, reserve), evaluated
+
+    def _configs_trim(
+        self,
+        plan: TrimPlan,
+        entries: list[tuple[str, str | None]],
+        members: int,
+        config_members: int,
+        available: int,
+        reserve: int,
+    ) -> Fitted:
+        """Phase one of the trim, in the plan's order (no sorting): every value stays, configs go
+        lowest priority first until the headers fit with the count line."""
+        keep, count, inverse = plan.keep, plan.count, plan.inverse
+        fixed = reserve + line_size(self.name, members + 2)
+        config_count = sum(1 for _, config in entries if config is not None)
+        dropped: set[int] = set()
+        for i in range(count - 1, -1, -1):  # trim order: the reverse of keep order
+            size = fixed + (line_size(self.config_name, config_members + 2) if config_count else 0)
+            if size <= available:
+                break
+            config = entries[i][1]
+            if config is not None:
+                config_members -= len(config) + 1
+                config_count -= 1
+                dropped.add(i)
+        in_order = [inverse[j] for j in range(count)]
+        values = [entries[k][0] for k in in_order]
+        configs = [c for k in in_order if (c := entries[k][1]) is not None and k not in dropped]
+        omitted_configs = [keep[k].key for k in in_order if k in dropped]
+        headers = self._headers(values, configs, len(dropped))
+        size = sum(line_size(n, len(v)) for n, v in headers)
+        return Fitted(headers, size, [], omitted_configs)
 
     def _values_prefix(
         self, plan: TrimPlan, entries: list[tuple[str, str | None]], kept: int, available: int, reserve: int

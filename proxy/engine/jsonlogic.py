@@ -262,6 +262,11 @@ def _ordering(a: Logic, b: Logic, op: Callable[[Any, Any], bool]) -> Logic:
             v = a(ctx)
             if type(v) is int or type(v) is float:
                 return op(v, bv)
+            if type(v) is str:  # the common `{"<": [{"var": "key"}, 1000]}`: as _to_number does
+                try:
+                    return op(float(v.strip()), bv)
+                except ValueError:
+                    return False
             pair = _ordered(v, bv)
             return pair is not None and op(pair[0], pair[1])
 

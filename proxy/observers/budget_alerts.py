@@ -59,6 +59,7 @@ class BudgetWatch:
         self.alerter = alerter
         self.headers = headers
         self.labels = {normal_prefix(o.prefix): origin_label(o.url) for o in settings.origins}
+        self._routes: dict[tuple[str, str], str] = {}  # (origin prefix, path) → route pattern
 
     def observe(self, exchange: Exchange) -> None:
         """A request that trimmed flags or crossed the alert ratio: one alert (deduplicated)."""
@@ -69,7 +70,12 @@ class BudgetWatch:
         prefix = origin.label
         resolved = exchange.resolved
         where = self.labels.get(prefix) or origin_label(origin.base)
-        route = route_pattern(prefix, exchange.path, resolved)
+        route = self._routes.get((prefix, exchange.path))
+        if route is None:  # a regex per route glob: once per path and snapshot, not per request
+            route = route_pattern(prefix, exchange.path, resolved)
+            if len(self._routes) >= 4096:
+                self._routes.clear()
+            self._routes[(prefix, exchange.path)] = route
         if self.alerter.cooling_down(where, route, condition):
             return  # before any sorting: most trimmed requests land here
         sizes = sorted(
@@ -91,6 +97,7 @@ class BudgetWatch:
 
     def preflight(self, snapshot: Snapshot) -> None:
         """On every store change: alert for routes whose worst case crosses the ratio."""
+        self._routes = {}  # the flags (and their routes) changed
         ratio = self.settings.header.alert_ratio
         groups = route_groups(list(snapshot.flags.values()))
         for row in worst_case(self.settings, snapshot.flags, self.headers):
