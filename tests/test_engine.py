@@ -304,3 +304,19 @@ def test_lone_surrogates_in_keys_hash_as_bytes_never_crash() -> None:
     bounds = [5000, 7500, 10000]
     assert flag.evaluate({"key": key}).value == names[next(i for i, b in enumerate(bounds) if expected < b)]
     assert flag.evaluate({"key": "café"}).value == expected_variant("s", "café", weights)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(st.text(), st.text(alphabet=st.characters(codec="utf-8")), st.integers(), st.none()),
+    st.one_of(st.none(), st.text(max_size=5)),
+    st.sampled_from(["key", "country"]),
+)
+def test_the_inlined_picker_equals_bucketing_then_picking(key: Any, bucketing_key: Any, by: str) -> None:
+    from proxy.engine.bucketing import make_bucketer, make_picker
+
+    bucket_of = make_bucketer(by, "salt-x")
+    picker = make_picker(by, "salt-x", lambda b: ("picked", b), "default", bucket_of)
+    context = {"key": key, "bucketingKey": bucketing_key, "country": key}
+    b = bucket_of(context)
+    assert picker(context) == ("default" if b is None else ("picked", b))

@@ -22,7 +22,7 @@ from typing import Any
 
 from proxy.asgi import Header
 from proxy.engine import Flag, Served
-from proxy.engine.plan import TrimPlan
+from proxy.engine.plan import Sized, TrimPlan, sized_entry
 from proxy.origin import DEFAULT_NAMES, FlagHeaderNames
 
 Resolved = Sequence[tuple[Flag, Served]]
@@ -186,25 +186,23 @@ class FlagHeaders:
         """Evaluate ``plan``'s flags for ``context`` and fit them into ``available`` bytes: the same
         headers as ``fit`` over every flag in key order, evaluating only the flags that can matter.
         Also returns what was evaluated (keep order)."""
-        keep, count = plan.keep, plan.count
+        count = plan.count
         name_room = available - line_size(self.name, 2)  # the value object's members and commas
         reserve = line_size(self.omitted_name, len(str(count)))
         evaluated: list[tuple[Flag, Served]] = []
-        entries: list[tuple[str, str | None]] = []
+        entries: list[Sized] = []
         keep_result, keep_entry = evaluated.append, entries.append
         members = -1  # bytes of the values' members plus commas
-        config_members = -1
+        config_members = 0  # bytes of the configs plus one comma each (0: no config)
         fit_until = -1  # the longest keep-order prefix whose values fit with the count line
         with_reserve = name_room - reserve
-        for flag in keep:
-            served = flag.evaluate(context)
+        for flag, evaluate, encoded in plan.calls:
+            served = evaluate(context)
             keep_result((flag, served))
-            entry = flag.entries.get(id(served)) or flag.entry(served)
+            entry = encoded(id(served)) or sized_entry(flag, served)
             keep_entry(entry)
-            value, config = entry
-            members += len(value) + 1
-            if config is not None:
-                config_members += len(config) + 1
+            members += entry[2]
+            config_members += entry[3]
             if members > with_reserve:
                 if fit_until < 0:  # keep[:i] fits with the count line; keep[:i+1] does not
                     fit_until = len(entries) - 1
@@ -213,22 +211,22 @@ class FlagHeaders:
         # every value fits (with the count line): the budget bounds how many flags these are
         inverse = plan.inverse
         size = line_size(self.name, members + 2 if count else 2)
-        if config_members >= 0:
-            size += line_size(self.config_name, config_members + 2)
+        if config_members:
+            size += line_size(self.config_name, config_members + 1)
         if size <= available:  # everything fits: written in key order, nothing left out
             in_order = [entries[inverse[j]] for j in range(count)]
-            values = [value for value, _ in in_order]
-            configs = [config for _, config in in_order if config is not None]
+            values = [entry[0] for entry in in_order]
+            configs = [config for _, config, _, _ in in_order if config is not None]
             return Fitted(self._headers(values, configs), size), evaluated
         if fit_until >= 0 or not count:  # the values fit only without the count line, which is needed
             kept = max(fit_until, 0)
             return self._values_prefix(plan, entries, kept, available, reserve), evaluated
-        return self._configs_trim(plan, entries, members, config_members, available, reserve), evaluated
+        return self._configs_trim(plan, entries, members, config_members - 1, available, reserve), evaluated
 
     def _configs_trim(
         self,
         plan: TrimPlan,
-        entries: list[tuple[str, str | None]],
+        entries: list[Sized],
         members: int,
         config_members: int,
         available: int,
@@ -238,7 +236,7 @@ class FlagHeaders:
         lowest priority first until the headers fit with the count line."""
         keep, count, inverse = plan.keep, plan.count, plan.inverse
         fixed = reserve + line_size(self.name, members + 2)
-        config_count = sum(1 for _, config in entries if config is not None)
+        config_count = sum(1 for entry in entries if entry[1] is not None)
         dropped: set[int] = set()
         for i in range(count - 1, -1, -1):  # trim order: the reverse of keep order
             size = fixed + (line_size(self.config_name, config_members + 2) if config_count else 0)
@@ -258,7 +256,7 @@ class FlagHeaders:
         return Fitted(headers, size, [], omitted_configs)
 
     def _values_prefix(
-        self, plan: TrimPlan, entries: list[tuple[str, str | None]], kept: int, available: int, reserve: int
+        self, plan: TrimPlan, entries: list[Sized], kept: int, available: int, reserve: int
     ) -> Fitted:
         """Phase two of the trim: no configs, the first ``kept`` values in keep order."""
         if reserve + line_size(self.name, 2) > available and kept == 0:

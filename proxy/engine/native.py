@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeGuard
 
-from proxy.engine.bucketing import BUCKETS, Bucketer, boundaries, make_bucketer
+from proxy.engine.bucketing import BUCKETS, Bucketer, boundaries, make_bucketer, make_picker
 from proxy.engine.flag import Context, Evaluate, Explain, Flag, FlagError, Served, encode_json
 from proxy.engine.jsonlogic import Logic, LogicError, compile_logic, truthy
 from proxy.engine.routes import compile_routes
@@ -223,6 +223,7 @@ def _assemble(
     pick: Callable[[int], Served] | None,
     bucket_of: Bucketer,
     bucket_by: str,
+    salt: str,
 ) -> tuple[Evaluate, Explain]:
     """Build evaluate/explain: disabled → default; first matching rule; else the fallthrough.
 
@@ -252,17 +253,12 @@ def _assemble(
             return result, {"reason": "fallthrough"}
         return result, {"reason": "split", "bucket": used}
 
+    rest: Evaluate
     if pick is None:  # one possible outcome: no hashing at all
         fixed = fallthrough(None)[0]
-
-        def rest(ctx: Context) -> Served:
-            return fixed
-
+        rest = lambda ctx: fixed  # noqa: E731
     else:
-
-        def rest(ctx: Context) -> Served:
-            b = bucket_of(ctx)
-            return default if b is None else pick(b)
+        rest = make_picker(bucket_by, salt, pick, default, bucket_of)
 
     if not rules:
         return rest, explain
@@ -302,7 +298,7 @@ def _compile_boolean(
         fallthrough = lambda b: (off, None) if b is None else ((on if b < threshold else off), b)  # noqa: E731
         pick = lambda b: on if b < threshold else off  # noqa: E731
     bucket_of = make_bucketer(bucket_by, salt)
-    evaluate, explain = _assemble(enabled, off, rules, fallthrough, pick, bucket_of, bucket_by)
+    evaluate, explain = _assemble(enabled, off, rules, fallthrough, pick, bucket_of, bucket_by, salt)
     return evaluate, explain, (on, off)
 
 
@@ -358,5 +354,5 @@ def _compile_variants(
         bounds = split.bounds
         pick = lambda b: outcomes[bisect_right(bounds, b)]  # noqa: E731
     bucket_of = make_bucketer(bucket_by, salt)
-    evaluate, explain = _assemble(enabled, default, rules, fallthrough, pick, bucket_of, bucket_by)
+    evaluate, explain = _assemble(enabled, default, rules, fallthrough, pick, bucket_of, bucket_by, salt)
     return evaluate, explain, outcomes

@@ -7,9 +7,15 @@ number of flags that cannot fit anyway.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from proxy.engine.flag import Flag
+from proxy.engine.flag import Flag, Served
+
+# id(served) → its header fragments and their sizes with a comma: (value, config, value+1, config+1 or 0)
+Sized = tuple[str, str | None, int, int]
+Encoded = Callable[[int], Sized | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +24,8 @@ class TrimPlan:
     position: tuple[int, ...]  # keep[i]'s place in key order (the order members are written in)
     count: int  # how many flags apply
     inverse: tuple[int, ...] = ()  # the key-order flag j is keep[inverse[j]]
+    # per kept flag: (flag, its evaluate, its encoded entries' get) — looked up once per snapshot
+    calls: tuple[tuple[Flag, Callable[[Any], Served], Encoded], ...] = ()
 
     @classmethod
     def of(cls, flags: tuple[Flag, ...]) -> TrimPlan:
@@ -26,7 +34,22 @@ class TrimPlan:
         inverse = [0] * len(flags)
         for kept_at, key_at in enumerate(order):
             inverse[key_at] = kept_at
-        return cls(tuple(flags[i] for i in order), tuple(order), len(flags), tuple(inverse))
+        keep = tuple(flags[i] for i in order)
+        calls = tuple((f, f.evaluate, sized(f).get) for f in keep)
+        return cls(keep, tuple(order), len(flags), tuple(inverse), calls)
 
 
 EMPTY_PLAN = TrimPlan((), (), 0)
+
+
+def sized(flag: Flag) -> dict[int, Sized]:
+    return {
+        key: (value, config, len(value) + 1, 0 if config is None else len(config) + 1)
+        for key, (value, config) in flag.entries.items()
+    }
+
+
+def sized_entry(flag: Flag, served: Served) -> Sized:
+    """An outcome not encoded at compile time (``Flag.entry`` encodes it now)."""
+    value, config = flag.entry(served)
+    return value, config, len(value) + 1, 0 if config is None else len(config) + 1
