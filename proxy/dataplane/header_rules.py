@@ -172,12 +172,12 @@ def response_lines(headers: list[Header], upgrade: bool) -> tuple[list[bytes], b
     ``upgrade`` (a 101): ``Upgrade`` and ``Connection`` stay. A ``Content-Length`` that is not digits
     only, or two that differ, raise ``ValueError`` (RFC 9112 §6.3: the response is discarded, 502).
     """
-    connection: list[bytes] = []
     lowered = [name.lower() for name, _ in headers]
-    for (_, value), low in zip(headers, lowered, strict=True):
-        if low == b"connection":
-            connection.append(value)
-    named = connection_tokens(connection) if connection else set()
+    named: set[bytes] = set()
+    if b"connection" in lowered:
+        named = connection_tokens(
+            [v for (_, v), n in zip(headers, lowered, strict=True) if n == b"connection"]
+        )
     if upgrade:
         named.discard(b"upgrade")
     out: list[bytes] = []
