@@ -394,7 +394,7 @@ class ProxyExchange:
         ):
             self.retried = True  # a pooled connection that died unused: once more on a fresh one
             self.reused = False
-            self.pool_.acquire(self, self.timeouts.connect, self.timeouts.pool)
+            self.pool_.acquire(self, self.timeouts.connect, self.timeouts.pool, new=True)
             return
         exchange.upstream_error = "other"
         if not exchange.response_started:

@@ -55,12 +55,16 @@ class Pool:
         self._ssl = origin.ssl_context()
         self._connecting: set[asyncio.Future[None]] = set()
 
-    def acquire(self, user: User, connect_s: float, pool_s: float, fresh: bool = False) -> None:
-        """Hand ``user`` a connection (``upstream_ready``) or the reason there is none."""
-        if fresh:  # an upgrade: its own connection, outside the pool (it becomes a tunnel)
+    def acquire(
+        self, user: User, connect_s: float, pool_s: float, fresh: bool = False, new: bool = False
+    ) -> None:
+        """Hand ``user`` a connection (``upstream_ready``) or the reason there is none. ``fresh``:
+        its own connection outside the pool (an upgrade: it becomes a tunnel); ``new``: a pooled
+        connection, but not an idle one (the retry after an idle one died)."""
+        if fresh:
             self._spawn(self._connect(user, connect_s, pooled=False))
             return
-        idle = self.idle
+        idle = [] if new else self.idle
         if idle:
             expired = asyncio.get_running_loop().time() - self.origin.keepalive_timeout_s
         while idle:
