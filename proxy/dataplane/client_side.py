@@ -290,6 +290,9 @@ class ClientConnection(asyncio.Protocol):
     def reading_paused(self) -> bool:
         return bool(self._paused_by)
 
+    def writing_paused(self) -> bool:
+        return self._writing_paused
+
     def exchange_done(self, served: Served, keep: bool) -> None:
         """``served`` has answered (or given up); the next request, or close."""
         self.requests += 1
@@ -302,10 +305,15 @@ class ClientConnection(asyncio.Protocol):
         if not keep or (self.closing and not self.queue) or (self.half_closed and not self.queue):
             self.close()
             return
+        for reason in ("buffer", "control", "upstream"):  # what the finished exchange paused for
+            self.resume_reading(reason)
         if len(self.queue) <= PIPELINE_LIMIT:
             self.resume_reading("pipeline")
         if self.queue:
-            self.queue[0].start()
+            following = self.queue[0]
+            following.start()
+            if self._writing_paused and not self.closed and self.queue and self.queue[0] is following:
+                following.client_paused(True)  # asyncio said so once, to the one before it
         else:
             self._wait(first=False)
 

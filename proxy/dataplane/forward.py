@@ -238,9 +238,12 @@ class ProxyExchange:
         self.request_done = True
         if self.head.chunked:
             self.request_body_raw(b"0\r\n\r\n")
-        if self.up is not None and self._phase == BODY:
-            self._enter(READ)
-            self.sent_at = time.perf_counter()
+        if self._phase == BODY:
+            if self.up is not None:
+                self._enter(READ)
+                self.sent_at = time.perf_counter()
+            else:  # the body is all here, waiting for a connection: no idle limit applies to that
+                self._enter(IDLE)
 
     def request_body_raw(self, data: bytes) -> None:
         """Bytes for the origin as they are: written now, or held (bounded) until a connection is ready."""
@@ -265,6 +268,8 @@ class ProxyExchange:
         self.up = conn
         self.reused = reused
         conn.begin(self, self.head.method == b"HEAD", self.origin.max_response_head_bytes)
+        if self.client.writing_paused():  # the client is not reading: do not read for it either
+            conn.pause()
         if self.pending:
             conn.write(self.request_head + b"".join(self.pending))
             self.pending = []

@@ -133,6 +133,7 @@ class Pool:
                 detail = f"origin unreachable: {getattr(exc, 'strerror', None) or exc}"
             user.upstream_failed(502, "bad_gateway", detail, "connect")
             return
+        conn.counted = pooled  # from now on its close frees the slot (not before: see the except)
         conn.take()
         user.upstream_ready(conn, False)
 
@@ -183,6 +184,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.user: User | None = None
         self.closed = False
         self.tunnel = False
+        self.counted = False  # holds one of the pool's slots (a connect that timed out never did)
         self.idle_since = 0.0
         self._head_request = False
         self._got = False  # a response byte arrived for the current exchange
@@ -293,7 +295,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.pool is not None:
+        if self.pool is not None and self.counted:
+            self.counted = False
             self.pool.gone(self)
         user, self.user = self.user, None
         if user is None:
