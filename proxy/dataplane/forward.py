@@ -568,6 +568,8 @@ class ProxyExchange:
         due = self._last + limit
         if self._phase == BODY and self.client.reading_paused():
             due = now + limit  # we stopped reading: the client is not the one being slow
+        elif self._phase == STREAM and self.up is not None and self.up.paused and not self.tunnel:
+            due = now + limit  # the client is not reading (send_idle_timeout_s), not the origin
         if due > now + 0.001:
             self._timer = self.loop.call_later(due - now, self._tick)
             return

@@ -234,6 +234,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.closed = True
             self.transport.abort()
 
+    @property
+    def paused(self) -> bool:
+        """Reading from the origin is paused (its client is not reading)."""
+        return self._paused
+
     def pause(self) -> None:
         if not self._paused and self.transport is not None:
             self._paused = True
