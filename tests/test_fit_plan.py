@@ -78,3 +78,18 @@ def test_a_path_with_thousands_of_flags_evaluates_only_what_can_fit() -> None:
     assert "flag-04999" in sent and "flag-00000" not in sent
     assert fitted.omitted == 5000 - len(sent)
     assert len(fitted.omitted_values) == 5000 - len(sent)
+
+
+def test_paths_with_the_same_flags_share_one_plan() -> None:
+    """Paths are client input: 4,096 distinct paths must not hold 4,096 copies of a flag list."""
+    from proxy.store.base import Snapshot
+    from proxy.store.state import RawState
+
+    flags = {f"f{i:04d}": compile_flag(f"f{i:04d}", {"routes": ["/api/**"]}) for i in range(500)}
+    flags["everywhere"] = compile_flag("everywhere", {})
+    snapshot = Snapshot.build(1, flags, RawState())
+    api = [snapshot.plan_for_path(f"/api/item-{i}") for i in range(3000)]
+    other = [snapshot.plan_for_path(f"/other/{i}") for i in range(3000)]
+    assert all(plan is api[0] for plan in api) and all(plan is other[0] for plan in other)
+    assert api[0].count == 501 and other[0].count == 1
+    assert snapshot.for_path("/api/x") == tuple(flags[k] for k in sorted(flags))

@@ -107,7 +107,7 @@ class FlagHeaders:
         configs: list[tuple[int, str]] = []
         value_bytes = config_bytes = 0
         for i, (flag, served) in enumerate(resolved):
-            value, config = flag.entries.get(id(served)) or flag.entry(served)
+            value, config, _, _ = flag.entries.get(id(served)) or flag.entry(served)
             values.append(value)
             value_bytes += len(value)
             if config is not None:

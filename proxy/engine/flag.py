@@ -50,6 +50,7 @@ class Served:
 
 
 Evaluate = Callable[[Context], Served]
+Fragments = tuple[str, str | None, int, int]  # value entry, config entry, their sizes with a comma
 Explain = Callable[[Context], tuple[Served, dict[str, Any]]]
 
 
@@ -67,29 +68,26 @@ class Flag:
     definition: Mapping[str, Any] = field(default_factory=dict)
     source: str = "native"
 
-    # id(served) → ('"key":value', '"key":config' or None), encoded once (see __post_init__).
-    entries: Mapping[int, tuple[str, str | None]] = field(default_factory=dict, compare=False, repr=False)
+    # id(served) → ('"key":value', '"key":config' or None, len(value) + 1, len(config) + 1 or 0):
+    # the header fragments and their sizes with a comma, encoded once (see __post_init__).
+    entries: Mapping[int, Fragments] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        entries = {
-            id(s): (
-                f"{self.key_json}:{s.value_json}",
-                None if s.config_json is None else f"{self.key_json}:{s.config_json}",
-            )
-            for s in (*self.served, self.default)
-        }
+        entries = {id(s): self._fragments(s) for s in (*self.served, self.default)}
         object.__setattr__(self, "entries", entries)
+
+    def _fragments(self, served: Served) -> Fragments:
+        value = f"{self.key_json}:{served.value_json}"
+        config = None if served.config_json is None else f"{self.key_json}:{served.config_json}"
+        return value, config, len(value) + 1, 0 if config is None else len(config) + 1
 
     def applies_to(self, path: str) -> bool:
         return self.route_match is None or self.route_match(path)
 
-    def entry(self, served: Served) -> tuple[str, str | None]:
+    def entry(self, served: Served) -> Fragments:
         """This flag's header fragments for ``served`` (precomputed for every declared outcome)."""
         found = self.entries.get(id(served))
-        if found is None:
-            config = None if served.config_json is None else f"{self.key_json}:{served.config_json}"
-            found = (f"{self.key_json}:{served.value_json}", config)
-        return found
+        return self._fragments(served) if found is None else found
 
     def outcome(self, value: Any) -> Served | None:
         """The outcome serving ``value`` (a variant name, or true/false for boolean flags)."""

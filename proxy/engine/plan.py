@@ -11,11 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.engine.flag import Flag, Served
+from proxy.engine.flag import Flag, Fragments, Served
 
-# id(served) → its header fragments and their sizes with a comma: (value, config, value+1, config+1 or 0)
-Sized = tuple[str, str | None, int, int]
-Encoded = Callable[[int], Sized | None]
+Sized = Fragments
+Encoded = Callable[[int], Fragments | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +25,7 @@ class TrimPlan:
     inverse: tuple[int, ...] = ()  # the key-order flag j is keep[inverse[j]]
     # per kept flag: (flag, its evaluate, its encoded entries' get) — looked up once per snapshot
     calls: tuple[tuple[Flag, Callable[[Any], Served], Encoded], ...] = ()
+    flags: tuple[Flag, ...] = ()  # the same flags in key order
 
     @classmethod
     def of(cls, flags: tuple[Flag, ...]) -> TrimPlan:
@@ -35,21 +35,13 @@ class TrimPlan:
         for kept_at, key_at in enumerate(order):
             inverse[key_at] = kept_at
         keep = tuple(flags[i] for i in order)
-        calls = tuple((f, f.evaluate, sized(f).get) for f in keep)
-        return cls(keep, tuple(order), len(flags), tuple(inverse), calls)
+        calls = tuple((f, f.evaluate, f.entries.get) for f in keep)
+        return cls(keep, tuple(order), len(flags), tuple(inverse), calls, flags)
 
 
 EMPTY_PLAN = TrimPlan((), (), 0)
 
 
-def sized(flag: Flag) -> dict[int, Sized]:
-    return {
-        key: (value, config, len(value) + 1, 0 if config is None else len(config) + 1)
-        for key, (value, config) in flag.entries.items()
-    }
-
-
-def sized_entry(flag: Flag, served: Served) -> Sized:
+def sized_entry(flag: Flag, served: Served) -> Fragments:
     """An outcome not encoded at compile time (``Flag.entry`` encodes it now)."""
-    value, config = flag.entry(served)
-    return value, config, len(value) + 1, 0 if config is None else len(config) + 1
+    return flag.entry(served)

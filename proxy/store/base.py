@@ -26,8 +26,8 @@ class Snapshot:
     loaded_at: float = field(default_factory=time.time)
     ordered: tuple[Flag, ...] = ()
     routed: bool = False  # does any flag declare routes?
-    _by_path: dict[str, tuple[Flag, ...]] = field(default_factory=dict, compare=False, repr=False)
-    _plans: dict[str, TrimPlan] = field(default_factory=dict, compare=False, repr=False)
+    _plans: dict[str, TrimPlan] = field(default_factory=dict, compare=False, repr=False)  # by path
+    _by_set: dict[tuple[int, ...], TrimPlan] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, version: int, flags: Mapping[str, Flag], raw: RawState) -> Snapshot:
@@ -39,21 +39,30 @@ class Snapshot:
         """The flags resolved for ``path``, in key order (cached per path, bounded)."""
         if not self.routed:
             return self.ordered
-        found = self._by_path.get(path)
-        if found is None:
-            if len(self._by_path) >= 4096:
-                self._by_path.clear()
-            found = self._by_path[path] = tuple(f for f in self.ordered if f.applies_to(path))
-        return found
+        return self.plan_for_path(path).flags
 
     def plan_for_path(self, path: str) -> TrimPlan:
-        """``for_path(path)`` in keep order, for fitting into the header budget (cached alike)."""
-        key = path if self.routed else ""
-        found = self._plans.get(key)
+        """The flags that apply to ``path``, in keep order, for fitting into the header budget.
+
+        Cached per path (4,096 paths) but shared per distinct set of flags: a path costs a dict
+        entry, not a copy of its flag list, however many flags apply (paths are client input).
+        """
+        if not self.routed:
+            if not self._plans:
+                self._plans[""] = TrimPlan.of(self.ordered)
+            return self._plans[""]
+        found = self._plans.get(path)
         if found is None:
+            flags = tuple(f for f in self.ordered if f.applies_to(path))
+            key = tuple(map(id, flags))
+            found = self._by_set.get(key)
+            if found is None:
+                if len(self._by_set) >= 256:
+                    self._by_set.clear()
+                found = self._by_set[key] = TrimPlan.of(flags)
             if len(self._plans) >= 4096:
                 self._plans.clear()
-            found = self._plans[key] = TrimPlan.of(self.for_path(path))
+            self._plans[path] = found
         return found
 
 
