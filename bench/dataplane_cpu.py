@@ -123,7 +123,7 @@ def main() -> int:
         )
         app = FlagProxy(settings)
         app.observers.start()
-        freeze_heap()  # as startup does (FLAGPROXY_NO_GC_FREEZE=1 to compare without)
+        freeze_heap()  # as startup does
         if args.profile:
             profile = cProfile.Profile()
             profile.enable()

@@ -85,10 +85,6 @@ def freeze_heap(_snapshot: object = None) -> None:
     come often under load (every request allocates). Run when a snapshot is installed: the previous
     one is unfrozen and collected first, so frozen snapshots do not pile up.
     """
-    import os
-
-    if os.environ.get("FLAGPROXY_NO_GC_FREEZE"):
-        return
     gc.unfreeze()
     gc.collect()
     gc.freeze()

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -649,9 +650,15 @@ class _SocketReader:
         return data
 
 
+_READERS: weakref.WeakKeyDictionary[socket.socket, _SocketReader] = weakref.WeakKeyDictionary()
+
+
 def read_response(sock: socket.socket, method: str = "GET") -> RawResponse:
-    """Read one response from ``sock``: Content-Length, chunked, or until close."""
-    reader = _SocketReader(sock)
+    """Read one response from ``sock``: Content-Length, chunked, or until close. What was read past
+    it (a pipelined or interim response that came in the same recv) stays for the next call."""
+    reader = _READERS.get(sock)
+    if reader is None:
+        reader = _READERS[sock] = _SocketReader(sock)
     head = reader.until(b"\r\n\r\n")
     lines = head[:-4].decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])

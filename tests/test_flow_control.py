@@ -13,11 +13,10 @@ import pytest
 from support import (
     LOCALHOST,
     OriginConnection,
-    RawResponse,
     RecordedRequest,
-    _SocketReader,
     http_response,
     raw_request,
+    read_response,
 )
 
 BODY_OVER_64K_HEAD = 65000  # the first part of a body: under the 64 KiB buffer limit
@@ -32,38 +31,6 @@ def gated(gate: threading.Event, body: bytes = b"first") -> object:
         await conn.send(http_response(200, [("Content-Type", "text/plain")], body))
 
     return handler
-
-
-_readers: dict[int, _SocketReader] = {}
-
-
-def read_response(sock: socket.socket, method: str = "GET") -> RawResponse:
-    """``support.read_response`` that keeps what it read past one response for the next call (two
-    pipelined responses may come in one recv)."""
-    reader = _readers.get(id(sock))
-    if reader is None or reader.sock is not sock:
-        reader = _readers[id(sock)] = _SocketReader(sock)
-    head = reader.until(b"\r\n\r\n")
-    lines = head[:-4].decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = [(n, v.strip()) for n, _, v in (line.partition(":") for line in lines[1:])]
-    response = RawResponse(head=head, status=status, headers=headers)
-    lowered = {n.lower(): v for n, v in headers}
-    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-        return response
-    if "chunked" in lowered.get("transfer-encoding", "").lower():
-        parts = []
-        while (size := int(reader.until(b"\r\n").split(b";")[0].strip(), 16)) != 0:
-            parts.append(reader.exactly(size))
-            reader.exactly(2)
-        while reader.until(b"\r\n") != b"\r\n":
-            pass
-        response.body = b"".join(parts)
-    elif "content-length" in lowered:
-        response.body = reader.exactly(int(lowered["content-length"]))
-    else:
-        response.body = reader.rest()
-    return response
 
 
 def connect(port: int, timeout: float = 5.0) -> socket.socket:

@@ -65,11 +65,6 @@ class Served(Protocol):
     def client_tunnel_eof(self) -> None: ...
 
 
-class Tunnel(Protocol):
-    def client_tunnel_data(self, data: bytes) -> None: ...
-    def client_tunnel_eof(self) -> None: ...
-
-
 class Refused(Exception):
     """A request the connection answers itself and then closes."""
 
@@ -129,7 +124,7 @@ class ClientConnection(asyncio.Protocol):
         self.sockname: tuple[str, int] | None = None
         self.queue: deque[Served] = deque()
         self.receiving: Served | None = None  # the request whose body the parser is reading
-        self.tunnel: Tunnel | None = None
+        self.tunnel: Served | None = None  # after an Upgrade head: bytes go to it as they come
         self.closing = False  # shutting down: no request after the current one
         self.closed = False
         self.half_closed = False

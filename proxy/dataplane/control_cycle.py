@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from proxy.asgi import Message
@@ -202,8 +203,6 @@ class ControlExchange:
 
 
 def _reason(status: int) -> bytes:
-    from http import HTTPStatus
-
     try:
         return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:

@@ -19,7 +19,6 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from proxy.config import Settings
@@ -53,13 +52,11 @@ class Forwarder:
         settings: Settings,
         resolver: Resolver,
         flag_headers: FlagHeaders,
-        finish: Callable[[Exchange], None] = lambda exchange: None,
     ) -> None:
         self.router = Router.from_settings(settings)
         self.pools: dict[int, Pool] = {}
         self.resolver = resolver
         self.flag_headers = flag_headers
-        self.finish = finish  # the observers get the exchange
         self.signature_secret = settings.header.signature_secret
         self.signature_name = flag_headers.names.signature.encode("latin-1")  # as configured
         self.forward_expect = settings.upstream.forward_expect
@@ -108,6 +105,7 @@ class ProxyExchange:
         "pool_",
         "request_done",
         "request_head",
+        "request_id",
         "response_extra",
         "retried",
         "reused",
@@ -133,6 +131,7 @@ class ProxyExchange:
         self.timeouts: Timeouts | None = None
         self.up: UpstreamConnection | None = None
         self.request_head = b""
+        self.request_id = b""  # the exchange's id, encoded once for both heads
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.request_done = not head.has_body
@@ -172,7 +171,7 @@ class ProxyExchange:
         resolution = fw.resolver.resolve(head.scope)
         exchange.context = resolution.context
         self.response_extra = resolution.response_headers
-        request_id = exchange.request_id.encode("ascii")
+        request_id = self.request_id = exchange.request_id.encode("ascii")
         try:
             lines = fw.rules.rewrite(
                 head.headers,
@@ -194,10 +193,11 @@ class ProxyExchange:
         size = len(request_line) + sum(map(len, lines)) + 2
 
         signing_at = int(time.time()) if fw.signature_secret else 0
-        method = head.method.decode("latin-1")
-        target_text = target.decode("latin-1")
         if signing_at:  # room for <name>-Signature: t=…,m=…,v1=<64 hex>,p=<target>
-            size += len(fw.signature_name) + 4 + len(f"t={signing_at},m={method},v1=,p={target_text}") + 64
+            size += (
+                len(fw.signature_name) + 4 + len(b"t=%d,m=%b,v1=,p=%b" % (signing_at, head.method, target))
+            )
+            size += 64
         fitted, exchange.resolved = fw.flag_headers.fit_plan(
             resolution.plan, resolution.context, origin.budget - size
         )
@@ -206,17 +206,7 @@ class ProxyExchange:
         flag_lines = [spelled[name] + b": " + value + b"\r\n" for name, value in fitted.headers]
         flag_bytes = fitted.size
         if signing_at:
-            names = fw.flag_headers
-            values = {name: value.decode("ascii") for name, value in fitted.headers}
-            signature = sign(
-                fw.signature_secret,
-                signing_at,
-                method,
-                target_text,
-                values.get(names.name, ""),
-                values.get(names.config_name, ""),
-                values.get(names.omitted_name, ""),
-            ).encode("ascii")
+            signature = self._signature(signing_at, target, fitted.headers)
             flag_lines.append(fw.signature_name + b": " + signature + b"\r\n")
             flag_bytes += len(fw.signature_name) + 4 + len(signature)
         exchange.flag_header_bytes = flag_bytes
@@ -229,6 +219,19 @@ class ProxyExchange:
             self._enter(BODY)
         self.pool_ = fw.pool(origin)
         self.pool_.acquire(self, timeouts.connect, timeouts.pool, fresh=head.upgrade is not None)
+
+    def _signature(self, signing_at: int, target: bytes, flag_headers: list[tuple[bytes, bytes]]) -> bytes:
+        names = self.fw.flag_headers
+        values = {name: value.decode("ascii") for name, value in flag_headers}
+        return sign(
+            self.fw.signature_secret,
+            signing_at,
+            self.head.method.decode("latin-1"),
+            target.decode("latin-1"),
+            values.get(names.name, ""),
+            values.get(names.config_name, ""),
+            values.get(names.omitted_name, ""),
+        ).encode("ascii")
 
     def request_body(self, chunk: bytes) -> None:
         self._last = self.loop.time()
@@ -345,7 +348,7 @@ class ProxyExchange:
                 lines.append(b"Connection: keep-alive\r\n")
         for name, value in self.response_extra:
             lines.append(name + b": " + value + b"\r\n")
-        lines.append(b"X-Request-Id: " + exchange.request_id.encode("ascii") + b"\r\n")
+        lines.append(b"X-Request-Id: " + self.request_id + b"\r\n")
         client.write(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, b"".join(lines)))
         exchange.status = status
         exchange.response_started = True

@@ -22,7 +22,8 @@ from typing import Any
 
 from proxy.asgi import Header
 from proxy.engine import Flag, Served
-from proxy.engine.plan import Sized, TrimPlan, sized_entry
+from proxy.engine.flag import Fragments
+from proxy.engine.plan import TrimPlan
 from proxy.origin import DEFAULT_NAMES, FlagHeaderNames
 
 Resolved = Sequence[tuple[Flag, Served]]
@@ -190,7 +191,7 @@ class FlagHeaders:
         name_room = available - line_size(self.name, 2)  # the value object's members and commas
         reserve = line_size(self.omitted_name, len(str(count)))
         evaluated: list[tuple[Flag, Served]] = []
-        entries: list[Sized] = []
+        entries: list[Fragments] = []
         keep_result, keep_entry = evaluated.append, entries.append
         members = -1  # bytes of the values' members plus commas
         config_members = 0  # bytes of the configs plus one comma each (0: no config)
@@ -199,7 +200,7 @@ class FlagHeaders:
         for flag, evaluate, encoded in plan.calls:
             served = evaluate(context)
             keep_result((flag, served))
-            entry = encoded(id(served)) or sized_entry(flag, served)
+            entry = encoded(id(served)) or flag.entry(served)
             keep_entry(entry)
             members += entry[2]
             config_members += entry[3]
@@ -226,7 +227,7 @@ class FlagHeaders:
     def _configs_trim(
         self,
         plan: TrimPlan,
-        entries: list[Sized],
+        entries: list[Fragments],
         members: int,
         config_members: int,
         available: int,
@@ -256,7 +257,7 @@ class FlagHeaders:
         return Fitted(headers, size, [], omitted_configs)
 
     def _values_prefix(
-        self, plan: TrimPlan, entries: list[Sized], kept: int, available: int, reserve: int
+        self, plan: TrimPlan, entries: list[Fragments], kept: int, available: int, reserve: int
     ) -> Fitted:
         """Phase two of the trim: no configs, the first ``kept`` values in keep order."""
         if reserve + line_size(self.name, 2) > available and kept == 0:

@@ -13,7 +13,6 @@ from typing import Any
 
 from proxy.engine.flag import Flag, Fragments, Served
 
-Sized = Fragments
 Encoded = Callable[[int], Fragments | None]
 
 
@@ -37,11 +36,3 @@ class TrimPlan:
         keep = tuple(flags[i] for i in order)
         calls = tuple((f, f.evaluate, f.entries.get) for f in keep)
         return cls(keep, tuple(order), len(flags), tuple(inverse), calls, flags)
-
-
-EMPTY_PLAN = TrimPlan((), (), 0)
-
-
-def sized_entry(flag: Flag, served: Served) -> Fragments:
-    """An outcome not encoded at compile time (``Flag.entry`` encodes it now)."""
-    return flag.entry(served)
