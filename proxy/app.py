@@ -26,6 +26,7 @@ from proxy.dataplane.header_fit import FlagHeaders
 from proxy.dataplane.messages import RequestHead
 from proxy.dataplane.resolver import FlagResolver
 from proxy.errors import send_error
+from proxy.logs import without_credentials
 from proxy.metrics import Metrics, forget_dead_workers, process_exiting
 from proxy.observers.access_log import AccessLog
 from proxy.observers.base import Observer, Observers
@@ -191,7 +192,7 @@ class FlagProxy:
             "flagproxy ready: %d flags (store version %d), origins: %s",
             len(self.store.snapshot.flags),
             self.store.snapshot.version,
-            ", ".join(f"{o.prefix}={o.url}" for o in self.settings.origins) or "none",
+            ", ".join(f"{o.prefix}={without_credentials(o.url)}" for o in self.settings.origins) or "none",
         )
 
     async def shutdown(self) -> None:

@@ -42,6 +42,7 @@ class ServerSettings:
     send_idle_timeout_s: float = 60.0  # longest a client may keep its receive window shut (0 = none)
     keepalive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 10000  # open client connections per worker; beyond it refused (503)
+    control_port: int = 0  # serve the control plane on its own port (same host), not the traffic port
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ProxySettings:
     trusted_proxies: tuple[str, ...] = ()
     via: str = "flagproxy"
     rewrite_host: bool = False
+    underscore_headers: str = "drop"  # request header names with "_": "drop", "reject" (400) or "pass"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class HeaderSettings:
     alert_ratio: float = 0.8
     typical_request_bytes: int = 1500
     signature_secret: str = ""
+    omitted_keys: bool = True  # name the flags left out in <name>-Omitted-Keys when room allows
 
 
 @dataclass(frozen=True)
@@ -445,6 +448,10 @@ def validate(settings: Settings) -> None:
         _check(getattr(s, name) > 0, f"[server] {name}: must be positive, got {getattr(s, name)}")
     for name in ("body_idle_timeout_s", "send_idle_timeout_s"):
         _check(getattr(s, name) >= 0, f"[server] {name}: must not be negative (0 = none)")
+    _check(
+        s.control_port == 0 or (1 <= s.control_port <= 65535 and s.control_port != s.port),
+        f"[server] control_port: 0 (off) or a port other than [server] port, got {s.control_port}",
+    )
     _check(s.max_connections > 0, f"[server] max_connections: must be positive, got {s.max_connections}")
 
     u = settings.upstream
@@ -471,6 +478,11 @@ def validate(settings: Settings) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise ConfigError(f"[proxy] trusted_proxies: {cidr!r} is not an IP network (CIDR)") from None
+    underscores = settings.proxy.underscore_headers
+    _check(
+        underscores in ("drop", "reject", "pass"),
+        f"[proxy] underscore_headers: expected drop, reject or pass, got {underscores!r}",
+    )
     _check("\r" not in settings.proxy.via and "\n" not in settings.proxy.via, "[proxy] via: no line breaks")
 
     h = settings.header

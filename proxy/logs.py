@@ -12,6 +12,7 @@ import logging
 import logging.config
 import time
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
@@ -40,11 +41,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, ensure_ascii=False, default=str)
 
 
+# C0 controls, DEL, and the Unicode line and paragraph separators: a client-sent "%0a" in a path
+# must not start a forged line in a text log
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT`` with control characters in the message escaped: one event is one line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+def without_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@`` (for log lines)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
 def logging_config(level: str = "info", fmt: str = "json", access_log: bool = False) -> dict[str, Any]:
     """A ``dictConfig`` for this process and uvicorn's (it is applied again in every worker)."""
     level_name = level.upper()
     formatter: dict[str, Any] = (
-        {"()": "proxy.logs.JsonFormatter"} if fmt.lower() == "json" else {"format": TEXT_FORMAT}
+        {"()": "proxy.logs.JsonFormatter"}
+        if fmt.lower() == "json"
+        else {"()": "proxy.logs.TextFormatter", "format": TEXT_FORMAT}
     )
     return {
         "version": 1,

@@ -13,6 +13,7 @@ where ``v1`` is HMAC-SHA256 (key: the shared secret) over the lines::
     <X-Feature-Flags value>
     <X-Feature-Flags-Config value, or empty>
     <X-Feature-Flags-Omitted value, or empty>
+    <X-Feature-Flags-Omitted-Keys value>   (this line only when that header is present)
 
 joined with ``\\n``. A caller that reaches the origin directly cannot produce it, and a captured
 header cannot be moved to another method or path or replayed after ``max_age_s``.
@@ -61,6 +62,10 @@ class FlagHeaderNames:
         return f"{self.flags}-Omitted"
 
     @property
+    def omitted_keys(self) -> str:
+        return f"{self.flags}-Omitted-Keys"
+
+    @property
     def signature(self) -> str:
         return f"{self.flags}-Signature"
 
@@ -72,17 +77,29 @@ class FlagSignatureError(ValueError):
     """The flag headers are unsigned, forged, tampered with, for another request, or too old."""
 
 
-def signing_string(timestamp: int, method: str, path: str, flags: str, config: str, omitted: str) -> bytes:
-    return "\n".join(["v1", str(timestamp), method, path, flags, config, omitted]).encode("utf-8")
+def signing_string(
+    timestamp: int, method: str, path: str, flags: str, config: str, omitted: str, omitted_keys: str = ""
+) -> bytes:
+    lines = ["v1", str(timestamp), method, path, flags, config, omitted]
+    if omitted_keys:  # only when the header was sent: signatures without it are unchanged
+        lines.append(omitted_keys)
+    return "\n".join(lines).encode("utf-8")
 
 
 def sign(
-    secret: str, timestamp: int, method: str, path: str, flags: str, config: str = "", omitted: str = ""
+    secret: str,
+    timestamp: int,
+    method: str,
+    path: str,
+    flags: str,
+    config: str = "",
+    omitted: str = "",
+    omitted_keys: str = "",
 ) -> str:
     """The ``X-Feature-Flags-Signature`` value (what flagproxy sends)."""
     mac = hmac.new(
         secret.encode("utf-8"),
-        signing_string(timestamp, method, path, flags, config, omitted),
+        signing_string(timestamp, method, path, flags, config, omitted, omitted_keys),
         hashlib.sha256,
     )
     return f"t={timestamp},m={method},v1={mac.hexdigest()},p={path}"
@@ -143,6 +160,7 @@ def verify_flags(
         flags,
         lowered.get(names.config.lower(), ""),
         lowered.get(names.omitted.lower(), ""),
+        lowered.get(names.omitted_keys.lower(), ""),
     )
     if not hmac.compare_digest(expected.encode(), signature.strip().encode()):
         raise FlagSignatureError("signature does not match the flag headers")

@@ -70,8 +70,12 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
         "log_level": log_settings.level.lower(),
         "timeout_graceful_shutdown": settings.server.shutdown_grace_s,
     }
+    control_port = settings.server.control_port
     if workers == 1:
-        uvicorn.run(app, **options)
+        if control_port:
+            serve_two_ports({**options, "app": app}, control_port, workers)
+        else:
+            uvicorn.run(app, **options)
         return
     if not settings.store.redis_url:
         log.warning(
@@ -85,10 +89,32 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
     os.environ[MULTIPROC_ENV] = shared_dir
     os.environ[INPUTS_ENV] = json.dumps(inputs)
     try:
-        uvicorn.run("proxy.server:app_from_environment", factory=True, workers=workers, **options)
+        if control_port:
+            serve_two_ports(options, control_port, workers)
+        else:
+            uvicorn.run("proxy.server:app_from_environment", factory=True, workers=workers, **options)
     finally:
         if own_dir:
             shutil.rmtree(shared_dir, ignore_errors=True)
+
+
+def serve_two_ports(options: dict[str, Any], control_port: int, workers: int) -> None:
+    """Traffic on ``[server] port`` and the control plane on ``[server] control_port``: one server
+    (or one per worker) listening on both sockets; the connection tells them apart by its local port."""
+    from uvicorn.supervisors import Multiprocess
+
+    if "app" in options:
+        config = uvicorn.Config(**options)
+    else:
+        config = uvicorn.Config("proxy.server:app_from_environment", factory=True, workers=workers, **options)
+    control = uvicorn.Config(**{**options, "app": None, "port": control_port})
+    sockets = [config.bind_socket(), control.bind_socket()]
+    log.info("control plane on %s:%d", config.host, control_port)
+    if workers == 1:
+        config.load_app()
+        uvicorn.Server(config).run(sockets=sockets)
+    else:
+        Multiprocess(config, sockets=sockets).run()
 
 
 def prepare_metrics_dir(path: str) -> None:

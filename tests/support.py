@@ -466,8 +466,10 @@ class ProxyProcess:
         log_level: str = "warning",
         tmp_dir: str | os.PathLike[str] | None = None,
         startup_timeout_s: float = 20.0,
+        control_port: int = 0,
     ) -> None:
         self.origins = list(origins)
+        self.control_port = control_port  # [server] control_port: the probes are there
         self.config = config
         self.flags = dict(flags) if flags is not None else {"flags": {}}
         self.env = dict(env or {})
@@ -504,6 +506,9 @@ class ProxyProcess:
 
     def start(self) -> ProxyProcess:
         env = clean_env(self.env)
+        if self.control_port:
+            env["FLAGPROXY_SERVER_CONTROL_PORT"] = str(self.control_port)
+        probe = f"http://{LOCALHOST}:{self.control_port or self.port}/__flags/healthz"
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
                 self.command(),
@@ -521,7 +526,7 @@ class ProxyProcess:
                         f"flagproxy exited with {self.process.returncode} during startup:\n{self.stderr()}"
                     )
                 try:
-                    if client.get(f"{self.base_url}/__flags/healthz").status_code == 200:
+                    if client.get(probe).status_code == 200:
                         return self
                 except httpx.TransportError:
                     pass

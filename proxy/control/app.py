@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Mount
+from starlette.routing import BaseRoute, Mount, Router
 
 from proxy.control import audit, evaluate, flags, metrics, probes
 from proxy.control.auth import BearerAuth
@@ -29,13 +29,16 @@ def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = (
     api_routes = [*flags.ROUTES, *evaluate.ROUTES, *audit.ROUTES]
     api = Mount(
         "/api",
-        routes=api_routes,
+        app=Router(api_routes, redirect_slashes=False),
         middleware=[Middleware(BearerAuth, token=deps.settings.admin.token, routes=api_routes)],
     )
-    routes = [*probes.ROUTES, *metrics.ROUTES, Mount("/webhooks", routes=list(webhook_routes)), api]
+    webhooks = Mount("/webhooks", app=Router(list(webhook_routes), redirect_slashes=False))
+    routes = [*probes.ROUTES, *metrics.ROUTES, webhooks, api]
     app = Starlette(
-        routes=[Mount(deps.settings.server.control_prefix, routes=routes)],
+        routes=[Mount(deps.settings.server.control_prefix, app=Router(routes, redirect_slashes=False))],
         exception_handlers=dict(HANDLERS),
     )
+    # a redirect would be built from the client's Host header: an open redirect under the prefix
+    app.router.redirect_slashes = False
     app.state.deps = deps
     return app

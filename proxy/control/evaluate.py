@@ -16,6 +16,7 @@ from proxy.config import header_budget
 from proxy.control.deps import deps_of
 from proxy.control.problems import HTTPProblem
 from proxy.dataplane.context import make_context
+from proxy.dataplane.header_fit import RequiredFlagsDoNotFit
 
 
 async def evaluate(request: Request) -> Response:
@@ -46,17 +47,18 @@ async def evaluate(request: Request) -> Response:
     # What the header budget would leave out for a request of ``head_bytes`` to this path.
     origin = deps.router.match((path or "/").encode())
     budget = origin.budget if origin is not None else header_budget(settings)
-    fitted = deps.flag_headers.fit(resolved, budget - int(head))
-    for key in fitted.omitted_configs:
-        flags[key]["omitted"] = "config"
-    for key in fitted.omitted_values:
-        flags[key]["omitted"] = "value"
-    report = {
-        "budget": budget,
-        "head_bytes": int(head),
-        "flag_header_bytes": fitted.size,
-        "omitted": {"values": fitted.omitted_values, "configs": fitted.omitted_configs},
-    }
+    report: dict[str, Any] = {"budget": budget, "head_bytes": int(head)}
+    try:
+        fitted = deps.flag_headers.fit(resolved, budget - int(head))
+    except RequiredFlagsDoNotFit as exc:  # the proxy would refuse such a request
+        report["refused"] = {"status": 431, "error": "required_flags_do_not_fit", "detail": str(exc)}
+    else:
+        for key in fitted.omitted_configs:
+            flags[key]["omitted"] = "config"
+        for key in fitted.omitted_values:
+            flags[key]["omitted"] = "value"
+        report["flag_header_bytes"] = fitted.size
+        report["omitted"] = {"values": fitted.omitted_values, "configs": fitted.omitted_configs}
     body = {"version": snapshot.version, "context": context, "flags": flags, "header": report}
     return JSONResponse(body)
 

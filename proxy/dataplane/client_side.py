@@ -31,6 +31,7 @@ import httptools
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.header_rules import DIGITS, request_id_of
 from proxy.dataplane.messages import RequestHead
+from proxy.dataplane.paths import normalise
 from proxy.errors import error_response_bytes
 
 if TYPE_CHECKING:
@@ -119,6 +120,8 @@ class ClientConnection(asyncio.Protocol):
         self.grace = server.shutdown_grace_s
         self.control_prefix = self.app.control_prefix
         self.control_prefix_slash = self.app.control_prefix_slash
+        self.control_port = server.control_port  # 0: the control plane shares the traffic port
+        self.on_control_port = False  # this connection came in on [server] control_port
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] | None = None
         self.sockname: tuple[str, int] | None = None
@@ -150,6 +153,9 @@ class ClientConnection(asyncio.Protocol):
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
         sock = transport.get_extra_info("sockname")
         self.sockname = (str(sock[0]), int(sock[1])) if isinstance(sock, tuple) else None
+        self.on_control_port = (
+            bool(self.control_port) and self.sockname is not None and (self.sockname[1] == self.control_port)
+        )
         connections = self.server_state.connections
         if len(connections) >= self.max_connections:
             self.app.metrics.rejected("too_many_connections")
@@ -372,7 +378,11 @@ class ClientConnection(asyncio.Protocol):
             request_id_of(head.scope["headers"]) or new_request_id(),
         )
         served: Served
-        if self._is_control(head.path):
+        if self.control_port and not self.on_control_port and self._is_control(head.path):
+            raise Refused(
+                404, "not_found", "the control plane is not served on this port: see [server] control_port"
+            )
+        if self.on_control_port or self._is_control(head.path):
             from proxy.dataplane.control_cycle import ControlExchange
 
             exchange.control = True
@@ -399,7 +409,8 @@ class ClientConnection(asyncio.Protocol):
             receiving.request_end()
 
     def _is_control(self, path: str) -> bool:
-        """Decided on the decoded path, as Starlette routes it: ``/%5F%5Fflags/`` is the control plane."""
+        """Decided on the normalised path, as Starlette routes it: ``/%5F%5Fflags/``, ``//__flags/`` and
+        ``/x/../__flags/`` are the control plane."""
         return path == self.control_prefix or path.startswith(self.control_prefix_slash)
 
     def _head(self) -> RequestHead:
@@ -439,7 +450,13 @@ class ClientConnection(asyncio.Protocol):
                 raise Refused(400, "bad_request", "invalid request target") from None
             raw_path = url.path or b"/"
             _, sep, query = target.partition(b"?")
-        path = unquote(raw_path.decode("latin-1"), encoding="utf-8", errors="replace")
+        path = normalise(raw_path)  # what routing, flag routes and the control-prefix check see
+        if path is None:
+            raise Refused(400, "bad_path", "the path's '..' segments climb above the root")
+        if b"%" in raw_path or b"." in raw_path or b"\\" in raw_path:
+            decoded = unquote(raw_path.decode("latin-1"), errors="replace")
+            if self._is_control(decoded) and not self._is_control(path):
+                raise Refused(400, "bad_path", "a path under the control prefix may not leave it")
         version = parser.get_http_version().encode("ascii")
         lowered_headers = [(low, value) for low, (_, value) in zip(lowered, headers, strict=True)]
         # what the context builder reads; a control-plane request completes it into an ASGI scope

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from proxy.config import Settings
 from proxy.dataplane.exchange import NO_ROUTE, Exchange
-from proxy.dataplane.header_fit import FlagHeaders
+from proxy.dataplane.header_fit import FlagHeaders, RequiredFlagsDoNotFit
 from proxy.dataplane.header_rules import BadRequest, RequestRules, response_lines
 from proxy.dataplane.messages import RequestHead
 from proxy.dataplane.resolver import Resolver
@@ -58,6 +58,7 @@ class Forwarder:
         self.resolver = resolver
         self.flag_headers = flag_headers
         self.signature_secret = settings.header.signature_secret
+        self.omitted_keys = settings.header.omitted_keys
         self.signature_name = flag_headers.names.signature.encode("latin-1")  # as configured
         self.forward_expect = settings.upstream.forward_expect
         self.rules = RequestRules(
@@ -65,6 +66,7 @@ class Forwarder:
             trusted=tuple(ipaddress.ip_network(c, strict=False) for c in settings.proxy.trusted_proxies),
             via_name=settings.proxy.via,
             forward_expect=settings.upstream.forward_expect,
+            underscores=settings.proxy.underscore_headers,
         )
 
     async def start(self) -> None:
@@ -158,10 +160,18 @@ class ProxyExchange:
     def start(self) -> None:
         """Route, resolve, rewrite, fit, then ask the pool for a connection."""
         fw, head, exchange = self.fw, self.head, self.exchange
-        origin = fw.router.match(head.raw_path)
+        origin = fw.router.match(head.path.encode("utf-8"))
         if origin is None:
             exchange.origin_label = NO_ROUTE
             self.fail(404, "no_route", "no origin is configured for this path")
+            return
+        if not origin.strips_safely(head.raw_path):
+            exchange.origin_label = origin.label
+            self.fail(
+                400,
+                "bad_path",
+                "the path, with its route prefix stripped, would leave the origin's base path",
+            )
             return
         self.origin = origin
         exchange.origin = origin
@@ -198,15 +208,26 @@ class ProxyExchange:
                 len(fw.signature_name) + 4 + len(b"t=%d,m=%b,v1=,p=%b" % (signing_at, head.method, target))
             )
             size += 64
-        fitted, exchange.resolved = fw.flag_headers.fit_plan(
-            resolution.plan, resolution.context, origin.budget - size
-        )
+        available = origin.budget - size
+        try:
+            fitted, exchange.resolved = fw.flag_headers.fit_plan(
+                resolution.plan, resolution.context, available
+            )
+        except RequiredFlagsDoNotFit as exc:
+            self.fail(431, "required_flags_do_not_fit", str(exc))
+            return
         exchange.fitted = fitted
-        spelled = fw.flag_headers.spelled
-        flag_lines = [spelled[name] + b": " + value + b"\r\n" for name, value in fitted.headers]
+        flag_headers = fitted.headers
         flag_bytes = fitted.size
+        if fitted.omitted and fw.omitted_keys:
+            keys = fw.flag_headers.omitted_keys_header(fitted, available - flag_bytes)
+            if keys is not None:
+                flag_headers = [*flag_headers, keys]
+                flag_bytes += len(keys[0]) + len(keys[1]) + 4
+        spelled = fw.flag_headers.spelled
+        flag_lines = [spelled[name] + b": " + value + b"\r\n" for name, value in flag_headers]
         if signing_at:
-            signature = self._signature(signing_at, target, fitted.headers)
+            signature = self._signature(signing_at, target, flag_headers)
             flag_lines.append(fw.signature_name + b": " + signature + b"\r\n")
             flag_bytes += len(fw.signature_name) + 4 + len(signature)
         exchange.flag_header_bytes = flag_bytes
@@ -231,6 +252,7 @@ class ProxyExchange:
             values.get(names.name, ""),
             values.get(names.config_name, ""),
             values.get(names.omitted_name, ""),
+            values.get(names.omitted_keys_name, ""),
         ).encode("ascii")
 
     def request_body(self, chunk: bytes) -> None:

@@ -9,6 +9,11 @@ configs before values, lowest ``priority`` first, ties by key — and
 value was left out, plus flags whose value arrived without its config. Each header stays valid JSON.
 Sizes are wire bytes: ``name: value\\r\\n`` per header line.
 
+Flags marked ``required`` are never trimmed: their entries come first in both objects (in key
+order), the rest are fitted into what is left, and a request whose budget cannot hold the required
+entries is refused (``RequiredFlagsDoNotFit``, answered 431). When flags were left out and room
+allows, ``X-Feature-Flags-Omitted-Keys`` lists them as a JSON array (``omitted_keys_header``).
+
 ``fit_plan`` gives the same headers as evaluating every flag and then ``fit``: it evaluates in keep
 order (``TrimPlan``) and stops as soon as the values alone cannot fit, so a path with thousands of
 flags costs what the few hundred that fit cost.
@@ -16,13 +21,13 @@ flags costs what the few hundred that fit cost.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.asgi import Header
 from proxy.engine import Flag, Served
-from proxy.engine.flag import Fragments
+from proxy.engine.flag import Fragments, encode_json
 from proxy.engine.plan import TrimPlan
 from proxy.origin import DEFAULT_NAMES, FlagHeaderNames
 
@@ -34,9 +39,26 @@ def line_size(name: bytes | str, value_len: int) -> int:
     return len(name) + 2 + value_len + 2
 
 
+def _members(obj: bytes | None) -> bytes:
+    """``,m1,m2`` from ``{m1,m2}``; empty for None or ``{}``."""
+    return b"," + obj[1:-1] if obj is not None and len(obj) > 2 else b""
+
+
 def _object_size(entry_sizes: int, count: int) -> int:
     """Bytes of ``{e1,e2,...}`` given the summed entry sizes."""
     return 2 + entry_sizes + max(0, count - 1)
+
+
+class RequiredFlagsDoNotFit(Exception):
+    """The required flags' entries need more room than the request head leaves."""
+
+    def __init__(self, keys: list[str], needed: int, available: int) -> None:
+        shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+        super().__init__(
+            f"the required flags ({shown}) need {needed} bytes of flag headers; this request leaves "
+            f"{max(available, 0)} within the header budget"
+        )
+        self.keys, self.needed, self.available = keys, needed, available
 
 
 @dataclass
@@ -84,11 +106,13 @@ class FlagHeaders:
         self.config_name = wire.config.lower().encode("latin-1")
         self.omitted_name = wire.omitted.lower().encode("latin-1")
         self.signature_name = wire.signature.lower().encode("latin-1")
+        self.omitted_keys_name = wire.omitted_keys.lower().encode("latin-1")
         # what the origin reads: the names as configured (``X-Feature-Flags``), not lower case
         self.spelled = {
             self.name: wire.flags.encode("latin-1"),
             self.config_name: wire.config.encode("latin-1"),
             self.omitted_name: wire.omitted.encode("latin-1"),
+            self.omitted_keys_name: wire.omitted_keys.encode("latin-1"),
         }
         families = {self.name, DEFAULT_NAMES.flags.lower().encode("latin-1")}
         self.reserved_exact = frozenset({*families, self.config_name})
@@ -103,7 +127,62 @@ class FlagHeaders:
         return self.fit(resolved, None).headers
 
     def fit(self, resolved: Resolved, available: int | None) -> Fitted:
-        """The flag headers whose wire size is at most ``available`` bytes (None: unlimited)."""
+        """The flag headers whose wire size is at most ``available`` bytes (None: unlimited).
+
+        Raises ``RequiredFlagsDoNotFit`` when the required flags' entries alone cannot fit."""
+        if not any(flag.required for flag, _ in resolved):
+            return self._fit(resolved, available)
+        required = [(f, s) for f, s in resolved if f.required]
+        rest = [(f, s) for f, s in resolved if not f.required]
+        entries = [flag.entries.get(id(served)) or flag.entry(served) for flag, served in required]
+        keys = [flag.key for flag, _ in required]
+        return self._with_required(entries, keys, lambda room: self._fit(rest, room), available, bool(rest))
+
+    def _with_required(
+        self,
+        entries: list[Fragments],
+        keys: list[str],
+        rest_fit: Callable[[int | None], Fitted],
+        available: int | None,
+        has_rest: bool,
+    ) -> Fitted:
+        """The required entries first, then what ``rest_fit`` fits into the room they leave."""
+        value_members = sum(entry[2] for entry in entries)  # each with a comma
+        config_members = sum(entry[3] for entry in entries)
+        extra = value_members + (line_size(self.config_name, config_members + 1) if config_members else 0)
+        needed = line_size(self.name, value_members + 1) + extra - value_members
+        if available is not None and needed > available:
+            raise RequiredFlagsDoNotFit(keys, needed, available)
+        rest = rest_fit(None if available is None else available - extra) if has_rest else Fitted([], 0)
+        theirs = dict(rest.headers)
+        values = ",".join(entry[0] for entry in entries).encode("ascii")
+        configs = ",".join(entry[1] for entry in entries if entry[1] is not None).encode("ascii")
+        headers: list[Header] = [(self.name, b"{" + values + _members(theirs.get(self.name)) + b"}")]
+        if configs or self.config_name in theirs:
+            joined = configs + _members(theirs.get(self.config_name)) if configs else b""
+            headers.append((self.config_name, b"{" + (joined or theirs[self.config_name][1:-1]) + b"}"))
+        if self.omitted_name in theirs:
+            headers.append((self.omitted_name, theirs[self.omitted_name]))
+        size = sum(line_size(n, len(v)) for n, v in headers)
+        if available is not None and size > available:
+            raise RequiredFlagsDoNotFit(keys, size, available)
+        return Fitted(
+            headers, size, rest._omitted_values, rest.omitted_configs, rest.over_budget, rest._plan, rest._cut
+        )
+
+    def omitted_keys_header(self, fitted: Fitted, room: int) -> Header | None:
+        """``<name>-Omitted-Keys: ["key",...]`` for the flags that did not arrive whole, when the line
+        fits in ``room`` bytes; None otherwise (the count alone stays)."""
+        omitted = fitted.omitted
+        if not omitted or room < line_size(self.omitted_keys_name, 2 + 4 * omitted - 1):
+            return None  # each key takes at least '"k",': not even the shortest keys would fit
+        keys = [*fitted.omitted_values, *fitted.omitted_configs]
+        value = ("[" + ",".join(encode_json(key) for key in keys) + "]").encode("ascii")
+        if line_size(self.omitted_keys_name, len(value)) > room:
+            return None
+        return self.omitted_keys_name, value
+
+    def _fit(self, resolved: Resolved, available: int | None) -> Fitted:
         values: list[str] = []
         configs: list[tuple[int, str]] = []
         value_bytes = config_bytes = 0
@@ -186,7 +265,29 @@ class FlagHeaders:
     ) -> tuple[Fitted, list[tuple[Flag, Served]]]:
         """Evaluate ``plan``'s flags for ``context`` and fit them into ``available`` bytes: the same
         headers as ``fit`` over every flag in key order, evaluating only the flags that can matter.
-        Also returns what was evaluated (keep order)."""
+        Also returns what was evaluated (required flags, then keep order)."""
+        if not plan.required:
+            return self._fit_plan(plan, context, available)
+        evaluated: list[tuple[Flag, Served]] = []
+        entries: list[Fragments] = []
+        for flag, evaluate, encoded in plan.required:
+            served = evaluate(context)
+            evaluated.append((flag, served))
+            entries.append(encoded(id(served)) or flag.entry(served))
+        rest: list[list[tuple[Flag, Served]]] = []
+
+        def rest_fit(room: int | None) -> Fitted:
+            fitted, more = self._fit_plan(plan, context, available if room is None else room)
+            rest.append(more)
+            return fitted
+
+        keys = [flag.key for flag, _ in evaluated]
+        fitted = self._with_required(entries, keys, rest_fit, available, plan.count > 0)
+        return fitted, evaluated + (rest[0] if rest else [])
+
+    def _fit_plan(
+        self, plan: TrimPlan, context: Mapping[str, Any], available: int
+    ) -> tuple[Fitted, list[tuple[Flag, Served]]]:
         count = plan.count
         name_room = available - line_size(self.name, 2)  # the value object's members and commas
         reserve = line_size(self.omitted_name, len(str(count)))

@@ -10,6 +10,11 @@ these exceptions, in both directions unless stated:
   under those names is dropped); ``X-Request-Id`` is the request's id; ``Expect`` is answered by the
   proxy unless ``[upstream] forward_expect``; ``TE: trailers`` survives as ``TE: trailers`` with
   ``Connection: TE``.
+- Names containing ``_``: many origins (gunicorn, wsgiref, cheroot, PHP, CGI) read ``X_Feature_Flags``
+  as ``X-Feature-Flags``, so such names are dropped by default (``[proxy] underscore_headers``:
+  ``drop``, ``reject`` = 400, or ``pass``). Passed, a name still never reaches the origin when it
+  reads as a header the proxy controls (flag headers, forwarding headers, ``Via``, ``X-Request-Id``,
+  hop-by-hop ones) with ``_`` read as ``-``.
 - Responses: the origin's ``X-Request-Id`` is replaced by the request's id.
 """
 
@@ -41,6 +46,9 @@ FORWARDING: frozenset[bytes] = frozenset(
 )
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")  # anything else is replaced, never logged as sent
 DIGITS = re.compile(rb"[0-9]{1,18}")
+UNDERSCORE_POLICIES = ("drop", "reject", "pass")
+# what the proxy itself sets or removes: with ``_`` read as ``-`` a client may not send these
+CONTROLLED: frozenset[bytes] = HOP_BY_HOP | FORWARDING | {b"via", b"x-request-id", b"host", b"expect"}
 
 
 class BadRequest(Exception):
@@ -70,6 +78,17 @@ class RequestRules:
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     via_name: str = "flagproxy"
     forward_expect: bool = False
+    underscores: str = "drop"  # [proxy] underscore_headers
+
+    def underscore_name(self, name: bytes, low: bytes) -> bool:
+        """Whether ``name`` (with a ``_``) is left out; ``reject`` raises ``BadRequest``."""
+        if self.underscores == "pass":
+            dashed = low.replace(b"_", b"-")
+            return dashed in CONTROLLED or self.is_reserved(dashed)
+        if self.underscores == "reject":
+            shown = name[:64].decode("latin-1")
+            raise BadRequest(f"header name {shown!r} contains '_' ([proxy] underscore_headers = \"reject\")")
+        return True
 
     def is_trusted(self, client: str | None) -> bool:
         if not self.trusted or not client:
@@ -115,7 +134,7 @@ class RequestRules:
                 elif low == b"upgrade" and upgrade is not None:
                     out.append(name + b": " + value + b"\r\n")
                 continue
-            if reserved(low):
+            if reserved(low) or (b"_" in low and self.underscore_name(name, low)):
                 continue
             if low == b"host":
                 if host is not None:

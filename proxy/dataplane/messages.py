@@ -12,7 +12,7 @@ class RequestHead:
     target: bytes  # the request target as received, byte for byte
     raw_path: bytes  # its path part (origin-form), as received
     query: bytes | None  # after the first "?"; None when there is no "?"
-    path: str  # percent-decoded, as flag routes and the control plane see it
+    path: str  # decoded, normalised (``paths.normalise``): what routing and flag routes see
     version: bytes  # b"1.0" or b"1.1"
     headers: list[tuple[bytes, bytes]]  # names in the client's spelling, in its order
     lowered: list[bytes]  # the names in lower case

@@ -23,11 +23,7 @@ class Resolution:
     def resolved(self) -> list[tuple[Flag, Served]]:
         """Every applying flag evaluated, in key order (the CLI and tests; the data plane evaluates
         through ``FlagHeaders.fit_plan`` instead, which stops when the budget is full)."""
-        pairs: list[tuple[Flag, Served]] = [(f, f.evaluate(self.context)) for f in self.plan.keep]
-        ordered = list(pairs)
-        for i, pair in enumerate(pairs):
-            ordered[self.plan.position[i]] = pair
-        return ordered
+        return [(f, f.evaluate(self.context)) for f in self.plan.flags]
 
 
 class Resolver(Protocol):

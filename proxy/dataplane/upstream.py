@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 from proxy.config import ROUTE_TIMEOUTS, OriginSettings, RouteSettings, Settings, header_budget
+from proxy.dataplane.paths import climbs
 from proxy.engine.routes import glob_to_regex
+from proxy.store.bounded import BoundedCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,7 @@ class RouteTimeouts:
 
 @dataclass
 class Origin:
-    """One upstream, matched by raw path prefix (on segment boundaries)."""
+    """One upstream, matched by path prefix (on segment boundaries) on the normalised path."""
 
     prefix: bytes  # normalised: no trailing slash, b"" for the root
     scheme: str
@@ -99,7 +101,9 @@ class Origin:
     alert_at: int  # alert when a request uses this many
     routes: tuple[RouteTimeouts, ...] = ()
     label: str = field(init=False)  # the origin as metrics and logs name it: its route prefix
-    _by_path: dict[str, Timeouts] = field(init=False, default_factory=dict, repr=False)
+    _by_path: BoundedCache[Timeouts] = field(
+        init=False, default_factory=lambda: BoundedCache(1 << 20), repr=False
+    )  # paths are client input: bounded by bytes
 
     def __post_init__(self) -> None:
         self.label = self.prefix.decode("latin-1") or "/"
@@ -138,6 +142,13 @@ class Origin:
         p = self.prefix
         return not p or raw_path == p or (raw_path.startswith(p) and raw_path[len(p) : len(p) + 1] == b"/")
 
+    def strips_safely(self, raw_path: bytes) -> bool:
+        """With ``strip_prefix``: the raw path starts with the prefix as sent, and what is left of it
+        stays below the base path as the origin reads it (``paths.normalise``)."""
+        if not self.strip_prefix or not self.prefix:
+            return True
+        return self.matches(raw_path) and not climbs(raw_path[len(self.prefix) :] or b"/")
+
     def target(self, raw_path: bytes, query: bytes | None) -> bytes:
         """The request target sent upstream, byte for byte: base path + (stripped) raw path + query
         (``query`` None: the client sent no ``?``; ``b""``: a bare ``?``, kept)."""
@@ -161,9 +172,7 @@ class Origin:
                 if route.pattern.fullmatch(path) and (best is None or route.specificity > best.specificity):
                     best = route
             found = self.timeouts if best is None else overridden(self.timeouts, best.table)
-            if len(self._by_path) >= 4096:
-                self._by_path.clear()
-            self._by_path[path] = found
+            self._by_path.put(path, found)
         return found
 
 
@@ -177,8 +186,9 @@ class Router:
     def from_settings(cls, settings: Settings) -> Router:
         return cls([Origin.from_settings(o, settings) for o in settings.origins])
 
-    def match(self, raw_path: bytes) -> Origin | None:
+    def match(self, path: bytes) -> Origin | None:
+        """The origin for a normalised path (``paths.normalise``, UTF-8), or None."""
         for origin in self.origins:
-            if origin.matches(raw_path):
+            if origin.matches(path):
                 return origin
         return None

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import ssl
 from collections import deque
 from collections.abc import Coroutine
 from typing import Protocol
@@ -129,8 +132,16 @@ class Pool:
                 self._hand_on()
             if isinstance(exc, TimeoutError):
                 detail = f"origin unreachable: no connection within {connect_s:g} s"
-            else:
-                detail = f"origin unreachable: {getattr(exc, 'strerror', None) or exc}"
+            else:  # the client is told what failed, never where: the address is for the log
+                detail = f"origin unreachable: {_connect_error(exc)}"
+                log.warning(
+                    "cannot connect to the origin %s at %s:%d: %s",
+                    origin.label,
+                    origin.host,
+                    origin.port,
+                    exc,
+                    extra={"origin": origin.label},
+                )
             user.upstream_failed(502, "bad_gateway", detail, "connect")
             return
         conn.counted = pooled  # from now on its close frees the slot (not before: see the except)
@@ -367,3 +378,14 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= parser.get_status_code() < 200:
             return  # an interim response: the final one follows on the same parser
         self._done = True
+
+
+def _connect_error(exc: OSError) -> str:
+    """What went wrong connecting, without the address (``strerror`` names it for asyncio's errors)."""
+    if isinstance(exc, ssl.SSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, socket.gaierror):
+        return "the origin's host name does not resolve"
+    if exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    return type(exc).__name__

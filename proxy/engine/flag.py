@@ -63,6 +63,7 @@ class Flag:
     served: tuple[Served, ...]
     default: Served
     priority: int = 0
+    required: bool = False  # never trimmed: a request whose budget cannot hold it is refused (431)
     routes: tuple[str, ...] | None = None
     route_match: Callable[[str], bool] | None = None
     definition: Mapping[str, Any] = field(default_factory=dict)

@@ -27,6 +27,7 @@ FLAG_FIELDS = frozenset(
         "bucketBy",
         "salt",
         "priority",
+        "required",
         "routes",
         "note",
         "updatedAt",
@@ -107,6 +108,9 @@ def compile_flag(key: str, definition: Any) -> Flag:
     priority = definition.get("priority", 0)
     if not _is_int(priority):
         raise FlagError(f"{where}.priority", "expected an integer")
+    required = definition.get("required", False)
+    if not isinstance(required, bool):
+        raise FlagError(f"{where}.required", "expected true or false")
     for name in ("note",):
         if name in definition and not isinstance(definition[name], str):
             raise FlagError(f"{where}.{name}", "expected a string")
@@ -135,6 +139,7 @@ def compile_flag(key: str, definition: Any) -> Flag:
         served=served,
         default=default,
         priority=priority,
+        required=required,
         routes=routes,
         route_match=route_match,
     )

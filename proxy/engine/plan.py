@@ -2,7 +2,8 @@
 
 Entries are dropped lowest ``priority`` first, ties by key; the data plane evaluates in the reverse
 (keep) order and stops once the budget is full, so the cost of a request does not grow with the
-number of flags that cannot fit anyway.
+number of flags that cannot fit anyway. ``required`` flags are never dropped: they stand apart from
+the keep order and are always evaluated.
 """
 
 from __future__ import annotations
@@ -24,15 +25,20 @@ class TrimPlan:
     inverse: tuple[int, ...] = ()  # the key-order flag j is keep[inverse[j]]
     # per kept flag: (flag, its evaluate, its encoded entries' get) — looked up once per snapshot
     calls: tuple[tuple[Flag, Callable[[Any], Served], Encoded], ...] = ()
-    flags: tuple[Flag, ...] = ()  # the same flags in key order
+    flags: tuple[Flag, ...] = ()  # every applying flag in key order, required ones included
+    required: tuple[tuple[Flag, Callable[[Any], Served], Encoded], ...] = ()  # key order, not in keep
 
     @classmethod
     def of(cls, flags: tuple[Flag, ...]) -> TrimPlan:
         """``flags`` in key order."""
+        every = flags
+        required = tuple((f, f.evaluate, f.entries.get) for f in flags if f.required)
+        if required:
+            flags = tuple(f for f in flags if not f.required)
         order = sorted(range(len(flags)), key=lambda i: (flags[i].priority, flags[i].key), reverse=True)
         inverse = [0] * len(flags)
         for kept_at, key_at in enumerate(order):
             inverse[key_at] = kept_at
         keep = tuple(flags[i] for i in order)
         calls = tuple((f, f.evaluate, f.entries.get) for f in keep)
-        return cls(keep, tuple(order), len(flags), tuple(inverse), calls, flags)
+        return cls(keep, tuple(order), len(flags), tuple(inverse), calls, every, required)

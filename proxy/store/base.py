@@ -10,10 +10,16 @@ from typing import Any, Protocol
 
 from proxy.engine import Flag
 from proxy.engine.plan import TrimPlan
+from proxy.store.bounded import BoundedCache
 from proxy.store.change import Change
 from proxy.store.state import ApplyResult, Compiler, NoSources, RawState, SnapshotBuilder
 
 log = logging.getLogger("flagproxy.store")
+
+
+PATH_CACHE_BYTES = 4 << 20  # the per-path plan cache's keys
+PLAN_CACHE_BYTES = 32 << 20  # the distinct plans (they hold tuples as long as their flag sets)
+PLAN_ENTRY_BYTES = 120  # per flag in a plan: keep, position, inverse, calls and the set key
 
 
 @dataclass(frozen=True)
@@ -26,8 +32,12 @@ class Snapshot:
     loaded_at: float = field(default_factory=time.time)
     ordered: tuple[Flag, ...] = ()
     routed: bool = False  # does any flag declare routes?
-    _plans: dict[str, TrimPlan] = field(default_factory=dict, compare=False, repr=False)  # by path
+    # by path (bytes-bounded: paths are client input) and by distinct set of flags
+    _plans: BoundedCache[TrimPlan] = field(
+        default_factory=lambda: BoundedCache(PATH_CACHE_BYTES), compare=False, repr=False
+    )
     _by_set: dict[tuple[int, ...], TrimPlan] = field(default_factory=dict, compare=False, repr=False)
+    _set_bytes: list[int] = field(default_factory=lambda: [0], compare=False, repr=False)
 
     @classmethod
     def build(cls, version: int, flags: Mapping[str, Flag], raw: RawState) -> Snapshot:
@@ -44,25 +54,29 @@ class Snapshot:
     def plan_for_path(self, path: str) -> TrimPlan:
         """The flags that apply to ``path``, in keep order, for fitting into the header budget.
 
-        Cached per path (4,096 paths) but shared per distinct set of flags: a path costs a dict
-        entry, not a copy of its flag list, however many flags apply (paths are client input).
+        Cached per path (``PATH_CACHE_BYTES`` of paths) but shared per distinct set of flags
+        (``PLAN_CACHE_BYTES`` of plans): a path costs a dict entry, not a copy of its flag list,
+        however many flags apply (paths are client input).
         """
+        plans = self._plans
         if not self.routed:
-            if not self._plans:
-                self._plans[""] = TrimPlan.of(self.ordered)
-            return self._plans[""]
-        found = self._plans.get(path)
+            found = plans.get("")
+            if found is None:
+                found = plans.put("", TrimPlan.of(self.ordered))
+            return found
+        found = plans.get(path)
         if found is None:
             flags = tuple(f for f in self.ordered if f.applies_to(path))
             key = tuple(map(id, flags))
             found = self._by_set.get(key)
             if found is None:
-                if len(self._by_set) >= 256:
+                cost = PLAN_ENTRY_BYTES * (len(flags) + 1)
+                if self._set_bytes[0] + cost > PLAN_CACHE_BYTES:
                     self._by_set.clear()
+                    self._set_bytes[0] = 0
                 found = self._by_set[key] = TrimPlan.of(flags)
-            if len(self._plans) >= 4096:
-                self._plans.clear()
-            self._plans[path] = found
+                self._set_bytes[0] += cost
+            plans.put(path, found)
         return found
 
 
