@@ -87,12 +87,14 @@ class ContextSettings:
     jwt_verify: bool = True
     jwt_audience: str = ""
     jwt_issuer: str = ""
+    jwt_require_exp: bool = False  # a token without `exp` is not accepted
     telegram_bot_token: str = ""
     telegram_header: str = "X-Telegram-Init-Data"
     telegram_max_age_s: int = 86400
     anonymous_cookie: str = "flag_uid"
     anonymous_max_age_s: int = 31536000
     anonymous_cookie_secure: bool = False
+    identity_cache_bytes: int = 8_388_608  # per verification cache (JWT, Telegram), per worker
     header_attributes: tuple[str, ...] = ()
     query_attributes: tuple[str, ...] = ()
     jwt_attributes: tuple[str, ...] = ()
@@ -498,6 +500,10 @@ def validate(settings: Settings) -> None:
     _check(
         not c.anonymous_cookie or bool(_TOKEN.match(c.anonymous_cookie)),
         f"[context] anonymous_cookie: {c.anonymous_cookie!r} is not a valid cookie name",
+    )
+    _check(
+        c.identity_cache_bytes >= 0,
+        f"[context] identity_cache_bytes: must not be negative (0 = no cache), got {c.identity_cache_bytes}",
     )
     _check(
         not (c.jwt_secret and c.jwt_public_key),
