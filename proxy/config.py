@@ -77,7 +77,7 @@ class HeaderSettings:
 
 @dataclass(frozen=True)
 class ContextSettings:
-    key_sources: tuple[str, ...] = ("header", "cookie", "query", "jwt", "telegram")
+    key_sources: tuple[str, ...] = ("jwt", "telegram", "header", "cookie", "query")  # verified first
     key_header: str = "X-User-Id"
     key_cookie: str = ""
     key_query: str = ""
@@ -94,6 +94,7 @@ class ContextSettings:
     anonymous_cookie: str = "flag_uid"
     anonymous_max_age_s: int = 31536000
     anonymous_cookie_secure: bool = False
+    cookie_secret: str = ""  # HMAC-signs the anonymous cookie; a cookie failing the check is replaced
     identity_cache_bytes: int = 8_388_608  # per verification cache (JWT, Telegram), per worker
     header_attributes: tuple[str, ...] = ()
     query_attributes: tuple[str, ...] = ()
@@ -500,6 +501,10 @@ def validate(settings: Settings) -> None:
     _check(
         not c.anonymous_cookie or bool(_TOKEN.match(c.anonymous_cookie)),
         f"[context] anonymous_cookie: {c.anonymous_cookie!r} is not a valid cookie name",
+    )
+    _check(
+        not c.cookie_secret or len(c.cookie_secret) >= 16,
+        "[context] cookie_secret: use at least 16 characters (a random 32-byte hex string is best)",
     )
     _check(
         c.identity_cache_bytes >= 0,

@@ -1,5 +1,6 @@
 """Who is calling, against hostile callers: verification caches bounded by bytes, credentials over
-8 KB never verified, verdicts that time can change never cached.
+8 KB never verified, verdicts that time can change never cached, verified key sources first, and an
+anonymous cookie a client cannot forge once it is signed.
 
 The proxy runs in this process (uvicorn in a thread) so that a test can read its caches, measure its
 memory with tracemalloc and record the key of every exchange; the origin is a real socket server
@@ -12,6 +13,8 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
+import re
 import socket
 import threading
 import time
@@ -29,11 +32,13 @@ from hypothesis import strategies as st
 from support import LOCALHOST, InProcessProxy, RawOrigin, free_port, raw_request, read_response
 
 from proxy.app import FlagProxy
-from proxy.config import ConfigError, load_settings
+from proxy.config import ConfigError, ContextSettings, load_settings
+from proxy.dataplane.context import ContextBuilder
 from proxy.dataplane.exchange import Exchange
 
 SECRET = "hs256-secret-for-tests-only-0123456789"
 BOT_TOKEN = "123456:TEST-bot-token"
+COOKIE_SECRET = "cookie-secret-for-tests-0123456789abcdef"
 MiB = 1 << 20
 CACHE_BYTES = 8 * MiB  # the documented default of [context] identity_cache_bytes
 FALLBACK = "from-the-header"
@@ -305,3 +310,115 @@ def test_bad_identity_settings_are_config_errors_naming_the_field() -> None:
         load_settings(env={"FLAGPROXY_CONTEXT_IDENTITY_CACHE_BYTES": "-1"}, origins=["http://127.0.0.1:1"])
     with pytest.raises(ConfigError, match=r"\[context\] jwt_require_exp"):
         load_settings(env={"FLAGPROXY_CONTEXT_JWT_REQUIRE_EXP": "maybe"}, origins=["http://127.0.0.1:1"])
+
+
+# --- key precedence, the signed anonymous cookie --------------------------------------------------
+
+
+def test_a_verified_identity_beats_the_header_with_default_settings(serve: Any) -> None:
+    served = serve(jwt_secret=SECRET, telegram_bot_token=BOT_TOKEN)
+    with httpx.Client() as client:
+        claimed = {"X-User-Id": "victim"}
+        assert served.key_of(client, "/prec/jwt", {**bearer({"sub": "alice"}), **claimed})[0] == "alice"
+        tg = {"X-Telegram-Init-Data": telegram_init_data(777), **claimed}
+        assert served.key_of(client, "/prec/tg", tg)[0] == "777"
+        # a caller without a verified identity still gets the header's key (it is the next source)
+        assert served.key_of(client, "/prec/none", claimed)[0] == "victim"
+        forged = {**bearer({"sub": "alice"}, secret="w" * 40), **claimed}
+        assert served.key_of(client, "/prec/forged", forged)[0] == "victim"
+
+
+def test_an_explicit_unverified_first_order_is_kept_with_a_startup_warning(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flagproxy.context")
+    serve(jwt_secret=SECRET, telegram_bot_token=BOT_TOKEN)  # the default order: no warning
+    assert [r for r in caplog.records if r.name == "flagproxy.context"] == []
+
+    served = serve(jwt_secret=SECRET, key_sources=["header", "jwt"])
+    warnings = [r for r in caplog.records if r.name == "flagproxy.context"]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    message = warnings[0].getMessage()
+    assert "key_sources" in message and "header" in message and "jwt" in message
+    with httpx.Client() as client:
+        headers = {**bearer({"sub": "alice"}), "X-User-Id": "victim"}
+        assert served.key_of(client, "/prec/explicit", headers)[0] == "victim"  # the operator's order
+
+
+def test_a_short_cookie_secret_is_a_config_error_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"\[context\] cookie_secret"):
+        load_settings(env={"FLAGPROXY_CONTEXT_COOKIE_SECRET": "short"}, origins=["http://127.0.0.1:1"])
+
+
+def signature(anonymous_id: str) -> str:
+    """docs/flags.md: the signature is hex HMAC-SHA256 of the id, keyed with cookie_secret."""
+    return hmac.new(COOKIE_SECRET.encode(), anonymous_id.encode(), hashlib.sha256).hexdigest()
+
+
+def issued_cookie(response: httpx.Response) -> str:
+    cookies = response.headers.get_list("set-cookie")
+    assert len(cookies) == 1, cookies
+    match = re.fullmatch(r"flag_uid=([^;]+); Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax", cookies[0])
+    assert match, cookies[0]
+    return match.group(1)
+
+
+def test_a_signed_anonymous_cookie_is_sticky_and_cannot_be_forged(serve: Any) -> None:
+    served = serve(cookie_secret=COOKIE_SECRET)
+    with httpx.Client() as client:
+        key, response = served.key_of(client, "/anon/first", {})
+        value = issued_cookie(response)
+        anonymous_id, _, sig = value.partition(".")
+        assert key == anonymous_id and re.fullmatch(r"[0-9a-f]{32}", anonymous_id)
+        assert sig == signature(anonymous_id)
+
+        for i in range(3):  # sticky: the same key, no new cookie
+            again, response = served.key_of(client, f"/anon/again/{i}", {"Cookie": f"flag_uid={value}"})
+            assert again == anonymous_id and "set-cookie" not in response.headers
+
+        victim = "0123456789abcdef0123456789abcdef"
+        forgeries = {
+            "unsigned": victim,
+            "signature of another id": f"{victim}.{sig}",
+            "made-up signature": f"{victim}.{'0' * 64}",
+            "truncated signature": f"{victim}.{signature(victim)[:-1]}",
+            "empty id": f".{signature('')}",
+        }
+        for name, forged in forgeries.items():
+            key, response = served.key_of(
+                client, f"/anon/forged/{len(name)}", {"Cookie": f"flag_uid={forged}"}
+            )
+            fresh = issued_cookie(response)
+            fresh_id, _, fresh_sig = fresh.partition(".")
+            assert key == fresh_id != victim, name
+            assert fresh_sig == signature(fresh_id), name
+
+        # a cookie the proxy issued with this secret is accepted for any id it signed
+        again, response = served.key_of(
+            client, "/anon/victim", {"Cookie": f"flag_uid={victim}.{signature(victim)}"}
+        )
+        assert again == victim and "set-cookie" not in response.headers
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cookie=st.text(
+        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters=';,"'), max_size=140
+    )
+)
+def test_no_cookie_written_without_the_secret_is_accepted(cookie: str) -> None:
+    """Property: with a secret, any value a client makes up gets a fresh, signed id instead."""
+    builder = ContextBuilder(dataclasses.replace(ContextSettings(), cookie_secret=COOKIE_SECRET))
+    context, extra = builder.build(
+        {
+            "type": "http",
+            "path": "/",
+            "method": "GET",
+            "query_string": b"",
+            "headers": [(b"cookie", f"flag_uid={cookie}".encode())],
+        }
+    )
+    assert len(extra) == 1
+    issued = extra[0][1].decode().split(";")[0].removeprefix("flag_uid=")
+    anonymous_id, _, sig = issued.partition(".")
+    assert context["key"] == anonymous_id and sig == signature(anonymous_id) and issued != cookie

@@ -1,10 +1,12 @@
 """Request context: who is calling and what we know about the request, for the engine.
 
 The key comes from the first configured source that yields one (``[context] key_sources``):
-a header, a cookie, a query parameter, a JWT claim (``Authorization: Bearer``), or Telegram WebApp
-``initData``. Callers with none get a random id in a sticky cookie, so they keep their variants.
-``path`` and ``method`` are always present; more attributes come from configured headers, query
-parameters and JWT claims.
+a JWT claim (``Authorization: Bearer``), Telegram WebApp ``initData``, a header, a cookie or a query
+parameter; the verified sources come first unless the operator orders otherwise (then a startup
+warning says so). Callers with none get a random id in a sticky cookie, so they keep their variants;
+with ``[context] cookie_secret`` that cookie is HMAC-signed and a forged one is ignored. ``path`` and
+``method`` are always present; more attributes come from configured headers, query parameters and
+JWT claims.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import sys
 import time
@@ -23,6 +26,8 @@ from urllib.parse import parse_qsl
 
 from proxy.asgi import Header, Scope
 from proxy.config import ConfigError, ContextSettings
+
+log = logging.getLogger("flagproxy.context")
 
 KEY_SOURCES = ("header", "cookie", "query", "jwt", "telegram")
 MAX_CREDENTIAL_BYTES = 8192  # a longer bearer token or initData is not verified (it is ignored)
@@ -277,10 +282,12 @@ class ContextBuilder:
         self.telegram = TelegramReader(settings) if settings.telegram_bot_token else None
         self.telegram_header = settings.telegram_header.lower().encode("latin-1")
         self.anonymous_cookie = settings.anonymous_cookie
+        self.cookie_key = settings.cookie_secret.encode() if settings.cookie_secret else None
         self.cookie_suffix = f"; Path=/; Max-Age={settings.anonymous_max_age_s}; HttpOnly; SameSite=Lax"
         if settings.anonymous_cookie_secure:
             self.cookie_suffix += "; Secure"
         self.sources = [s for s in settings.key_sources if self._configured(s)]
+        self._warn_unverified_first()
         self.needs_cookies = bool(self.key_cookie or self.anonymous_cookie)
         self.needs_query = bool(self.key_query or self.query_attrs)
 
@@ -292,6 +299,21 @@ class ContextBuilder:
             "jwt": self.jwt is not None and bool(self.settings.jwt_claim),
             "telegram": self.telegram is not None,
         }[source]
+
+    def _verified(self, source: str) -> bool:
+        return source == "telegram" or (source == "jwt" and self.settings.jwt_verify)
+
+    def _warn_unverified_first(self) -> None:
+        """The operator's order is kept, but a claim anyone can make before a verified one is said."""
+        first = next((i for i, s in enumerate(self.sources) if self._verified(s)), 0)
+        if first > 0:
+            log.warning(
+                "[context] key_sources lists unverified %s before verified %s: a caller can choose its "
+                "key just by sending one; list %s first unless that is intended",
+                ", ".join(self.sources[:first]),
+                self.sources[first],
+                " and ".join(s for s in self.sources if self._verified(s)),
+            )
 
     def build(self, scope: Scope) -> tuple[dict[str, Any], list[Header]]:
         """Return the context and any response headers the caller must get (a new sticky cookie)."""
@@ -350,14 +372,33 @@ class ContextBuilder:
 
         if not self.anonymous_cookie:
             return context, []
-        anonymous = cookies.get(self.anonymous_cookie)
-        if anonymous and len(anonymous) <= 64 and anonymous.isascii():
+        anonymous = self._anonymous_id(cookies.get(self.anonymous_cookie))
+        if anonymous is not None:
             context["key"] = anonymous
             return context, []
         anonymous = secrets.token_hex(16)
         context["key"] = anonymous
-        cookie = f"{self.anonymous_cookie}={anonymous}{self.cookie_suffix}".encode("latin-1")
+        value = anonymous if self.cookie_key is None else f"{anonymous}.{self._sign(anonymous)}"
+        cookie = f"{self.anonymous_cookie}={value}{self.cookie_suffix}".encode("latin-1")
         return context, [(b"set-cookie", cookie)]
+
+    def _sign(self, anonymous: str) -> str:
+        assert self.cookie_key is not None
+        return hmac.new(self.cookie_key, anonymous.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def _anonymous_id(self, value: str | None) -> str | None:
+        """The id in an anonymous cookie, or None: absent, malformed, or (with ``cookie_secret``)
+        unsigned or signed wrongly — the caller then gets a fresh id."""
+        if not value or not value.isascii():
+            return None
+        if self.cookie_key is None:
+            return value if len(value) <= 64 else None
+        anonymous, dot, signature = value.rpartition(".")
+        if not dot or not anonymous or len(anonymous) > 64:
+            return None
+        if not hmac.compare_digest(self._sign(anonymous).encode(), signature.encode()):
+            return None
+        return anonymous
 
 
 # --- a context from a key and attributes (offline evaluation, the admin preview) -----------------------
