@@ -80,7 +80,7 @@ class HeaderSettings:
 
 @dataclass(frozen=True)
 class ContextSettings:
-    key_sources: tuple[str, ...] = ("header", "cookie", "query", "jwt", "telegram")
+    key_sources: tuple[str, ...] = ("jwt", "telegram", "header", "cookie", "query")  # verified first
     key_header: str = "X-User-Id"
     key_cookie: str = ""
     key_query: str = ""
@@ -90,12 +90,15 @@ class ContextSettings:
     jwt_verify: bool = True
     jwt_audience: str = ""
     jwt_issuer: str = ""
+    jwt_require_exp: bool = False  # a token without `exp` is not accepted
     telegram_bot_token: str = ""
     telegram_header: str = "X-Telegram-Init-Data"
     telegram_max_age_s: int = 86400
     anonymous_cookie: str = "flag_uid"
     anonymous_max_age_s: int = 31536000
     anonymous_cookie_secure: bool = False
+    cookie_secret: str = ""  # HMAC-signs the anonymous cookie; a cookie failing the check is replaced
+    identity_cache_bytes: int = 8_388_608  # per verification cache (JWT, Telegram), per worker
     header_attributes: tuple[str, ...] = ()
     query_attributes: tuple[str, ...] = ()
     jwt_attributes: tuple[str, ...] = ()
@@ -510,6 +513,14 @@ def validate(settings: Settings) -> None:
     _check(
         not c.anonymous_cookie or bool(_TOKEN.match(c.anonymous_cookie)),
         f"[context] anonymous_cookie: {c.anonymous_cookie!r} is not a valid cookie name",
+    )
+    _check(
+        not c.cookie_secret or len(c.cookie_secret) >= 16,
+        "[context] cookie_secret: use at least 16 characters (a random 32-byte hex string is best)",
+    )
+    _check(
+        c.identity_cache_bytes >= 0,
+        f"[context] identity_cache_bytes: must not be negative (0 = no cache), got {c.identity_cache_bytes}",
     )
     _check(
         not (c.jwt_secret and c.jwt_public_key),

@@ -1,10 +1,12 @@
 """Request context: who is calling and what we know about the request, for the engine.
 
 The key comes from the first configured source that yields one (``[context] key_sources``):
-a header, a cookie, a query parameter, a JWT claim (``Authorization: Bearer``), or Telegram WebApp
-``initData``. Callers with none get a random id in a sticky cookie, so they keep their variants.
-``path`` and ``method`` are always present; more attributes come from configured headers, query
-parameters and JWT claims.
+a JWT claim (``Authorization: Bearer``), Telegram WebApp ``initData``, a header, a cookie or a query
+parameter; the verified sources come first unless the operator orders otherwise (then a startup
+warning says so). Callers with none get a random id in a sticky cookie, so they keep their variants;
+with ``[context] cookie_secret`` that cookie is HMAC-signed and a forged one is ignored. ``path`` and
+``method`` are always present; more attributes come from configured headers, query parameters and
+JWT claims.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
+import sys
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +27,12 @@ from urllib.parse import parse_qsl
 from proxy.asgi import Header, Scope
 from proxy.config import ConfigError, ContextSettings
 
+log = logging.getLogger("flagproxy.context")
+
 KEY_SOURCES = ("header", "cookie", "query", "jwt", "telegram")
-_CACHE_LIMIT = 10_000
-_ABSENT = object()
+MAX_CREDENTIAL_BYTES = 8192  # a longer bearer token or initData is not verified (it is ignored)
+_ENTRY_OVERHEAD = 112  # an OrderedDict slot and its link, beyond the digest and the value
+MISS = object()
 
 
 def parse_mapping(where: str, entries: tuple[str, ...]) -> dict[str, str]:
@@ -69,24 +77,75 @@ def key_string(value: Any) -> str | None:
     return None
 
 
-class BoundedCache(dict[str, Any]):
-    """Verified tokens by their text: verification is the expensive part of a JWT or initData."""
+def json_size(value: Any) -> int:
+    """Bytes a decoded JSON value holds in memory: every container and scalar (shared ones each time)."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        total += sys.getsizeof(item)
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
 
-    def put(self, key: str, value: Any) -> Any:
-        if len(self) >= _CACHE_LIMIT:
-            self.clear()
-        self[key] = value
-        return value
+
+class VerdictCache:
+    """Verification results by a digest of the credential, least recently used first out.
+
+    Bounded by bytes, not entries: each entry is accounted as its digest, its value (``json_size``)
+    and a fixed slot overhead, so hostile credentials cannot make it grow past ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0  # what the entries held now are accounted at
+        self._entries: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def digest(credential: str) -> bytes:
+        return hashlib.blake2b(credential.encode("utf-8", "surrogatepass"), digest_size=32).digest()
+
+    def get(self, digest: bytes) -> Any:
+        """The value stored for ``digest``, or ``MISS``."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            return MISS
+        self._entries.move_to_end(digest)
+        return entry[0]
+
+    def put(self, digest: bytes, value: Any) -> None:
+        size = _ENTRY_OVERHEAD + sys.getsizeof(digest) + json_size(value)
+        old = self._entries.pop(digest, None)
+        if old is not None:
+            self.bytes -= old[1]
+        if size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted
+        self._entries[digest] = (value, size)
+        self.bytes += size
 
 
 class JwtReader:
-    """Claims from a bearer token; a token that fails verification yields nothing."""
+    """Claims from a bearer token; a token that fails verification yields nothing.
+
+    Results are cached by a digest of the token, except failures that time can undo (``nbf`` or
+    ``iat`` in the future): a token seen too early works once it is valid. A cached success is
+    re-checked against its ``exp``.
+    """
 
     def __init__(self, settings: ContextSettings) -> None:
         import jwt  # PyJWT: HS256 and RS256 (with cryptography)
 
         self._jwt = jwt
         self.verify = settings.jwt_verify
+        self.require_exp = settings.jwt_require_exp
         self.audience = settings.jwt_audience or None
         self.issuer = settings.jwt_issuer or None
         self.key: Any = None
@@ -102,23 +161,28 @@ class JwtReader:
         elif settings.jwt_secret:
             self.key, self.algorithms = settings.jwt_secret, ["HS256"]
         self.enabled = self.key is not None or not self.verify
-        self.cache = BoundedCache()
+        self.cache = VerdictCache(settings.identity_cache_bytes)
 
     def claims(self, authorization: str) -> Mapping[str, Any] | None:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
         token = token.strip()
-        cached = self.cache.get(token, _ABSENT)
-        if cached is not _ABSENT:
+        if len(token) > MAX_CREDENTIAL_BYTES:
+            return None
+        digest = self.cache.digest(token)
+        cached = self.cache.get(digest)
+        if cached is not MISS:
             claims, expires = cached
             if claims is None or expires is None or expires > time.time():
                 return claims  # type: ignore[no-any-return]  # the cache holds what _decode returned
-        decoded = self._decode(token)
-        self.cache.put(token, decoded)
+        decoded, lasting = self._decode(token)
+        if lasting:
+            self.cache.put(digest, decoded)
         return decoded[0]
 
-    def _decode(self, token: str) -> tuple[Mapping[str, Any] | None, float | None]:
+    def _decode(self, token: str) -> tuple[tuple[Mapping[str, Any] | None, float | None], bool]:
+        """``((claims, exp), lasting)``: ``lasting`` is False for a verdict that time may change."""
         try:
             if self.key is None:
                 claims = self._jwt.decode(token, options={"verify_signature": False})
@@ -131,12 +195,19 @@ class JwtReader:
                     issuer=self.issuer,
                     options={"verify_aud": self.audience is not None},
                 )
+        except self._jwt.ImmatureSignatureError:  # nbf or iat ahead of our clock: not yet
+            return (None, None), False
         except Exception:  # any malformed or unverifiable token is simply ignored
-            return None, None
+            return (None, None), True
         if not isinstance(claims, dict):
-            return None, None
+            return (None, None), True
         exp = claims.get("exp")
-        return claims, float(exp) if isinstance(exp, (int, float)) else None
+        if exp is None:
+            return ((None, None) if self.require_exp else (claims, None)), True
+        try:
+            return (claims, float(int(exp))), True  # int() as PyJWT reads it
+        except (TypeError, ValueError, OverflowError):
+            return (None, None), True
 
 
 class TelegramReader:
@@ -145,12 +216,16 @@ class TelegramReader:
     def __init__(self, settings: ContextSettings) -> None:
         self.secret = hmac.new(b"WebAppData", settings.telegram_bot_token.encode(), hashlib.sha256).digest()
         self.max_age_s = settings.telegram_max_age_s
-        self.cache = BoundedCache()
+        self.cache = VerdictCache(settings.identity_cache_bytes)
 
     def user(self, init_data: str) -> Mapping[str, Any] | None:
-        cached = self.cache.get(init_data, _ABSENT)
-        if cached is _ABSENT:
-            cached = self.cache.put(init_data, self._verify(init_data))
+        if len(init_data) > MAX_CREDENTIAL_BYTES:
+            return None
+        digest = self.cache.digest(init_data)
+        cached = self.cache.get(digest)
+        if cached is MISS:
+            cached = self._verify(init_data)  # no verdict here depends on the time: all are kept
+            self.cache.put(digest, cached)
         if cached is None:
             return None
         auth_date, user = cached
@@ -165,13 +240,14 @@ class TelegramReader:
             return None
         received = pairs.pop("hash", "")
         check = "\n".join(f"{k}={v}" for k, v in sorted(pairs.items()))
-        expected = hmac.new(self.secret, check.encode(), hashlib.sha256).hexdigest()
-        if not received or not hmac.compare_digest(expected, received.lower()):
+        expected = hmac.new(self.secret, check.encode(), hashlib.sha256).hexdigest().encode()
+        # bytes: compare_digest refuses str with non-ASCII characters (a hostile hash= would raise)
+        if not received or not hmac.compare_digest(expected, received.lower().encode()):
             return None
         try:
             auth_date = int(pairs["auth_date"])
             user = json.loads(pairs["user"])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, RecursionError):
             return None
         if not isinstance(user, dict) or key_string(user.get("id")) is None:
             return None
@@ -206,10 +282,12 @@ class ContextBuilder:
         self.telegram = TelegramReader(settings) if settings.telegram_bot_token else None
         self.telegram_header = settings.telegram_header.lower().encode("latin-1")
         self.anonymous_cookie = settings.anonymous_cookie
+        self.cookie_key = settings.cookie_secret.encode() if settings.cookie_secret else None
         self.cookie_suffix = f"; Path=/; Max-Age={settings.anonymous_max_age_s}; HttpOnly; SameSite=Lax"
         if settings.anonymous_cookie_secure:
             self.cookie_suffix += "; Secure"
         self.sources = [s for s in settings.key_sources if self._configured(s)]
+        self._warn_unverified_first()
         self.needs_cookies = bool(self.key_cookie or self.anonymous_cookie)
         self.needs_query = bool(self.key_query or self.query_attrs)
 
@@ -221,6 +299,21 @@ class ContextBuilder:
             "jwt": self.jwt is not None and bool(self.settings.jwt_claim),
             "telegram": self.telegram is not None,
         }[source]
+
+    def _verified(self, source: str) -> bool:
+        return source == "telegram" or (source == "jwt" and self.settings.jwt_verify)
+
+    def _warn_unverified_first(self) -> None:
+        """The operator's order is kept, but a claim anyone can make before a verified one is said."""
+        first = next((i for i, s in enumerate(self.sources) if self._verified(s)), 0)
+        if first > 0:
+            log.warning(
+                "[context] key_sources lists unverified %s before verified %s: a caller can choose its "
+                "key just by sending one; list %s first unless that is intended",
+                ", ".join(self.sources[:first]),
+                self.sources[first],
+                " and ".join(s for s in self.sources if self._verified(s)),
+            )
 
     def build(self, scope: Scope) -> tuple[dict[str, Any], list[Header]]:
         """Return the context and any response headers the caller must get (a new sticky cookie)."""
@@ -279,14 +372,33 @@ class ContextBuilder:
 
         if not self.anonymous_cookie:
             return context, []
-        anonymous = cookies.get(self.anonymous_cookie)
-        if anonymous and len(anonymous) <= 64 and anonymous.isascii():
+        anonymous = self._anonymous_id(cookies.get(self.anonymous_cookie))
+        if anonymous is not None:
             context["key"] = anonymous
             return context, []
         anonymous = secrets.token_hex(16)
         context["key"] = anonymous
-        cookie = f"{self.anonymous_cookie}={anonymous}{self.cookie_suffix}".encode("latin-1")
+        value = anonymous if self.cookie_key is None else f"{anonymous}.{self._sign(anonymous)}"
+        cookie = f"{self.anonymous_cookie}={value}{self.cookie_suffix}".encode("latin-1")
         return context, [(b"set-cookie", cookie)]
+
+    def _sign(self, anonymous: str) -> str:
+        assert self.cookie_key is not None
+        return hmac.new(self.cookie_key, anonymous.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def _anonymous_id(self, value: str | None) -> str | None:
+        """The id in an anonymous cookie, or None: absent, malformed, or (with ``cookie_secret``)
+        unsigned or signed wrongly — the caller then gets a fresh id."""
+        if not value or not value.isascii():
+            return None
+        if self.cookie_key is None:
+            return value if len(value) <= 64 else None
+        anonymous, dot, signature = value.rpartition(".")
+        if not dot or not anonymous or len(anonymous) > 64:
+            return None
+        if not hmac.compare_digest(self._sign(anonymous).encode(), signature.encode()):
+            return None
+        return anonymous
 
 
 # --- a context from a key and attributes (offline evaluation, the admin preview) -----------------------
