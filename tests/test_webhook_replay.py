@@ -501,7 +501,9 @@ BASE_MS = 1_700_000_000_000
 texts = st.builds(
     lambda on, note: stored_text({"enabled": on, "note": note}), st.booleans(), st.sampled_from("xy")
 )
-own_versions = st.none() | st.integers(BASE_MS - 5_000, BASE_MS + 40_000)
+# an updatedAt, as ms after the signing time of the change before (an updatedAt is when the flag was
+# changed: after anything signed earlier), up to a little past the change's own signing time
+own_versions = st.none() | st.integers(1, 40_000)
 
 
 @st.composite
@@ -533,11 +535,13 @@ def native_changes(draw: st.DrawFn) -> list[tuple[str, dict[str, Any]]]:
 
 
 def stamped(changes: list[tuple[str, dict[str, Any]]], gaps: list[int]) -> list[tuple[str, Change]]:
-    """Each change signed a whole number of seconds after the one before."""
+    """Each change signed a whole number of seconds after the one before; its updatedAt offsets
+    counted from the signing time of the one before."""
     at, out = BASE_MS, []
     for (kind, arguments), gap in zip(changes, gaps, strict=False):
+        versions = {k: at + offset for k, offset in arguments.get("item_versions", {}).items()}
         at += gap * 1000
-        out.append((kind, Change(source="native", stamp=at, **arguments)))
+        out.append((kind, Change(source="native", stamp=at, **{**arguments, "item_versions": versions})))
     return out
 
 
@@ -552,8 +556,9 @@ def state_of(state: RawState) -> tuple[Any, Any]:
 def test_replaying_any_earlier_webhook_changes_nothing(
     changes: list[tuple[str, dict[str, Any]]], gaps: list[int], data: st.DataObject
 ) -> None:
-    """Whatever was written in order, signed in later seconds: replays of the webhooks among them, in
-    any order, leave every flag and version as it was (an admin write is no webhook: not replayed)."""
+    """Whatever was written in order, signed in later seconds, with each updatedAt later than the
+    write before was signed: replays of the webhooks among them, in any order, leave every flag and
+    version as it was (an admin write is no webhook: not replayed)."""
     sequence = stamped(changes, gaps)
     state = RawState()
     for _, change in sequence:
