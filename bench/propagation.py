@@ -31,8 +31,9 @@ FLAG = "propagation-probe"
 
 
 def signed(body: bytes) -> dict[str, str]:
-    digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-    return {"X-Flagproxy-Signature": f"sha256={digest}", "Content-Type": "application/json"}
+    stamp = int(time.time())
+    digest = hmac.new(SECRET.encode(), b"%d." % stamp + body, hashlib.sha256).hexdigest()
+    return {"X-Flagproxy-Signature": f"t={stamp},v1={digest}", "Content-Type": "application/json"}
 
 
 async def served_value(session: aiohttp.ClientSession, port: int) -> object:

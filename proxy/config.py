@@ -122,6 +122,7 @@ class StoreSettings:
 class WebhooksSettings:
     secret: str = ""
     max_body_bytes: int = 1_048_576
+    legacy_signatures: bool = False  # also accept the body-only ``sha256=<hex>`` form (replayable)
 
 
 @dataclass(frozen=True)

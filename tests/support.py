@@ -906,8 +906,16 @@ def unique_namespace(hint: str) -> str:
 # --- webhooks, the admin API and waiting on observables ----------------------------------------------
 
 
-def sign_body(secret: str, body: bytes) -> str:
-    """The ``X-Flagproxy-Signature`` value for ``body``."""
+def sign_body(secret: str, body: bytes, at: int | None = None) -> str:
+    """The ``X-Flagproxy-Signature`` value for ``body``: ``t=<at>,v1=<HMAC-SHA256 of "<at>.<body>">``,
+    ``at`` defaulting to now (written out here, not taken from the proxy)."""
+    stamp = int(time.time()) if at is None else at
+    mac = hmac.new(secret.encode(), b"%d." % stamp + body, hashlib.sha256).hexdigest()
+    return f"t={stamp},v1={mac}"
+
+
+def legacy_signature(secret: str, body: bytes) -> str:
+    """The old body-only form, ``sha256=<hex HMAC-SHA256 of the body>`` (``[webhooks] legacy_signatures``)."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
@@ -918,15 +926,18 @@ def post_webhook(
     *,
     body: bytes | None = None,
     signature: str | None = None,
+    delivery: str | None = None,
     timeout: float = 10.0,
 ) -> httpx.Response:
-    """POST a native webhook: ``payload`` as JSON (or raw ``body``), signed with ``secret``
-    unless ``signature`` is given ("" sends none)."""
+    """POST a native webhook: ``payload`` as JSON (or raw ``body``), signed with ``secret`` now
+    unless ``signature`` is given ("" sends none); ``delivery`` sends X-Flagproxy-Delivery."""
     data = body if body is not None else json.dumps(payload).encode()
     sig = sign_body(secret, data) if signature is None else signature
     headers = {"Content-Type": "application/json"}
     if sig:
         headers["X-Flagproxy-Signature"] = sig
+    if delivery is not None:
+        headers["X-Flagproxy-Delivery"] = delivery
     return http_client().post(
         f"{base_url}/__flags/webhooks/native", content=data, headers=headers, timeout=timeout
     )

@@ -19,7 +19,7 @@ from proxy.control.problems import HTTPProblem
 from proxy.control.webhooks import apply, result_response
 from proxy.engine import FlagError
 from proxy.sources.native.document import SOURCE as NATIVE
-from proxy.sources.native.document import validated_upsert
+from proxy.sources.native.document import validated_delete, validated_upsert
 from proxy.store.change import Change, stored_text
 from proxy.store.state import OVERRIDES
 
@@ -75,7 +75,8 @@ async def delete_flag(request: Request) -> Response:
     if found["source"] != NATIVE:
         raise HTTPProblem(409, "not_native", f"{key!r} comes from {found['source']}: change it there")
     store = deps.store
-    result = await apply(store, Change(source=NATIVE, delete=[key], actor="admin"))
+    # A tombstone versioned above what was stored: a replayed older upsert cannot bring the flag back.
+    result = await apply(store, validated_delete(key, actor="admin"))
     if key in store.snapshot.raw.items(OVERRIDES):
         # A kill or promotion belongs to the flag: it must not come back with a new flag of that name.
         result = await apply(store, Change(source=OVERRIDES, delete=[key], actor="admin", action="restore"))

@@ -31,6 +31,12 @@ class Change:
     replace: bool = False
     source_version: int | None = None
     item_versions: dict[str, int] = field(default_factory=dict)
+    # When the change was made (epoch ms; a signed webhook's t): the version of each item without one
+    # of its own, applied unless the stored item is newer. None: such items are unordered.
+    stamp: int | None = None
+    supersede: bool = False  # with a stamp: always applies, keeping the higher version (admin writes)
+    delivery: str = ""  # the sender's delivery id: a second change with it is a duplicate
+    delivery_ttl_s: int = 0  # how long the id is remembered (the signature's tolerance window)
     actor: str = ""
     action: str = ""  # audit wording ("kill", "promote"…); default: upsert / delete per item
 
@@ -43,6 +49,9 @@ class Change:
             "delete": [[k, self.item_versions.get(k, -1)] for k in self.delete],
             "replace": self.replace,
             "source_version": -1 if self.source_version is None else self.source_version,
+            "stamp": -1 if self.stamp is None else self.stamp,
+            "supersede": self.supersede,
+            "delivery_ttl": self.delivery_ttl_s if self.delivery else 0,
             "actor": self.actor,
             "action": self.action,
             "time": now_iso(),

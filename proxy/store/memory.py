@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Any
 
@@ -20,6 +21,7 @@ class MemoryStore(SnapshotHolder):
         super().__init__(compiler)
         self._state = state or RawState()
         self._audit: deque[dict[str, Any]] = deque(maxlen=audit_max)
+        self._deliveries: dict[tuple[str, str], float] = {}  # (source, delivery id) → forget at (monotonic)
         self.install(self._state)
 
     @property
@@ -32,11 +34,23 @@ class MemoryStore(SnapshotHolder):
     async def close(self) -> None:
         return None
 
+    def _seen(self, change: Change) -> bool:
+        """Was ``change.delivery`` applied within its window? (expired ids are forgotten here)"""
+        now = time.monotonic()
+        if len(self._deliveries) >= 1024:
+            self._deliveries = {k: at for k, at in self._deliveries.items() if at > now}
+        forget_at = self._deliveries.get((change.source, change.delivery))
+        return forget_at is not None and forget_at > now
+
     async def apply(self, change: Change) -> ApplyResult:
+        if change.delivery and self._seen(change):
+            return ApplyResult("duplicate", self._state.version)
         state = self._state.copy()
         result = apply_change(state, change)
-        if result.status == "stale":
+        if result.status in ("stale", "version_required"):
             return result
+        if change.delivery:
+            self._deliveries[(change.source, change.delivery)] = time.monotonic() + change.delivery_ttl_s
         moved = state.source_versions != self._state.source_versions
         self._state = state  # also when unchanged: the source version may have moved on
         if result.status == "applied" or moved:

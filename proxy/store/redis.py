@@ -8,6 +8,7 @@ Layout (``P`` = ``{redis_prefix}:{environment}``, see docs/store.md):
 - ``P:version``                   int   store version, +1 for every applied change
 - ``P:inited``                    str   init marker: missing means Redis lost its data
 - ``P:audit``                     list  newest first, capped
+- ``P:delivery:{source}:{id}``    str   a webhook delivery id seen, expiring with its signature window
 - ``P:changes``                   channel  ``{"version", "source", "kind", "keys"}`` per applied change
 
 Every write is one Lua script (atomic, ordered by the source's versions). Each instance keeps a
@@ -42,37 +43,51 @@ log = logging.getLogger("flagproxy.store")
 
 APPLY_LUA = """
 local data, vers, meta, verkey, audit, inited = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local delivery = KEYS[7]  -- only when the change carries a delivery id
 local p = cjson.decode(ARGV[1])
 local channel = ARGV[2]
 if redis.call('EXISTS', inited) == 0 then
   -- Redis lost its data (or was never seeded): writing now would make this change all there is.
   return cjson.encode({status = 'uninitialized'})
 end
+if delivery and redis.call('EXISTS', delivery) == 1 then
+  return cjson.encode({status = 'duplicate', version = tonumber(redis.call('GET', verkey) or '0')})
+end
 local sv = tonumber(p.source_version)
 local svfield = p.kind .. ':version'
-if sv >= 0 then
-  local cur = tonumber(redis.call('HGET', meta, svfield) or '-1')
-  if sv <= cur then
-    local version = tonumber(redis.call('GET', verkey) or '0')
-    return cjson.encode({status = 'stale', stored = cur, version = version})
-  end
+local cur = tonumber(redis.call('HGET', meta, svfield) or '-1')
+if sv >= 0 and sv <= cur then
+  return cjson.encode({status = 'stale', stored = cur, version = tonumber(redis.call('GET', verkey) or '0')})
+end
+if p.replace and sv < 0 and cur >= 0 then
+  return cjson.encode({status = 'version_required', stored = cur,
+    version = tonumber(redis.call('GET', verkey) or '0')})
 end
 local changed, actions, ignored, incoming = {}, {}, {}, {}
-local function newer(key, ver)
-  if ver < 0 then return true end
-  local cur = redis.call('HGET', vers, key)
-  return (not cur) or tonumber(cur) < ver
+local stamp = tonumber(p.stamp)
+-- state.item_version: does the change apply to the item, and the item's version after it (nil: none)
+local function decide(key, ver)
+  local stored = redis.call('HGET', vers, key)
+  if stored then stored = tonumber(stored) end
+  if ver >= 0 then return (not stored) or stored < ver, ver end
+  if stamp < 0 then return true, nil end
+  if p.supersede then
+    if (not stored) or stored < stamp then return true, stamp end
+    return true, stored
+  end
+  return (not stored) or stored <= stamp, stamp
 end
 for _, item in ipairs(p.upsert) do
-  local key, text, ver = item[1], item[2], tonumber(item[3])
+  local key, text = item[1], item[2]
   incoming[key] = true
-  if newer(key, ver) then
+  local applies, ver = decide(key, tonumber(item[3]))
+  if applies then
     if redis.call('HGET', data, key) ~= text then
       redis.call('HSET', data, key, text)
       table.insert(changed, key)
       table.insert(actions, 'upsert')
     end
-    if ver >= 0 then redis.call('HSET', vers, key, string.format('%d', ver)) end
+    if ver then redis.call('HSET', vers, key, string.format('%d', ver)) end
   else
     table.insert(ignored, key)
   end
@@ -85,13 +100,14 @@ if p.replace then
   end
 end
 for _, item in ipairs(deletes) do
-  local key, ver = item[1], tonumber(item[2])
-  if newer(key, ver) then
+  local key = item[1]
+  local applies, ver = decide(key, tonumber(item[2]))
+  if applies then
     if redis.call('HDEL', data, key) == 1 then
       table.insert(changed, key)
       table.insert(actions, 'delete')
     end
-    if ver >= 0 then
+    if ver then
       redis.call('HSET', vers, key, string.format('%d', ver))  -- a tombstone: older upserts stay ignored
     else
       redis.call('HDEL', vers, key)
@@ -102,6 +118,9 @@ for _, item in ipairs(deletes) do
 end
 if sv >= 0 then redis.call('HSET', meta, svfield, string.format('%d', sv)) end
 redis.call('SET', inited, '1')
+if delivery and tonumber(p.delivery_ttl) > 0 then
+  redis.call('SET', delivery, '1', 'EX', string.format('%d', p.delivery_ttl))
+end
 local old = tonumber(redis.call('GET', verkey) or '0')
 if #changed == 0 then
   return cjson.encode({status = 'unchanged', version = old, ignored = ignored})
@@ -153,6 +172,9 @@ class RedisKeys:
 
     def meta(self, source: str) -> str:
         return f"{self.base}:{source}:meta"
+
+    def delivery(self, source: str, delivery: str) -> str:
+        return f"{self.base}:delivery:{source}:{delivery}"
 
 
 def save_snapshot_file(path: str, state: RawState) -> None:
@@ -459,6 +481,8 @@ class RedisStore(SnapshotHolder):
             self.keys.audit,
             self.keys.inited,
         ]
+        if change.delivery:
+            keys.append(self.keys.delivery(change.source, change.delivery))
         payload = json.dumps(change.payload(self.settings.audit_max), separators=(",", ":"))
         try:
             reply = json.loads(await self._apply_script(keys=keys, args=[payload, self.keys.channel]))

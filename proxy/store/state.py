@@ -5,8 +5,14 @@ and per-kind source versions. A ``Change`` applies with the same rules in memory
 Redis (the Lua script in ``proxy.store.redis``):
 
 - a change carrying a source version not newer than the stored one is **stale**: nothing applies;
+- a ``replace`` without a source version once one is stored is refused (**version_required**): a
+  versionless document must not undo versioned ones;
 - an item carrying its own version (updatedAt, changeNumber) not newer than the stored item's is
   ignored, the rest of the change applies;
+- an item without one takes the change's ``stamp`` (when it was made), applied unless the stored
+  item is newer (equal applies: stamps are whole seconds); with ``supersede`` it always applies and
+  keeps the higher of the two; with no stamp it is unordered;
+- a delete leaves its version behind (a tombstone), so an older upsert cannot bring the item back;
 - ``replace`` deletes every stored item the change does not mention;
 - only real differences bump the store version, which every snapshot carries.
 """
@@ -71,7 +77,7 @@ def layout(compiler: Compiler) -> dict[str, tuple[str, ...]]:
 
 @dataclass
 class ApplyResult:
-    status: str  # "applied" | "unchanged" | "stale"
+    status: str  # "applied" | "unchanged" | "stale" | "version_required" | "duplicate"
     version: int
     changed: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -124,40 +130,56 @@ class RawState:
         )
 
 
+def item_version(change: Change, key: str, stored: int | None) -> tuple[bool, int | None]:
+    """Does ``change`` apply to ``key`` (stored version ``stored``), and the item's version after it?
+
+    ``None`` as the version: the item keeps no version (an upsert keeps the stored one, a delete
+    forgets it). The Lua script in ``proxy.store.redis`` has the same function.
+    """
+    own = change.item_versions.get(key)
+    if own is not None:
+        return (stored is None or own > stored), own
+    if change.stamp is None:
+        return True, None
+    if change.supersede:
+        return True, change.stamp if stored is None else max(stored, change.stamp)
+    return (stored is None or stored <= change.stamp), change.stamp
+
+
 def apply_change(state: RawState, change: Change) -> ApplyResult:
     """Apply ``change`` to ``state`` in place (the memory store's write path)."""
     kinds = state.source_versions.setdefault(change.source, {})
     stored = kinds.get(change.kind)
     if change.source_version is not None and stored is not None and change.source_version <= stored:
         return ApplyResult("stale", state.version, stored_source_version=stored)
+    if change.replace and change.source_version is None and stored is not None:
+        return ApplyResult("version_required", state.version, stored_source_version=stored)
 
     items = state.data.setdefault(change.source, {}).setdefault(change.kind, {})
     versions = state.item_versions.setdefault(change.source, {}).setdefault(change.kind, {})
     changed: list[tuple[str, str]] = []
     ignored: list[str] = []
 
-    def newer(key: str) -> bool:
-        incoming = change.item_versions.get(key)
-        return incoming is None or key not in versions or incoming > versions[key]
-
     for key, text in change.upsert.items():
-        if not newer(key):
+        applies, version = item_version(change, key, versions.get(key))
+        if not applies:
             ignored.append(key)
             continue
         if items.get(key) != text:
             items[key] = text
             changed.append((key, "upsert"))
-        if key in change.item_versions:
-            versions[key] = change.item_versions[key]
+        if version is not None:
+            versions[key] = version
     deletes = [k for k in items if k not in change.upsert] if change.replace else change.delete
     for key in list(deletes):
-        if not newer(key):
+        applies, version = item_version(change, key, versions.get(key))
+        if not applies:
             ignored.append(key)
             continue
         if items.pop(key, None) is not None:
             changed.append((key, "delete"))
-        if key in change.item_versions:
-            versions[key] = change.item_versions[key]  # a tombstone: older upserts stay ignored
+        if version is not None:
+            versions[key] = version  # a tombstone: older upserts stay ignored
         else:
             versions.pop(key, None)
     if change.source_version is not None:

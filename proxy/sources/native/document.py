@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,19 +103,42 @@ def reordered_only(old: Any, new: Any) -> bool:
 
 
 def validated_upsert(key: str, definition: Any, actor: str) -> Change:
-    """One flag written whole (the admin API's PUT); FlagError names the field."""
+    """One flag written whole (the admin API's PUT); FlagError names the field.
+
+    Without an ``updatedAt`` it supersedes what is stored: it applies, versioned now (or as the
+    stored flag, if that is newer), so no write signed before it can undo it.
+    """
     compile_flag(key, definition)
-    version = updated_at_ms(definition)
     return Change(
         source=SOURCE,
         upsert={key: stored_text(definition)},
-        item_versions={key: version} if version is not None else {},
+        item_versions=_item_versions({key: definition}, now_ms()),
+        stamp=now_stamp(),
+        supersede=True,
         actor=actor,
     )
 
 
+def validated_delete(key: str, actor: str) -> Change:
+    """The admin API's DELETE: applies whatever is stored, and leaves a tombstone at least as new."""
+    return Change(source=SOURCE, delete=[key], stamp=now_stamp(), supersede=True, actor=actor)
+
+
 PATCH_FIELDS = frozenset({"upsert", "delete", "version", "note"})
 MAX_VERSION = 2**53 - 1
+MAX_AHEAD_MS = 5 * 60 * 1000  # an updatedAt further in the future would outrank every fix until then
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def now_stamp() -> int:
+    """Now as a change's stamp: whole seconds (in ms), as a signed webhook's ``t``, so that a webhook
+    signed in the same second as an admin write is not taken for an older one."""
+    return int(time.time()) * 1000
+
+
 SHAPE = 'expected a flags document {"flags": ...} or a patch {"upsert": ..., "delete": [...]}'
 
 
@@ -129,6 +153,24 @@ def updated_at_ms(definition: Mapping[str, Any]) -> int | None:
     return max(0, int(moment.timestamp() * 1000))
 
 
+def _item_versions(flags: Mapping[str, Any], now: int) -> dict[str, int]:
+    """Each flag's ``updatedAt`` in ms (compiled flags: the timestamps are valid); FlagError for
+    one more than ``MAX_AHEAD_MS`` ahead of ``now``."""
+    versions: dict[str, int] = {}
+    for key, definition in flags.items():
+        version = updated_at_ms(definition)
+        if version is None:
+            continue
+        if version > now + MAX_AHEAD_MS:
+            raise FlagError(
+                f"flags.{key}.updatedAt",
+                f"{definition['updatedAt']} is more than 5 minutes in the future: it would outrank every "
+                "change until then",
+            )
+        versions[key] = version
+    return versions
+
+
 def _document_version(payload: Mapping[str, Any]) -> int | None:
     version = payload.get("version")
     if version is None:
@@ -140,10 +182,11 @@ def _document_version(payload: Mapping[str, Any]) -> int | None:
     return version
 
 
-def change_from_payload(payload: Any, actor: str) -> Change:
+def change_from_payload(payload: Any, actor: str, stamp: int | None = None) -> Change:
     """A webhook body — a whole document (replace) or ``{"upsert", "delete"}`` (patch) — validated.
 
-    Raises FlagError naming the field; nothing is applied then.
+    ``stamp`` (epoch ms, the signed time) versions every flag without an ``updatedAt`` and every
+    delete (docs/flags.md, "Ordering"). Raises FlagError naming the field; nothing is applied then.
     """
     if not isinstance(payload, dict):
         raise FlagError("body", 'expected a flags document {"flags": ...} or a patch {"upsert", "delete"}')
@@ -155,7 +198,8 @@ def change_from_payload(payload: Any, actor: str) -> Change:
             upsert={key: stored_text(d) for key, d in flags.items()},
             replace=True,
             source_version=_document_version(payload),
-            item_versions={k: v for k, d in flags.items() if (v := updated_at_ms(d)) is not None},
+            item_versions=_item_versions(flags, now_ms()),
+            stamp=stamp,
             actor=actor,
         )
     unknown = sorted(set(payload) - PATCH_FIELDS)
@@ -178,6 +222,7 @@ def change_from_payload(payload: Any, actor: str) -> Change:
         upsert={key: stored_text(d) for key, d in upsert.items()},
         delete=list(delete),
         source_version=_document_version(payload),
-        item_versions={k: v for k, d in upsert.items() if (v := updated_at_ms(d)) is not None},
+        item_versions=_item_versions(upsert, now_ms()),
+        stamp=stamp,
         actor=actor,
     )

@@ -1,6 +1,13 @@
-"""``POST /__flags/webhooks/native``: a whole document or a patch, signed with ``[webhooks] secret``."""
+"""``POST /__flags/webhooks/native``: a whole document or a patch, signed with ``[webhooks] secret``.
+
+The signature binds the time (``t=``), which also orders the change's versionless flags and deletes;
+an ``X-Flagproxy-Delivery`` id is applied once within the signature window, on every instance.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -9,7 +16,7 @@ from starlette.routing import Route
 from proxy.control.bodies import parse_json, read_body
 from proxy.control.deps import deps_of
 from proxy.control.problems import HTTPProblem
-from proxy.control.webhooks import apply, check_hmac_signature, counted, result_response
+from proxy.control.webhooks import apply, check_signature, counted, delivery_id, result_response
 from proxy.engine import FlagError
 from proxy.sources.native.document import SOURCE, change_from_payload
 
@@ -21,11 +28,20 @@ async def native_webhook(request: Request) -> Response:
     if not settings.secret:
         raise HTTPProblem(404, "not_found", "the native webhook is disabled: set [webhooks] secret")
     body = await read_body(request, settings.max_body_bytes)
-    check_hmac_signature(settings.secret, body, request.headers.get("x-flagproxy-signature", ""))
+    signed = check_signature(
+        settings.secret,
+        body,
+        request.headers.get("x-flagproxy-signature", ""),
+        legacy=settings.legacy_signatures,
+        now=time.time(),
+    )
+    delivery = delivery_id(request)
     try:
-        change = change_from_payload(parse_json(body), actor="webhook:native")
+        change = change_from_payload(parse_json(body), actor="webhook:native", stamp=signed.at_ms)
     except FlagError as exc:
         raise HTTPProblem(422, "invalid_flags", str(exc), field=exc.path) from None
+    if delivery:
+        change = dataclasses.replace(change, delivery=delivery, delivery_ttl_s=signed.window_s)
     result = await apply(deps.store, change)
     request.state.outcome = result.status
     return result_response(result, 202)
