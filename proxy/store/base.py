@@ -26,14 +26,23 @@ class Snapshot:
     loaded_at: float = field(default_factory=time.time)
     ordered: tuple[Flag, ...] = ()
     routed: bool = False  # does any flag declare routes?
+    invalid: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # source → key → problem
     _plans: dict[str, TrimPlan] = field(default_factory=dict, compare=False, repr=False)  # by path
     _by_set: dict[tuple[int, ...], TrimPlan] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, version: int, flags: Mapping[str, Flag], raw: RawState) -> Snapshot:
+    def build(
+        cls,
+        version: int,
+        flags: Mapping[str, Flag],
+        raw: RawState,
+        invalid: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> Snapshot:
         ordered = tuple(flags[k] for k in sorted(flags))
         routed = any(f.route_match is not None for f in ordered)
-        return cls(version=version, flags=flags, raw=raw, ordered=ordered, routed=routed)
+        return cls(
+            version=version, flags=flags, raw=raw, ordered=ordered, routed=routed, invalid=invalid or {}
+        )
 
     def for_path(self, path: str) -> tuple[Flag, ...]:
         """The flags resolved for ``path``, in key order (cached per path, bounded)."""
@@ -110,7 +119,8 @@ class SnapshotHolder:
 
     def install(self, state: RawState) -> Snapshot:
         """Compile ``state`` and make it current (the compile happens before anything is swapped)."""
-        snapshot = Snapshot.build(state.version, self._builder.compile(state), state)
+        flags = self._builder.compile(state)
+        snapshot = Snapshot.build(state.version, flags, state, self._builder.problems)
         self._snapshot = snapshot
         for listener in self._listeners:
             try:
