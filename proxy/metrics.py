@@ -187,6 +187,13 @@ class Metrics:
             "Times the Redis pub/sub connection was lost after it had been up.",
             registry=r,
         )
+        self.store_rollbacks = Counter(
+            "flagproxy_store_rollbacks",
+            "Times Redis held an older state than the one served here: restored (this instance wrote "
+            "its newer state back) or adopted (it took a state that may lack changes it had served).",
+            ["outcome"],
+            registry=r,
+        )
         self.store_invalid = Gauge(
             "flagproxy_store_invalid_definitions",
             "Stored definitions per source that do not compile (their flag keeps its last good "
@@ -274,6 +281,10 @@ class Metrics:
         for source in self._invalid_sources | set(invalid):
             self.store_invalid.labels(source).set(len(invalid.get(source, {})))
         self._invalid_sources |= set(invalid)
+
+    def store_rolled_back(self, outcome: str) -> None:
+        """Redis held an older state than this instance served: ``restored`` or ``adopted``."""
+        self.store_rollbacks.labels(outcome).inc()
 
     # --- exposition -------------------------------------------------------------------------------
 

@@ -1,20 +1,28 @@
 """Bad data in Redis: garbage written straight into a private ``redis-server`` with redis-py.
 
 - a definition that does not compile keeps its flag's last good definition; fields from a newer
-  release are ignored with a warning — while the webhook and the admin API stay strict (422).
+  release are ignored with a warning — while the webhook and the admin API stay strict (422);
+- a non-integer version (or another value only flagproxy writes) never leaves an instance
+  ``503 loading``: it serves its fallback, says so, and picks Redis up once it is readable;
+- a write Redis received but did not answer in time is ``504 store_timeout``, not "nothing applied".
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from support import (
+    LOCALHOST,
     ProxyProcess,
     RawOrigin,
     RedisServer,
@@ -202,3 +210,113 @@ def test_a_garbled_kill_keeps_the_flag_killed() -> None:
         assert store.snapshot.invalid == {}
 
     asyncio.run(run())
+
+
+# --- (b) values only flagproxy writes, holding garbage ---------------------------------------------------
+
+
+FLAGS_IN_REDIS = {"checkout": json.dumps(CHECKOUT_NEW), "extra": "{}"}
+# key suffix → (garbage, what puts it right)
+GARBAGE: dict[str, tuple[str, Any, Any]] = {
+    "a non-integer store version": ("version", "seven", "7"),
+    "a non-integer flag version": ("native:flags:versions", {"checkout": "2025-01-01"}, None),
+    "a non-integer document version": ("native:meta", {"flags:version": "v9"}, None),
+    "a flags key of the wrong type": ("native:flags", "not a hash", FLAGS_IN_REDIS),
+}
+
+
+def put(client: Any, name: str, value: Any) -> None:
+    client.delete(name)
+    if isinstance(value, str):
+        client.set(name, value)
+    elif value is not None:
+        client.hset(name, mapping=value)
+
+
+@pytest.mark.parametrize("case", list(GARBAGE))
+def test_garbage_in_redis_serves_the_fallback_and_is_picked_up_once_repaired(
+    case: str, redis_server: RedisServer, origin: RawOrigin, tmp_path: Path
+) -> None:
+    namespace = unique_namespace(case)
+    client = redis_server.client()
+    # a Redis written by flagproxy (a store at version 7), then one value spoiled
+    client.set(key(namespace, "inited"), "1")
+    client.set(key(namespace, "version"), "7")
+    client.hset(key(namespace, "native:flags"), mapping=FLAGS_IN_REDIS)
+    suffix, garbage, repair = GARBAGE[case]
+    put(client, key(namespace, suffix), garbage)
+    before = redis_server.dump_namespace(key(namespace, "*"))
+
+    with make_proxy(origin, tmp_path / "p", redis_server.url, env(namespace)) as proxy:
+        # ready, on the flags file (no disk snapshot here), not "503 loading" forever
+        wait_for(lambda: readyz(proxy) == (200, {"status": "ready", "version": 1, "flags": 2}), what="ready")
+        assert served_flags(proxy, origin) == {"checkout": "old", "banner": False}
+        wait_for(lambda: "Redis holds data this instance cannot use" in proxy.stderr(), what="the ERROR line")
+        assert f"flagproxy:{namespace}:{suffix}" in proxy.stderr() or "WRONGTYPE" in proxy.stderr()
+
+        # a write on top of garbage is refused before anything is written
+        refused = post_webhook(proxy.base_url, {"upsert": {"checkout": CHECKOUT_NEW}}, SECRET)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "store_unavailable" and refused.json()["detail"]
+        assert redis_server.dump_namespace(key(namespace, "*")) == before
+
+        # repaired: the proxy was retrying all along and now serves what Redis holds
+        put(client, key(namespace, suffix), repair)
+        wait_for(lambda: at_version(proxy, 7), timeout=10, what="the proxy read version 7")
+        assert served_flags(proxy, origin) == {"checkout": "new", "extra": True}
+
+
+# --- (c) a write Redis took but did not answer in time -------------------------------------------------
+
+
+class DebugRedis(RedisServer):
+    """A private Redis that accepts ``DEBUG SLEEP`` from localhost (off by default since Redis 7)."""
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--enable-debug-command", "local"]
+
+
+@pytest.fixture
+def debug_redis(tmp_path: Path) -> Iterator[DebugRedis]:
+    server = DebugRedis(dir=tmp_path / "redis").start()
+    yield server
+    server.close()
+
+
+@contextlib.contextmanager
+def redis_asleep(server: RedisServer, seconds: int) -> Iterator[None]:
+    """Redis blocked in ``DEBUG SLEEP`` (it reads nothing, answers nothing); the block returns once it
+    answers again."""
+    address = (LOCALHOST, server.port)
+    with socket.create_connection(address, timeout=seconds + 5) as sleeper:
+        sleeper.sendall(b"DEBUG SLEEP %d\r\n" % seconds)
+        with socket.create_connection(address, timeout=0.3) as probe:
+            probe.sendall(b"PING\r\n")
+            with pytest.raises(TimeoutError):
+                probe.recv(16)  # no answer: it is asleep
+        yield
+        assert sleeper.recv(16) == b"+OK\r\n"  # awake again
+
+
+def test_a_write_redis_did_not_answer_in_time_is_504_store_timeout(
+    debug_redis: DebugRedis, origin: RawOrigin, tmp_path: Path
+) -> None:
+    namespace = unique_namespace("timeout")
+    client = debug_redis.client()
+    environment = env(namespace, FLAGPROXY_STORE_REDIS_TIMEOUT_S="0.5")
+    with make_proxy(origin, tmp_path / "p", debug_redis.url, environment) as proxy:
+        wait_for(lambda: at_version(proxy, 1), what="ready at version 1")
+        warm = post_webhook(proxy.base_url, {"upsert": {"banner": {"enabled": True}}}, SECRET)
+        assert warm.status_code == 202, warm.text
+
+        with redis_asleep(debug_redis, 3):
+            late = post_webhook(proxy.base_url, {"upsert": {"late": {"enabled": True}}}, SECRET)
+            assert late.status_code == 504, late.text
+            body = late.json()
+            assert body["error"] == "store_timeout"
+            assert "may or may not have been applied" in body["detail"]
+
+        # the outcome was indeed unknown to the proxy: Redis ran the write once it woke up
+        stored = wait_for(lambda: client.hget(key(namespace, "native:flags"), "late"), what="the late write")
+        assert json.loads(stored) == {"enabled": True}
+        wait_for(lambda: served_flags(proxy, origin).get("late") is True, what="the late write served")

@@ -79,6 +79,11 @@ class StoreUnavailable(Exception):
     """A write could not reach the store (Redis); nothing was applied."""
 
 
+class StoreTimeout(Exception):
+    """A write reached the store but its answer did not come back: it may or may not be applied
+    (a slow or paused Redis still runs it later). Read the state back before retrying."""
+
+
 EMPTY = Snapshot.build(0, {}, RawState())
 Listener = Callable[[Snapshot], None]
 

@@ -91,12 +91,33 @@ class ApplyResult:
         return out
 
 
+@dataclass(frozen=True)
+class Generation:
+    """Which seeding of a shared store a state belongs to (``proxy.store.redis``): ``id`` is new at
+    every seed or re-seed; ``base_id``/``base_version`` name the content the seed was written from
+    (``base_version`` -1: the flags file, nothing before it)."""
+
+    id: str = ""
+    base_id: str = ""
+    base_version: int = -1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "base_id": self.base_id, "base_version": self.base_version}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Generation:
+        if not isinstance(raw, Mapping):
+            return cls()
+        return cls(str(raw.get("id", "")), str(raw.get("base_id", "")), int(raw.get("base_version", -1)))
+
+
 @dataclass
 class RawState:
     version: int = 0
     data: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # source → kind → key → text
     item_versions: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     source_versions: dict[str, dict[str, int]] = field(default_factory=dict)  # source → kind → version
+    generation: Generation = field(default_factory=Generation)
 
     def items(self, source: str, kind: str = "flags") -> dict[str, str]:
         return self.data.get(source, {}).get(kind, {})
@@ -110,6 +131,7 @@ class RawState:
             "data": self.data,
             "item_versions": self.item_versions,
             "source_versions": self.source_versions,
+            "generation": self.generation.to_json(),
             "saved_at": now_iso(),
         }
 
@@ -126,6 +148,7 @@ class RawState:
                 s: {k: int(n) for k, n in kinds.items()}
                 for s, kinds in raw.get("source_versions", {}).items()
             },
+            generation=Generation.from_json(raw.get("generation")),
         )
 
 
