@@ -151,7 +151,9 @@ class FlagProxy:
         self.control_prefix_slash = self.control_prefix + "/"
 
     def _snapshot_metrics(self, snapshot: Snapshot) -> None:
-        self.metrics.snapshot_installed(snapshot.version, len(snapshot.flags), snapshot.raw.source_versions)
+        self.metrics.snapshot_installed(
+            snapshot.version, len(snapshot.flags), snapshot.raw.source_versions, snapshot.invalid
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI side uvicorn sees: the lifespan. Requests arrive through the connection protocol

@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
@@ -187,6 +187,21 @@ class Metrics:
             "Times the Redis pub/sub connection was lost after it had been up.",
             registry=r,
         )
+        self.store_rollbacks = Counter(
+            "flagproxy_store_rollbacks",
+            "Times Redis held an older state than the one served here: restored (this instance wrote "
+            "its newer state back) or adopted (it took a state that may lack changes it had served).",
+            ["outcome"],
+            registry=r,
+        )
+        self.store_invalid = Gauge(
+            "flagproxy_store_invalid_definitions",
+            "Stored definitions per source that do not compile (their flag keeps its last good "
+            "definition, or is not served if it never had one).",
+            ["source"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.webhooks = Counter(
             "flagproxy_webhooks",
             "Webhook requests by source and result (applied, unchanged, accepted, or the error code).",
@@ -219,6 +234,7 @@ class Metrics:
             registry=r,
         )
         self._scrape_collector: Any = None
+        self._invalid_sources: set[str] = set()
 
     # --- events -----------------------------------------------------------------------------------
 
@@ -250,13 +266,25 @@ class Metrics:
         self.last_sync.labels(source).set(time.time() if at is None else at)
 
     def snapshot_installed(
-        self, version: int, flags: int, source_versions: dict[str, dict[str, int]]
+        self,
+        version: int,
+        flags: int,
+        source_versions: dict[str, dict[str, int]],
+        invalid: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.store_version.set(version)
         self.store_flags.set(flags)
         for source, kinds in source_versions.items():
             if kinds:
                 self.source_version.labels(source).set(max(kinds.values()))
+        invalid = invalid or {}
+        for source in self._invalid_sources | set(invalid):
+            self.store_invalid.labels(source).set(len(invalid.get(source, {})))
+        self._invalid_sources |= set(invalid)
+
+    def store_rolled_back(self, outcome: str) -> None:
+        """Redis held an older state than this instance served: ``restored`` or ``adopted``."""
+        self.store_rollbacks.labels(outcome).inc()
 
     # --- exposition -------------------------------------------------------------------------------
 

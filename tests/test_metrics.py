@@ -32,6 +32,8 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "flagproxy_alerts": ("counter", {"condition", "result"}),
     "flagproxy_store_version": ("gauge", set()),
     "flagproxy_store_flags": ("gauge", set()),
+    "flagproxy_store_invalid_definitions": ("gauge", {"source"}),
+    "flagproxy_store_rollbacks": ("counter", {"outcome"}),
     "flagproxy_source_version": ("gauge", {"source"}),
     "flagproxy_last_sync_timestamp_seconds": ("gauge", {"source"}),
     "flagproxy_last_sync_age_seconds": ("gauge", {"source"}),

@@ -25,17 +25,30 @@ from proxy.store.state import OVERRIDES
 
 
 def describe(deps: ControlDeps, key: str) -> dict[str, Any] | None:
-    """The stored definition that serves ``key`` (the winning source), with its override if any."""
-    raw = deps.store.snapshot.raw
+    """The stored definition that serves ``key`` (the winning source), with its override if any;
+    ``invalid`` says why a stored definition is not used (its flag serves its last good one)."""
+    snapshot = deps.store.snapshot
+    raw = snapshot.raw
     for source in reversed(deps.precedence):
         text = raw.items(source).get(key)
         if text is not None:
-            out: dict[str, Any] = {"key": key, "source": source, "definition": json.loads(text)}
+            out: dict[str, Any] = {"key": key, "source": source, "definition": _parsed(text)}
+            problem = snapshot.invalid.get(source, {}).get(key)
+            if problem is not None:
+                out["invalid"] = problem
             override = raw.items(OVERRIDES).get(key)
             if override is not None:
-                out["override"] = json.loads(override)
+                out["override"] = _parsed(override)
             return out
     return None
+
+
+def _parsed(text: str) -> Any:
+    """Stored JSON text; ``None`` for text that is not JSON (written into the store by something else)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def unknown(key: str) -> HTTPProblem:

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from proxy.control.deps import deps_of
 from proxy.control.problems import HTTPProblem
-from proxy.store.base import FlagStore, StoreUnavailable
+from proxy.store.base import FlagStore, StoreTimeout, StoreUnavailable
 from proxy.store.change import Change
 from proxy.store.state import ApplyResult
 
@@ -23,11 +23,19 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 async def apply(store: FlagStore, change: Change) -> ApplyResult:
-    """Write ``change``; a store that cannot take writes now is a 503, and nothing was applied."""
+    """Write ``change``. A store that cannot take writes now is a 503, and nothing was applied; a
+    write sent but not answered in time is a 504: it may have been applied (read it back)."""
     try:
         return await store.apply(change)
     except StoreUnavailable as exc:
         raise HTTPProblem(503, "store_unavailable", f"the flag store cannot take writes now: {exc}") from None
+    except StoreTimeout as exc:
+        raise HTTPProblem(
+            504,
+            "store_timeout",
+            f"the flag store did not confirm the write in time ({exc}): it may or may not have been "
+            "applied; read the flag back before retrying",
+        ) from None
 
 
 def result_response(result: ApplyResult, status: int) -> JSONResponse:

@@ -32,6 +32,7 @@ class Snapshot:
     loaded_at: float = field(default_factory=time.time)
     ordered: tuple[Flag, ...] = ()
     routed: bool = False  # does any flag declare routes?
+    invalid: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # source → key → problem
     # by path (bytes-bounded: paths are client input) and by distinct set of flags
     _plans: BoundedCache[TrimPlan] = field(
         default_factory=lambda: BoundedCache(PATH_CACHE_BYTES), compare=False, repr=False
@@ -40,10 +41,18 @@ class Snapshot:
     _set_bytes: list[int] = field(default_factory=lambda: [0], compare=False, repr=False)
 
     @classmethod
-    def build(cls, version: int, flags: Mapping[str, Flag], raw: RawState) -> Snapshot:
+    def build(
+        cls,
+        version: int,
+        flags: Mapping[str, Flag],
+        raw: RawState,
+        invalid: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> Snapshot:
         ordered = tuple(flags[k] for k in sorted(flags))
         routed = any(f.route_match is not None for f in ordered)
-        return cls(version=version, flags=flags, raw=raw, ordered=ordered, routed=routed)
+        return cls(
+            version=version, flags=flags, raw=raw, ordered=ordered, routed=routed, invalid=invalid or {}
+        )
 
     def for_path(self, path: str) -> tuple[Flag, ...]:
         """The flags resolved for ``path``, in key order (cached per path, bounded)."""
@@ -82,6 +91,11 @@ class Snapshot:
 
 class StoreUnavailable(Exception):
     """A write could not reach the store (Redis); nothing was applied."""
+
+
+class StoreTimeout(Exception):
+    """A write reached the store but its answer did not come back: it may or may not be applied
+    (a slow or paused Redis still runs it later). Read the state back before retrying."""
 
 
 EMPTY = Snapshot.build(0, {}, RawState())
@@ -124,7 +138,8 @@ class SnapshotHolder:
 
     def install(self, state: RawState) -> Snapshot:
         """Compile ``state`` and make it current (the compile happens before anything is swapped)."""
-        snapshot = Snapshot.build(state.version, self._builder.compile(state), state)
+        flags = self._builder.compile(state)
+        snapshot = Snapshot.build(state.version, flags, state, self._builder.problems)
         self._snapshot = snapshot
         for listener in self._listeners:
             try:

@@ -6,15 +6,38 @@ Layout (``P`` = ``{redis_prefix}:{environment}``, see docs/store.md):
 - ``P:{source}:{kind}:versions``  hash  item key → the source's own version of it (updatedAt ms, changeNumber)
 - ``P:{source}:meta``             hash  ``{kind}:version`` → the source version last applied
 - ``P:version``                   int   store version, +1 for every applied change
+- ``P:generation``                hash  ``id`` of this seeding of Redis; ``base_id``/``base_version``: the
+                                        content it was seeded from (``proxy.store.lineage``)
 - ``P:inited``                    str   init marker: missing means Redis lost its data
 - ``P:audit``                     list  newest first, capped
 - ``P:delivery:{source}:{id}``    str   a webhook delivery id seen, expiring with its signature window
-- ``P:changes``                   channel  ``{"version", "source", "kind", "keys"}`` per applied change
+- ``P:changes``                   channel  ``{"version", "generation", "source", "kind", "keys"}`` per change
 
 Every write is one Lua script (atomic, ordered by the source's versions). Each instance keeps a
 compiled snapshot, applies announced changes incrementally, resyncs fully on a gap and every
-``resync_interval_s``, re-seeds an emptied Redis from its last good state, and keeps serving that
-state (and a copy on disk) while Redis is away.
+``resync_interval_s``, and keeps serving its state (and a copy on disk) while Redis is away.
+
+After data loss, **the highest version wins** and versions never name two contents:
+
+- A version names content only within its generation; every (re-)seed starts a new one. An
+  announced change is applied on top of this instance's state only when it is of the same
+  generation and the next version; anything else is a full read.
+- The re-seed script writes an instance's state into Redis only if Redis is uninitialised or holds
+  an older version — checked and written in one script, so of several instances reconnecting to an
+  emptied Redis the most up-to-date one's state ends up there, whoever comes first. An instance
+  that finds Redis *older* than what it served (a staler instance re-seeded first) says so at ERROR,
+  counts ``flagproxy_store_rollbacks_total{outcome="restored"}`` and writes its state back.
+- Every write carries the version and generation this instance serves; the apply script refuses
+  (``behind``) to write on top of an older or other state, so the instance first brings Redis up to
+  date as above, and a write never reuses a version number this instance served.
+- An instance adopting a state that does not hold what it served (a staler instance re-seeded and
+  took writes while this one was away: two histories, the higher version wins) says so at ERROR and
+  counts ``{outcome="adopted"}``. Nothing steps back silently.
+
+Redis answering garbage (a non-integer version, a wrong key type) is ``StoreUnreadable``: the
+instance keeps serving what it has (at start: the disk snapshot or the flags file, and it is ready),
+logs ERROR, and keeps retrying; the scripts refuse to write on such values. A write whose answer
+does not come back in time may still be applied: ``StoreTimeout`` (``504 store_timeout``).
 """
 
 from __future__ import annotations
@@ -24,6 +47,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import secrets
 import tempfile
 import threading
 from collections.abc import Callable
@@ -31,19 +56,23 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.connection import AbstractConnection
+from redis.commands.core import AsyncScript
+from redis.exceptions import BusyLoadingError, NoScriptError, RedisError, ResponseError
 
 from proxy.config import StoreSettings
 from proxy.metrics import Metrics
-from proxy.store.base import SnapshotHolder, StoreUnavailable
+from proxy.store.base import SnapshotHolder, StoreTimeout, StoreUnavailable
 from proxy.store.change import Change
-from proxy.store.state import ApplyResult, Compiler, RawState, layout
+from proxy.store.lineage import holds, origin, restore_version
+from proxy.store.state import ApplyResult, Compiler, Generation, RawState, layout
 
 log = logging.getLogger("flagproxy.store")
 
 APPLY_LUA = """
 local data, vers, meta, verkey, audit, inited = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local delivery = KEYS[7]  -- only when the change carries a delivery id
+local genkey = KEYS[7]
+local delivery = KEYS[8]  -- only when the change carries a delivery id
 local p = cjson.decode(ARGV[1])
 local channel = ARGV[2]
 if redis.call('EXISTS', inited) == 0 then
@@ -52,6 +81,25 @@ if redis.call('EXISTS', inited) == 0 then
 end
 if delivery and redis.call('EXISTS', delivery) == 1 then
   return cjson.encode({status = 'duplicate', version = tonumber(redis.call('GET', verkey) or '0')})
+end
+-- Before writing anything: values this script compares must be integers (a script failing half-way
+-- would leave half a change), and Redis must hold the state the writer serves or a later one.
+local function integer(value) return (not value) or string.match(value, '^%-?%d+$') ~= nil end
+local function corrupt(what)
+  return cjson.encode({status = 'corrupt', detail = what .. ' is not an integer'})
+end
+local stored = redis.call('GET', verkey)
+if not integer(stored) then return corrupt(verkey) end
+if not integer(redis.call('HGET', meta, p.kind .. ':version')) then return corrupt(meta) end
+for _, list in ipairs({p.upsert, p.delete}) do
+  for _, item in ipairs(list) do
+    if not integer(redis.call('HGET', vers, item[1])) then return corrupt(vers .. ' ' .. item[1]) end
+  end
+end
+local floor = tonumber(p.floor or -1)
+local generation = redis.call('HGET', genkey, 'id') or ''
+if floor >= 0 and (tonumber(stored or '0') < floor or generation ~= p.generation) then
+  return cjson.encode({status = 'behind', version = tonumber(stored or '0')})
 end
 local sv = tonumber(p.source_version)
 local svfield = p.kind .. ':version'
@@ -131,25 +179,57 @@ for i, key in ipairs(changed) do
     action = (p.action ~= '' and p.action) or actions[i], old_version = old, new_version = version}))
 end
 redis.call('LTRIM', audit, 0, tonumber(p.audit_max) - 1)
-local announcement = {version = version, source = p.source, kind = p.kind, keys = changed}
+local announcement = {version = version, generation = generation, source = p.source, kind = p.kind,
+  keys = changed}
 redis.call('PUBLISH', channel, cjson.encode(announcement))
 return cjson.encode({status = 'applied', version = version, changed = changed, ignored = ignored})
 """
 
 RESEED_LUA = """
+-- Write a state into Redis if Redis has none or an older one: the highest version wins.
 local p = cjson.decode(ARGV[1])
-if redis.call('EXISTS', p.inited) == 1 then return 0 end
+local cur = redis.call('GET', p.version_key)
+if redis.call('EXISTS', p.inited) == 1 then
+  if cur and not string.match(cur, '^%d+$') then return cjson.encode({status = 'corrupt'}) end
+  cur = tonumber(cur or '0')
+  if cur >= tonumber(p.version) then return cjson.encode({status = 'kept', version = cur}) end
+end
+for _, name in ipairs(p.clear) do redis.call('DEL', name) end
 for name, fields in pairs(p.hashes) do
-  redis.call('DEL', name)
   for field, value in pairs(fields) do redis.call('HSET', name, field, value) end
 end
-local cur = tonumber(redis.call('GET', p.version_key) or '0')
-if tonumber(p.version) > cur then redis.call('SET', p.version_key, string.format('%d', p.version)) end
+local version = string.format('%d', p.version)
+redis.call('SET', p.version_key, version)
+redis.call('DEL', p.generation_key)
+redis.call('HSET', p.generation_key, 'id', p.generation.id, 'base_id', p.generation.base_id,
+  'base_version', string.format('%d', p.generation.base_version))
 redis.call('SET', p.inited, '1')
-local version = tonumber(redis.call('GET', p.version_key) or '0')
-redis.call('PUBLISH', p.channel, cjson.encode({version = version, reseed = true}))
-return 1
+local announcement = {version = p.version, generation = p.generation.id, reseed = true}
+redis.call('PUBLISH', p.channel, cjson.encode(announcement))
+return cjson.encode({status = 'seeded', version = p.version})
 """
+
+INTEGER = re.compile(r"-?[0-9]+")
+
+
+class StoreUnreadable(Exception):
+    """Redis answered, but with data this instance cannot use (not an integer, a wrong key type)."""
+
+
+def _integer(where: str, value: Any) -> int:
+    if isinstance(value, str) and INTEGER.fullmatch(value):
+        return int(value)
+    raise StoreUnreadable(f"{where} holds {value!r}, not an integer")
+
+
+async def _run_script(
+    connection: AbstractConnection, command: str, body: str, keys: list[str], args: list[str]
+) -> str:
+    await connection.send_command(command, body, len(keys), *keys, *args)
+    reply = await connection.read_response()
+    if not isinstance(reply, str):
+        raise ResponseError(f"unexpected reply {reply!r}")
+    return reply
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -160,6 +240,7 @@ class RedisKeys:
     def __init__(self, prefix: str, environment: str) -> None:
         self.base = f"{prefix}:{environment}"
         self.version = f"{self.base}:version"
+        self.generation = f"{self.base}:generation"
         self.inited = f"{self.base}:inited"
         self.audit = f"{self.base}:audit"
         self.channel = f"{self.base}:changes"
@@ -234,6 +315,7 @@ class RedisStore(SnapshotHolder):
         self._save_handle: asyncio.TimerHandle | None = None
         self._save_lock = threading.Lock()
         self._saved_version = -1
+        self._unreadable = ""  # the problem last logged while Redis answers garbage
         self.connected = False
 
     @property
@@ -275,7 +357,13 @@ class RedisStore(SnapshotHolder):
                 await self._sync_forever()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as exc:
+            except StoreUnreadable as exc:
+                self.connected = False
+                self.metrics.redis_connected.set(0)
+                self._cannot_read(str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+            except (RedisError, OSError, TimeoutError, StoreUnavailable) as exc:
                 if self.connected:
                     self.metrics.redis_reconnects.inc()
                 self.connected = False
@@ -299,6 +387,24 @@ class RedisStore(SnapshotHolder):
                 delay = min(delay * 2, self.settings.reconnect_max_s)
             else:
                 delay = 0.05
+
+    def _cannot_read(self, problem: str) -> None:
+        """Redis answers garbage: serve what this instance has (ready from here on), say it once."""
+        if not self._ready:
+            source = "disk snapshot" if self._last_good is not None else "flags file"
+            log.error(
+                "Redis holds data this instance cannot use (%s): serving the %s meanwhile; retrying",
+                problem,
+                source,
+            )
+            self._ready = True
+        elif problem != self._unreadable:
+            log.error(
+                "Redis holds data this instance cannot use (%s): still serving version %d; retrying",
+                problem,
+                self.snapshot.version,
+            )
+        self._unreadable = problem
 
     async def _sync_forever(self) -> None:
         pubsub = self.redis.pubsub()
@@ -331,57 +437,127 @@ class RedisStore(SnapshotHolder):
         pipe = self.redis.pipeline(transaction=True)
         pipe.get(self.keys.version)
         pipe.exists(self.keys.inited)
+        pipe.hgetall(self.keys.generation)
         pairs = [(source, kind) for source, kinds in self.layout.items() for kind in kinds]
         for source, kind in pairs:
             pipe.hgetall(self.keys.data(source, kind))
             pipe.hgetall(self.keys.versions(source, kind))
         for source in self.layout:
             pipe.hgetall(self.keys.meta(source))
-        replies = await pipe.execute()
-        state = RawState(version=int(replies[0] or 0))
+        try:
+            replies = await pipe.execute()
+        except ResponseError as exc:  # WRONGTYPE and the like: Redis answered, with an error
+            raise StoreUnreadable(f"Redis refused the read: {exc}") from None
         inited = bool(replies[1])
-        at = 2
+        try:
+            return self._parse_state(replies, pairs), inited
+        except StoreUnreadable:
+            if not inited:
+                return RawState(), False  # about to be re-seeded: what is left there does not matter
+            raise
+
+    def _parse_state(self, replies: list[Any], pairs: list[tuple[str, str]]) -> RawState:
+        """The pipeline's replies as raw state; StoreUnreadable names the first value that is not
+        what this instance wrote (the definitions' text is the compiler's business, not this)."""
+        generation = replies[2]
+        state = RawState(
+            version=_integer(self.keys.version, replies[0] or "0"),
+            generation=Generation(
+                id=generation.get("id", ""),
+                base_id=generation.get("base_id", ""),
+                base_version=_integer(
+                    f"{self.keys.generation} base_version", generation.get("base_version", "-1")
+                ),
+            ),
+        )
+        at = 3
         for source, kind in pairs:
             items, versions = replies[at], replies[at + 1]
             at += 2
             if items:
                 state.data.setdefault(source, {})[kind] = items
             if versions:
-                state.item_versions.setdefault(source, {})[kind] = {k: int(v) for k, v in versions.items()}
+                where = self.keys.versions(source, kind)
+                state.item_versions.setdefault(source, {})[kind] = {
+                    k: _integer(f"{where} {k}", v) for k, v in versions.items()
+                }
         for source in self.layout:
             meta = replies[at]
             at += 1
             for name, value in meta.items():
                 if name.endswith(":version"):
-                    state.source_versions.setdefault(source, {})[name[: -len(":version")]] = int(value)
-        return state, inited
+                    kind = name[: -len(":version")]
+                    where = f"{self.keys.meta(source)} {name}"
+                    state.source_versions.setdefault(source, {})[kind] = _integer(where, value)
+        return state
 
     async def resync(self) -> None:
-        """Read everything; re-seed Redis first if it lost its data (no init marker)."""
+        """Read everything and adopt it, after writing this instance's state back first when Redis
+        lost its data or holds an older state than this instance served (the highest version wins)."""
         async with self._lock:
             state, inited = await self._read_state()
-            if not inited:
-                await self._reseed()
+            for _ in range(2):  # another instance may (re-)seed between this read and this seed
+                mine = self._last_good
+                if not inited:
+                    await self._reseed(mine, restoring=False)
+                elif mine is not None and (version := restore_version(mine, state)) is not None:
+                    self._stepped_back("restored", mine, state)
+                    await self._reseed(mine, restoring=True, version=version)
+                else:
+                    break
                 state, inited = await self._read_state()
+            if not inited:
+                raise StoreUnavailable("Redis lost its data again while it was being re-seeded")
             current = self._last_good
+            if current is not None and not holds(state, current):
+                self._stepped_back("adopted", current, state)
             if (
                 not self._ready
                 or current is None
                 or self._redis_version != state.version
+                or state.generation != current.generation
                 # a change that moved only a source version ("unchanged") is not announced
                 or (state.data, state.item_versions, state.source_versions)
                 != (current.data, current.item_versions, current.source_versions)
             ):
                 self._accept(state)
+            self._unreadable = ""
             self._synced()
+
+    def _stepped_back(self, outcome: str, mine: RawState, theirs: RawState) -> None:
+        """Never silent: Redis holds a state older than, or not holding, what this instance served."""
+        self.metrics.store_rolled_back(outcome)
+        if outcome == "restored":
+            log.error(
+                "Redis holds version %d (generation %r), %s version %d (generation %r) served here: it "
+                "lost its data and a staler state was re-seeded; writing this one back",
+                theirs.version,
+                theirs.generation.id,
+                "older than" if theirs.version < mine.version else "another history under the same",
+                mine.version,
+                mine.generation.id,
+            )
+        else:
+            log.error(
+                "adopting Redis's version %d (generation %r, seeded from version %d of %r), which does "
+                "not hold version %d (generation %r) served here: changes served here may be lost",
+                theirs.version,
+                theirs.generation.id,
+                theirs.generation.base_version,
+                theirs.generation.base_id,
+                mine.version,
+                mine.generation.id,
+            )
 
     def _synced(self) -> None:
         """This instance holds exactly what Redis holds (after a full read or an applied change)."""
         self.metrics.synced("redis")
 
-    async def _reseed(self) -> None:
-        seed = self._last_good
+    async def _reseed(self, seed: RawState | None, restoring: bool, version: int | None = None) -> None:
+        """Write ``seed`` (None: the flags file) as ``version`` (default: its own) and a new
+        generation, if Redis is uninitialised or older — the script decides, atomically."""
         what = f"the last good snapshot (version {seed.version})" if seed is not None else "the flags file"
+        base_id, base_version = origin(seed) if seed is not None else ("", -1)
         if seed is None:
             seed = self._fallback()
         hashes: dict[str, dict[str, str]] = {}
@@ -393,14 +569,27 @@ class RedisStore(SnapshotHolder):
                 hashes[self.keys.versions(source, kind)] = {k: str(v) for k, v in versions.items()}
         for source, by_kind in seed.source_versions.items():
             hashes[self.keys.meta(source)] = {f"{kind}:version": str(v) for kind, v in by_kind.items()}
+        clear = {
+            name
+            for source, kinds in self.layout.items()
+            for kind in kinds
+            for name in (self.keys.data(source, kind), self.keys.versions(source, kind))
+        }
+        clear |= {self.keys.meta(source) for source in self.layout} | set(hashes)
         payload = {
             "inited": self.keys.inited,
             "version_key": self.keys.version,
+            "generation_key": self.keys.generation,
             "channel": self.keys.channel,
-            "version": seed.version,
+            "version": seed.version if version is None else version,
+            "generation": {"id": secrets.token_hex(8), "base_id": base_id, "base_version": base_version},
+            "clear": sorted(clear),
             "hashes": {name: fields for name, fields in hashes.items() if fields},
         }
-        if await self._reseed_script(args=[json.dumps(payload)]):
+        reply = json.loads(await self._reseed_script(args=[json.dumps(payload)]))
+        if reply["status"] == "corrupt":
+            raise StoreUnreadable(f"{self.keys.version} is not an integer")
+        if reply["status"] == "seeded" and not restoring:
             level = logging.ERROR if self._last_good is not None else logging.WARNING
             log.log(level, "Redis had no flagproxy data (init marker missing): re-seeded it from %s", what)
 
@@ -419,43 +608,68 @@ class RedisStore(SnapshotHolder):
             log.warning("ignoring a malformed change announcement: %.200r", data)
             return
         await self._catch_up(
-            version, message.get("source"), message.get("kind"), message.get("keys"), message.get("reseed")
+            version,
+            message.get("source"),
+            message.get("kind"),
+            message.get("keys"),
+            message.get("reseed"),
+            message.get("generation"),
         )
 
-    async def _catch_up(self, version: int, source: Any, kind: Any, keys: Any, reseed: Any = False) -> None:
-        """Apply the change announced as ``version``: incrementally when it is the next one, else resync."""
-        if self._redis_version is not None and version <= self._redis_version and not reseed:
+    async def _catch_up(
+        self, version: int, source: Any, kind: Any, keys: Any, reseed: Any = False, generation: Any = None
+    ) -> None:
+        """Apply the change announced as ``version``: incrementally when it is the next one of this
+        instance's generation, else by a full read."""
+        mine = self._last_good
+        if reseed or (isinstance(generation, str) and mine is not None and generation != mine.generation.id):
+            await self.resync()
+            return
+        if self._redis_version is not None and version <= self._redis_version:
             return
         incremental = (
-            not reseed
+            mine is not None
             and self._redis_version is not None
             and version == self._redis_version + 1
             and source in self.layout
             and kind in self.layout.get(source, ())
             and isinstance(keys, list)
         )
-        if not incremental:
+        if not incremental or not await self._apply_announced(version, source, kind, keys):
             await self.resync()
-            return
+
+    async def _apply_announced(self, version: int, source: str, kind: str, keys: list[str]) -> bool:
+        """Read just the announced keys; False when Redis is not where the announcement left it
+        (lost its data, re-seeded, another generation): then only a full read will do."""
         async with self._lock:
-            if self._redis_version is None or version != self._redis_version + 1:
-                return  # a resync got here first
+            current = self._last_good
+            if current is None or self._redis_version is None or version != self._redis_version + 1:
+                return True  # a resync got here first
             pipe = self.redis.pipeline(transaction=True)
             pipe.hmget(self.keys.data(source, kind), keys)
             pipe.hmget(self.keys.versions(source, kind), keys)
             pipe.hget(self.keys.meta(source), f"{kind}:version")
-            texts, versions, source_version = await pipe.execute()
-            current = self._last_good or RawState()
+            pipe.get(self.keys.version)
+            pipe.hget(self.keys.generation, "id")
+            pipe.exists(self.keys.inited)
+            texts, versions, source_version, stored, generation, inited = await pipe.execute()
+            if not inited or (generation or "") != current.generation.id:
+                return False
+            if _integer(self.keys.version, stored or "0") < version:
+                return False
             state = RawState(
                 version=version,
                 data={s: dict(k) for s, k in current.data.items()},
                 item_versions={s: dict(k) for s, k in current.item_versions.items()},
                 source_versions={s: dict(k) for s, k in current.source_versions.items()},
+                generation=current.generation,
             )
             if source_version is not None:  # kept for a re-seed: stale documents stay refused
-                state.source_versions.setdefault(source, {})[kind] = int(source_version)
+                where = f"{self.keys.meta(source)} {kind}:version"
+                state.source_versions.setdefault(source, {})[kind] = _integer(where, source_version)
             items = dict(state.data.setdefault(source, {}).get(kind, {}))
             item_versions = dict(state.item_versions.setdefault(source, {}).get(kind, {}))
+            where = self.keys.versions(source, kind)
             for key, text, item_version in zip(keys, texts, versions, strict=True):
                 if text is None:
                     items.pop(key, None)
@@ -464,11 +678,12 @@ class RedisStore(SnapshotHolder):
                 if item_version is None:
                     item_versions.pop(key, None)
                 else:
-                    item_versions[key] = int(item_version)
+                    item_versions[key] = _integer(f"{where} {key}", item_version)
             state.data[source][kind] = items
             state.item_versions[source][kind] = item_versions
             self._accept(state)
             self._synced()
+            return True
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -480,19 +695,29 @@ class RedisStore(SnapshotHolder):
             self.keys.version,
             self.keys.audit,
             self.keys.inited,
+            self.keys.generation,
         ]
         if change.delivery:
             keys.append(self.keys.delivery(change.source, change.delivery))
-        payload = json.dumps(change.payload(self.settings.audit_max), separators=(",", ":"))
-        try:
-            reply = json.loads(await self._apply_script(keys=keys, args=[payload, self.keys.channel]))
-            if reply["status"] == "uninitialized":
-                await self.resync()  # re-seeds Redis from the last good state, then the write goes on top
-                reply = json.loads(await self._apply_script(keys=keys, args=[payload, self.keys.channel]))
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(str(exc)) from None
-        if reply["status"] == "uninitialized":
-            raise StoreUnavailable("Redis has no flagproxy data and could not be re-seeded")
+        payload = change.payload(self.settings.audit_max)
+        for attempt in range(2):
+            mine = self._last_good
+            payload["floor"] = mine.version if mine is not None else -1
+            payload["generation"] = mine.generation.id if mine is not None else ""
+            args = [json.dumps(payload, separators=(",", ":")), self.keys.channel]
+            reply = json.loads(await self._write(self._apply_script, keys, args))
+            if reply["status"] == "corrupt":
+                raise StoreUnavailable(f"Redis holds data this instance cannot use: {reply.get('detail')}")
+            if reply["status"] not in ("uninitialized", "behind"):
+                break
+            if attempt:
+                raise StoreUnavailable("Redis lost its data or stepped back, and could not be re-seeded")
+            try:
+                # Re-seeds an emptied Redis, or writes back the newer state served here; then the
+                # change goes on top (nothing was written yet).
+                await self.resync()
+            except (RedisError, OSError, TimeoutError, StoreUnreadable, StoreUnavailable) as exc:
+                raise StoreUnavailable(str(exc)) from None
         result = ApplyResult(
             status=reply["status"],
             version=int(reply.get("version", 0)),
@@ -504,16 +729,46 @@ class RedisStore(SnapshotHolder):
             # Read your own writes: this instance serves the change before it answers.
             try:
                 await self._catch_up(result.version, change.source, change.kind, result.changed)
-            except (RedisError, OSError, TimeoutError):
+            except (RedisError, OSError, TimeoutError, StoreUnreadable, StoreUnavailable):
                 log.warning("applied version %d but could not reload it yet; pub/sub will", result.version)
         return result
+
+    async def _write(self, script: AsyncScript, keys: list[str], args: list[str]) -> str:
+        """Run a write script on a connection taken for it, to know whether a failure came before
+        it was sent (StoreUnavailable: nothing applied) or after (StoreTimeout: Redis may still run
+        it — a busy or paused Redis does, even once this side has given up)."""
+        pool = self.redis.connection_pool
+        try:
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped upstream
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(str(exc)) from None
+        try:
+            try:
+                return await _run_script(connection, "EVALSHA", script.sha, keys, args)
+            except NoScriptError:  # a definite answer, nothing ran: this Redis has not seen it yet
+                return await _run_script(connection, "EVAL", str(script.script), keys, args)
+        except (ResponseError, BusyLoadingError) as exc:  # Redis answered: it did not run the script
+            raise StoreUnavailable(f"Redis refused the write: {exc}") from None
+        except (RedisError, OSError, TimeoutError) as exc:
+            await connection.disconnect()  # a late answer must not be read as the next command's
+            raise StoreTimeout(
+                f"no answer from Redis within {self.settings.redis_timeout_s:g}s: {exc}"
+            ) from None
+        finally:
+            await pool.release(connection)
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:
         try:
             entries = await self.redis.lrange(self.keys.audit, 0, max(0, limit - 1))
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(str(exc)) from None
-        return [json.loads(e) for e in entries]
+        out: list[dict[str, Any]] = []
+        for text in entries:  # an entry written by anything else is skipped, not a 500
+            with contextlib.suppress(ValueError):
+                entry = json.loads(text)
+                if isinstance(entry, dict):
+                    out.append(entry)
+        return out
 
     # --- the disk snapshot --------------------------------------------------------------------------
 

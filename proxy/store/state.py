@@ -15,6 +15,11 @@ Redis (the Lua script in ``proxy.store.redis``):
 - a delete leaves its version behind (a tombstone), so an older upsert cannot bring the item back;
 - ``replace`` deletes every stored item the change does not mention;
 - only real differences bump the store version, which every snapshot carries.
+
+Compiling is lenient where writing is strict: a stored definition that no longer compiles (bad
+text written straight into Redis, a field from a newer release the source cannot ignore) keeps
+serving the flag's last good definition, and the problem is logged once and exposed on the
+snapshot (``Snapshot.invalid``, ``flagproxy_store_invalid_definitions``).
 """
 
 from __future__ import annotations
@@ -92,12 +97,33 @@ class ApplyResult:
         return out
 
 
+@dataclass(frozen=True)
+class Generation:
+    """Which seeding of a shared store a state belongs to (``proxy.store.redis``): ``id`` is new at
+    every seed or re-seed; ``base_id``/``base_version`` name the content the seed was written from
+    (``base_version`` -1: the flags file, nothing before it)."""
+
+    id: str = ""
+    base_id: str = ""
+    base_version: int = -1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "base_id": self.base_id, "base_version": self.base_version}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Generation:
+        if not isinstance(raw, Mapping):
+            return cls()
+        return cls(str(raw.get("id", "")), str(raw.get("base_id", "")), int(raw.get("base_version", -1)))
+
+
 @dataclass
 class RawState:
     version: int = 0
     data: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # source → kind → key → text
     item_versions: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     source_versions: dict[str, dict[str, int]] = field(default_factory=dict)  # source → kind → version
+    generation: Generation = field(default_factory=Generation)
 
     def items(self, source: str, kind: str = "flags") -> dict[str, str]:
         return self.data.get(source, {}).get(kind, {})
@@ -111,6 +137,7 @@ class RawState:
             "data": self.data,
             "item_versions": self.item_versions,
             "source_versions": self.source_versions,
+            "generation": self.generation.to_json(),
             "saved_at": now_iso(),
         }
 
@@ -127,6 +154,7 @@ class RawState:
                 s: {k: int(n) for k, n in kinds.items()}
                 for s, kinds in raw.get("source_versions", {}).items()
             },
+            generation=Generation.from_json(raw.get("generation")),
         )
 
 
@@ -206,34 +234,89 @@ def audit_entries(change: Change, result: ApplyResult, actions: Mapping[str, str
 
 
 class SnapshotBuilder:
-    """Compiles raw state into flags; each source reuses what did not change (its own cache)."""
+    """Compiles raw state into flags; each source reuses what did not change (its own cache).
+
+    A stored item that does not compile keeps the flag its key last compiled to (per source): bad
+    data in the store never takes a served flag away. ``problems`` holds the latest build's.
+    """
 
     def __init__(self, compiler: Compiler) -> None:
         self.compiler = compiler
         self._caches: dict[str, dict[str, Any]] = {}
+        self._served: dict[str, dict[str, Flag]] = {}  # source → key → the flag last built for it
         self._reported: set[tuple[str, str, str]] = set()
+        self._overrides: dict[str, Mapping[str, Any]] = {}  # key → the override last applied
+        self.problems: dict[str, dict[str, str]] = {}  # source → key → why its stored item is not used
 
     def compile(self, state: RawState) -> dict[str, Flag]:
         flags: dict[str, Flag] = {}
+        self.problems = {}
         for source in self.compiler.precedence:
             kinds = state.data.get(source)
             if not kinds or not kinds.get("flags"):
+                self._served.pop(source, None)
                 continue
             try:
                 compiled, problems = self.compiler.compile(source, kinds, self._caches.setdefault(source, {}))
             except Exception as exc:  # a broken source must not take the others (or the proxy) down
                 compiled, problems = {}, {"*": f"{type(exc).__name__}: {exc}"}
-            for key, problem in problems.items():
-                if (source, key, problem) not in self._reported:  # say it once, not on every resync
-                    self._reported.add((source, key, problem))
-                    log.error(
-                        "stored %s flag %r does not compile and is not served: %s", source, key, problem
-                    )
+            compiled = self._keep_last_good(source, kinds["flags"], compiled, problems)
+            if problems:
+                self.problems[source] = dict(problems)
+            self._served[source] = compiled
             flags.update(compiled)
+        overrides: dict[str, Any] = {}
         for key, text in state.items(OVERRIDES).items():
-            if key in flags:
-                try:
-                    flags[key] = with_override(flags[key], json.loads(text))
-                except (ValueError, TypeError, AttributeError):
-                    log.error("override for %r is not valid; ignored", key)
+            override = self._override(key, text)
+            if override is not None:
+                overrides[key] = override
+                if key in flags:
+                    flags[key] = with_override(flags[key], override)
+        self._overrides = overrides
         return flags
+
+    def _override(self, key: str, text: str) -> Mapping[str, Any] | None:
+        """A stored kill or promotion; one that does not parse keeps the last good one (a garbled
+        kill must not switch the kill off)."""
+        try:
+            override = json.loads(text)
+            if isinstance(override, dict):
+                return override
+            problem = "not a JSON object"
+        except (ValueError, RecursionError) as exc:
+            problem = f"invalid JSON: {exc}"
+        self.problems.setdefault(OVERRIDES, {})[key] = problem
+        kept = self._overrides.get(key)
+        if (OVERRIDES, key, problem) not in self._reported:
+            self._reported.add((OVERRIDES, key, problem))
+            still = "still applying the last good one" if kept is not None else "ignored"
+            log.error("stored override for %r is not valid (%s): %s", key, problem, still)
+        return kept
+
+    def _keep_last_good(
+        self, source: str, stored: Mapping[str, str], compiled: dict[str, Flag], problems: Mapping[str, str]
+    ) -> dict[str, Flag]:
+        """``compiled`` plus, for each stored key that failed, the flag it compiled to before."""
+        previous = self._served.get(source, {})
+        failed = list(stored) if "*" in problems else [k for k in problems if k in stored]
+        kept = {key: previous[key] for key in failed if key not in compiled and key in previous}
+        for key, problem in problems.items():
+            if (source, key, problem) in self._reported:  # say it once, not on every resync
+                continue
+            self._reported.add((source, key, problem))
+            if key in kept:
+                log.error(
+                    "stored %s flag %r does not compile (%s): still serving its last good definition",
+                    source,
+                    key,
+                    problem,
+                )
+            elif key == "*" and kept:
+                log.error(
+                    "stored %s flags do not compile (%s): still serving their last good definitions",
+                    source,
+                    problem,
+                )
+            else:
+                log.error("stored %s flag %r does not compile and is not served: %s", source, key, problem)
+        return {**compiled, **kept}

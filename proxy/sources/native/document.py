@@ -1,4 +1,11 @@
-"""The native format (docs/flags.md): documents, patches and stored items, compiled by the engine."""
+"""The native format (docs/flags.md): documents, patches and stored items, compiled by the engine.
+
+Strict at the door, lenient from the store. What a client sends (webhook, admin API) and the flags
+file are validated whole: an unknown field is a typo until proven otherwise, answered 422, and
+nothing is written. What is read back from the store was accepted by some release, perhaps a newer
+one: fields this release does not know are ignored with a warning (forward compatibility), and an
+item that still does not compile keeps its flag's last good definition (``SnapshotBuilder``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.engine import Flag, FlagError, compile_document, compile_flag
+from proxy.engine.native import FLAG_FIELDS, RULE_FIELDS_BOOLEAN, RULE_FIELDS_VARIANTS, VARIANT_FIELDS
 from proxy.store.change import Change, stored_text
 from proxy.store.state import RawState
 
@@ -66,8 +74,12 @@ def compile_items(items: Mapping[str, str], cache: dict[str, Any]) -> tuple[dict
             continue
         try:
             definition = json.loads(text)
-            flag = compile_flag(key, definition)
-        except (FlagError, ValueError) as exc:
+        except (ValueError, RecursionError) as exc:
+            problems[key] = f"invalid JSON: {exc}"
+            continue
+        try:
+            flag = compile_stored(key, definition)
+        except (ValueError, RecursionError) as exc:  # FlagError, above all
             problems[key] = str(exc)
             continue
         if hit is not None and reordered_only(json.loads(hit[0]), definition):
@@ -81,6 +93,59 @@ def compile_items(items: Mapping[str, str], cache: dict[str, Any]) -> tuple[dict
     for key in [k for k in cache if k not in items]:
         del cache[key]
     return flags, problems
+
+
+def compile_stored(key: str, definition: Any) -> Flag:
+    """A definition read from the store: fields this release does not know are ignored, with a
+    warning (a newer release wrote them); anything else wrong still raises FlagError."""
+    try:
+        return compile_flag(key, definition)
+    except FlagError as strict:
+        known, unknown = without_unknown_fields(definition)
+        if not unknown:
+            raise
+        try:
+            flag = compile_flag(key, known)
+        except FlagError:
+            raise strict from None
+    log.warning(
+        "stored flag %r has fields this release does not know, ignored (written by a newer release?): %s",
+        key,
+        ", ".join(unknown),
+    )
+    return flag
+
+
+RULE_FIELDS = RULE_FIELDS_BOOLEAN | RULE_FIELDS_VARIANTS
+
+
+def without_unknown_fields(definition: Any) -> tuple[Any, list[str]]:
+    """``definition`` without the fields no rule of this release knows (flag, variant and rule
+    level), and their paths. A field that is merely misplaced (``variant`` in a boolean flag's rule)
+    is known, so it is kept and still fails."""
+    if not isinstance(definition, dict):
+        return definition, []
+    unknown = [name for name in definition if name not in FLAG_FIELDS]
+    known = {name: value for name, value in definition.items() if name in FLAG_FIELDS}
+    variants = known.get("variants")
+    if isinstance(variants, dict):
+        cleaned: dict[str, Any] = {}
+        for name, spec in variants.items():
+            if isinstance(spec, dict):
+                unknown += [f"variants.{name}.{f}" for f in spec if f not in VARIANT_FIELDS]
+                spec = {f: v for f, v in spec.items() if f in VARIANT_FIELDS}
+            cleaned[name] = spec
+        known["variants"] = cleaned
+    rules = known.get("rules")
+    if isinstance(rules, list):
+        kept_rules: list[Any] = []
+        for i, rule in enumerate(rules):
+            if isinstance(rule, dict):
+                unknown += [f"rules[{i}].{f}" for f in rule if f not in RULE_FIELDS]
+                rule = {f: v for f, v in rule.items() if f in RULE_FIELDS}
+            kept_rules.append(rule)
+        known["rules"] = kept_rules
+    return known, unknown
 
 
 def _bucket_orders(definition: Any) -> list[list[str]]:
