@@ -20,7 +20,7 @@ class MemoryStore(SnapshotHolder):
         super().__init__(compiler)
         self._state = state or RawState()
         self._audit: deque[dict[str, Any]] = deque(maxlen=audit_max)
-        self.install(self._state)
+        self.install_now(self._state)
 
     @property
     def ready(self) -> bool:
@@ -30,7 +30,7 @@ class MemoryStore(SnapshotHolder):
         return None
 
     async def close(self) -> None:
-        return None
+        self.stop_compiling()
 
     async def apply(self, change: Change) -> ApplyResult:
         state = self._state.copy()
@@ -40,7 +40,7 @@ class MemoryStore(SnapshotHolder):
         moved = state.source_versions != self._state.source_versions
         self._state = state  # also when unchanged: the source version may have moved on
         if result.status == "applied" or moved:
-            self.install(state)  # same store version when only a source version moved
+            await self.install(state)  # same store version when only a source version moved
         if result.status == "applied":
             items = state.items(change.source, change.kind)
             actions = {k: ("upsert" if k in items else "delete") for k in result.changed}

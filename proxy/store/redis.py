@@ -229,9 +229,9 @@ class RedisStore(SnapshotHolder):
                 disk.version,
             )
             self._last_good = disk
-            self.install(disk)
+            await self.install(disk)
         else:
-            self.install(self._fallback())
+            await self.install(self._fallback())
         self.metrics.synced("file")
         self.metrics.redis_connected.set(0)
         self._task = asyncio.create_task(self._run(), name="flagproxy-redis-sync")
@@ -245,6 +245,7 @@ class RedisStore(SnapshotHolder):
             self._save_handle.cancel()
             self._save_now()
         await self.redis.aclose()
+        self.stop_compiling()
 
     async def _run(self) -> None:
         delay = 0.05
@@ -350,7 +351,7 @@ class RedisStore(SnapshotHolder):
                 or (state.data, state.item_versions, state.source_versions)
                 != (current.data, current.item_versions, current.source_versions)
             ):
-                self._accept(state)
+                await self._accept(state)
             self._synced()
 
     def _synced(self) -> None:
@@ -382,8 +383,8 @@ class RedisStore(SnapshotHolder):
             level = logging.ERROR if self._last_good is not None else logging.WARNING
             log.log(level, "Redis had no flagproxy data (init marker missing): re-seeded it from %s", what)
 
-    def _accept(self, state: RawState) -> None:
-        self.install(state)
+    async def _accept(self, state: RawState) -> None:
+        await self.install(state, allow_older=True)
         self._redis_version = state.version
         self._last_good = state
         self._ready = True
@@ -445,7 +446,7 @@ class RedisStore(SnapshotHolder):
                     item_versions[key] = int(item_version)
             state.data[source][kind] = items
             state.item_versions[source][kind] = item_versions
-            self._accept(state)
+            await self._accept(state)
             self._synced()
 
     # --- writing ----------------------------------------------------------------------------------
