@@ -298,6 +298,18 @@ def redis_asleep(server: RedisServer, seconds: int) -> Iterator[None]:
         assert sleeper.recv(16) == b"+OK\r\n"  # awake again
 
 
+@contextlib.contextmanager
+def writes_paused(server: RedisServer, seconds: float) -> Iterator[None]:
+    """Redis answering reads (PING too) but holding every write for ``seconds`` (``CLIENT PAUSE
+    WRITE``): a write sent now is applied once the pause ends."""
+    client = server.client()
+    client.execute_command("CLIENT", "PAUSE", int(seconds * 1000), "WRITE")
+    try:
+        yield
+    finally:
+        client.execute_command("CLIENT", "UNPAUSE")
+
+
 def test_a_write_redis_did_not_answer_in_time_is_504_store_timeout(
     debug_redis: DebugRedis, origin: RawOrigin, tmp_path: Path
 ) -> None:
@@ -309,14 +321,21 @@ def test_a_write_redis_did_not_answer_in_time_is_504_store_timeout(
         warm = post_webhook(proxy.base_url, {"upsert": {"banner": {"enabled": True}}}, SECRET)
         assert warm.status_code == 202, warm.text
 
-        with redis_asleep(debug_redis, 3):
+        # asleep before the write is sent: the proxy knows nothing was written (503), nothing is
+        with redis_asleep(debug_redis, 2):
+            never = post_webhook(proxy.base_url, {"upsert": {"never": {"enabled": True}}}, SECRET)
+            assert never.status_code == 503, never.text
+            assert never.json()["error"] == "store_unavailable"
+        with writes_paused(debug_redis, 3):
             late = post_webhook(proxy.base_url, {"upsert": {"late": {"enabled": True}}}, SECRET)
             assert late.status_code == 504, late.text
             body = late.json()
             assert body["error"] == "store_timeout"
             assert "may or may not have been applied" in body["detail"]
 
-        # the outcome was indeed unknown to the proxy: Redis ran the write once it woke up
-        stored = wait_for(lambda: client.hget(key(namespace, "native:flags"), "late"), what="the late write")
-        assert json.loads(stored) == {"enabled": True}
-        wait_for(lambda: served_flags(proxy, origin).get("late") is True, what="the late write served")
+        assert client.hget(key(namespace, "native:flags"), "never") is None  # 503: never written
+        # 504: whichever way it went (a paused write whose client left is dropped by Redis), the proxy
+        # ends up serving what Redis holds
+        stored = client.hget(key(namespace, "native:flags"), "late")
+        expected = None if stored is None else json.loads(stored)["enabled"]
+        wait_for(lambda: served_flags(proxy, origin).get("late") == expected, what="what Redis holds, served")

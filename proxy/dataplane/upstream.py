@@ -8,14 +8,14 @@ path (the glob with the most literal characters; the first declared on a tie), t
 from __future__ import annotations
 
 import math
-import re
 import ssl
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
-from proxy.config import ROUTE_TIMEOUTS, OriginSettings, RouteSettings, Settings, header_budget
+from proxy.config import ROUTE_TIMEOUTS, ConfigError, OriginSettings, RouteSettings, Settings, header_budget
 from proxy.dataplane.paths import climbs
-from proxy.engine.routes import glob_to_regex
+from proxy.engine.patterns import PatternError
+from proxy.engine.routes import Matcher, glob_matcher
 from proxy.store.bounded import BoundedCache
 
 
@@ -69,16 +69,19 @@ def global_timeouts(settings: Settings) -> Timeouts:
 
 @dataclass
 class RouteTimeouts:
-    """A ``[[routes]]`` table compiled: its glob and its overrides."""
+    """A ``[[routes]]`` table compiled: its glob (matched without backtracking) and its overrides."""
 
-    pattern: re.Pattern[str]
+    matches: Matcher
     specificity: int
     table: RouteSettings
 
     @classmethod
     def compile(cls, table: RouteSettings) -> RouteTimeouts:
         literal = sum(1 for c in table.path if c not in "*?")
-        return cls(re.compile(glob_to_regex(table.path)), literal, table)
+        try:
+            return cls(glob_matcher(table.path), literal, table)
+        except PatternError as exc:  # only a glob too large for RE2's memory budget
+            raise ConfigError(f"[[routes]] path: {exc}") from None
 
 
 @dataclass
@@ -169,7 +172,7 @@ class Origin:
         if found is None:
             best: RouteTimeouts | None = None
             for route in self.routes:
-                if route.pattern.fullmatch(path) and (best is None or route.specificity > best.specificity):
+                if route.matches(path) and (best is None or route.specificity > best.specificity):
                     best = route
             found = self.timeouts if best is None else overridden(self.timeouts, best.table)
             self._by_path.put(path, found)

@@ -7,17 +7,17 @@ odd data: a type mismatch is simply false, never an exception on the request pat
 Operators: ``== != === !== < <= > >=`` (``<`` and ``<=`` also take three arguments: between),
 ``in`` (list membership, substring), ``and or ! !! if``, ``var`` (dotted paths, defaults),
 ``missing``, ``missing_some``, and the targeting extras ``starts_with``, ``ends_with``,
-``sem_ver`` and ``regex``.
+``sem_ver`` and ``regex`` (RE2, linear time: see ``proxy.engine.patterns``).
 """
 
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any, TypeGuard
 
+from proxy.engine.patterns import Pattern, PatternError
 from proxy.engine.semver import SEMVER_OPS, compare_keys, version_key
 
 Logic = Callable[[Mapping[str, Any]], Any]
@@ -121,11 +121,19 @@ def resolve_var(context: Mapping[str, Any], path: Any, default: Any = None) -> A
     return default if current is None else current
 
 
-@lru_cache(maxsize=256)
-def _runtime_regex(pattern: str) -> re.Pattern[str] | None:
+MAX_RUNTIME_PATTERN_CHARS = 1024
+"""A pattern computed at evaluation time (``{"regex": [x, {"var": ...}]}``) comes from the request:
+longer ones, and ones RE2 refuses, match nothing."""
+RUNTIME_PATTERN_MEMORY = 256 << 10  # RE2's budget per runtime pattern: 64 cached ≤ 16 MiB
+
+
+@lru_cache(maxsize=64)
+def _runtime_regex(pattern: str) -> Pattern | None:
+    if len(pattern) > MAX_RUNTIME_PATTERN_CHARS:
+        return None
     try:
-        return re.compile(pattern)
-    except re.error:
+        return Pattern(pattern, max_mem=RUNTIME_PATTERN_MEMORY)
+    except PatternError:
         return None
 
 
@@ -382,15 +390,15 @@ def _op_regex(args: list[Any], where: str, depth: int) -> Logic:
         if not isinstance(pattern, str):
             raise LogicError(f"{where}[1]", "the pattern must be a string")
         try:
-            compiled = re.compile(pattern)
-        except re.error as exc:
+            search = Pattern(pattern).search
+        except PatternError as exc:
             raise LogicError(f"{where}[1]", f"invalid regular expression: {exc}") from None
-        return lambda ctx: isinstance(v := a(ctx), str) and compiled.search(v) is not None
+        return lambda ctx: isinstance(v := a(ctx), str) and search(v)
 
     def dynamic(ctx: Mapping[str, Any]) -> bool:
         v, p = a(ctx), b(ctx)
         rx = _runtime_regex(p) if isinstance(p, str) else None
-        return isinstance(v, str) and rx is not None and rx.search(v) is not None
+        return isinstance(v, str) and rx is not None and rx.search(v)
 
     return dynamic
 

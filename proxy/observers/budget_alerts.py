@@ -3,8 +3,6 @@ from the pre-flight check of every new snapshot. Slack sending is queued by the 
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -13,7 +11,7 @@ from proxy.config import Settings
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.header_fit import FlagHeaders
 from proxy.dataplane.preflight import ALL_ROUTES, largest_outcome, route_groups, worst_case
-from proxy.engine import Flag, Served, glob_to_regex
+from proxy.engine import Flag, Served, glob_matcher
 from proxy.store.base import Snapshot
 
 
@@ -29,11 +27,6 @@ def normal_prefix(prefix: str) -> str:
     return prefix.rstrip("/") or "/"
 
 
-@functools.lru_cache(maxsize=4096)
-def _glob(pattern: str) -> re.Pattern[str]:
-    return re.compile(glob_to_regex(pattern))
-
-
 def route_pattern(origin_prefix: str, path: str, resolved: Sequence[tuple[Flag, Served]]) -> str:
     """The configured pattern the request matched: the longest matching flag route glob, else the prefix.
 
@@ -45,7 +38,7 @@ def route_pattern(origin_prefix: str, path: str, resolved: Sequence[tuple[Flag, 
         if flag.routes is None:
             continue
         for glob in flag.routes:
-            if len(glob) > len(best) and _glob(glob).fullmatch(path):
+            if len(glob) > len(best) and glob_matcher(glob)(path):
                 best = glob
     return best or origin_prefix
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -121,13 +125,30 @@ class FlagStore(Protocol):
 
 
 class SnapshotHolder:
-    """The part every store shares: compile raw state, swap the snapshot, tell listeners."""
+    """The part every store shares: compile raw state off the event loop, swap the snapshot in, in
+    order, tell listeners.
+
+    Compiling thousands of flags takes seconds of CPU; on the event loop that is seconds without a
+    single proxied request. ``install`` compiles on one dedicated thread (the builder's caches are not
+    shared between threads) and swaps the result in on the loop. The compile thread still holds the
+    GIL while it runs Python code, but CPython hands it to the waiting loop thread every switch
+    interval (5 ms): the loop keeps turning during a compile, slower, pausing only while the garbage
+    collector runs, instead of stopping for all of it. Listeners run on the loop after the swap.
+
+    Swaps keep the order in which installs were asked for: a compile that finishes after a later one
+    was swapped in is dropped, and so is a state older (by version) than the current snapshot, unless
+    the caller says older is fine (``allow_older``: Redis is the truth, whatever version it holds).
+    """
 
     def __init__(self, compiler: Compiler | None = None) -> None:
         self._snapshot = EMPTY
         self.compiler: Compiler = compiler or NoSources()
         self._builder = SnapshotBuilder(self.compiler)
         self._listeners: list[Listener] = []
+        self._compile_lock = threading.Lock()  # one compile at a time, whichever thread runs it
+        self._compile_thread: ThreadPoolExecutor | None = None
+        self._tickets = itertools.count(1)
+        self._installed_ticket = 0
 
     @property
     def snapshot(self) -> Snapshot:
@@ -136,10 +157,44 @@ class SnapshotHolder:
     def on_change(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def install(self, state: RawState) -> Snapshot:
-        """Compile ``state`` and make it current (the compile happens before anything is swapped)."""
-        flags = self._builder.compile(state)
-        snapshot = Snapshot.build(state.version, flags, state, self._builder.problems)
+    def install_now(self, state: RawState) -> Snapshot:
+        """Compile ``state`` on this thread and make it current: for constructors, before a loop runs."""
+        return self._swap(next(self._tickets), self._build(state), allow_older=True)
+
+    async def install(self, state: RawState, *, allow_older: bool = False) -> Snapshot:
+        """Compile ``state`` on the compile thread, then make it current (see the class docstring);
+        returns the snapshot current afterwards. A cancelled caller does not cancel the swap."""
+        ticket = next(self._tickets)
+        if self._compile_thread is None:
+            self._compile_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flagproxy-compile")
+        compiling = asyncio.get_running_loop().run_in_executor(self._compile_thread, self._build, state)
+
+        async def swap_when_compiled() -> Snapshot:
+            return self._swap(ticket, await compiling, allow_older)
+
+        return await asyncio.shield(asyncio.ensure_future(swap_when_compiled()))
+
+    def stop_compiling(self) -> None:
+        """Let the compile thread go (the store is closing); a compile under way finishes unseen."""
+        if self._compile_thread is not None:
+            self._compile_thread.shutdown(wait=False, cancel_futures=True)
+            self._compile_thread = None
+
+    def _build(self, state: RawState) -> Snapshot:
+        with self._compile_lock:
+            flags = self._builder.compile(state)
+            return Snapshot.build(state.version, flags, state, self._builder.problems)
+
+    def _swap(self, ticket: int, snapshot: Snapshot, allow_older: bool) -> Snapshot:
+        current = self._snapshot
+        if ticket < self._installed_ticket or (not allow_older and snapshot.version < current.version):
+            log.info(
+                "compiled snapshot version %d not installed: the current one (version %d) is newer",
+                snapshot.version,
+                current.version,
+            )
+            return current
+        self._installed_ticket = ticket
         self._snapshot = snapshot
         for listener in self._listeners:
             try:

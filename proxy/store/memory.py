@@ -22,7 +22,7 @@ class MemoryStore(SnapshotHolder):
         self._state = state or RawState()
         self._audit: deque[dict[str, Any]] = deque(maxlen=audit_max)
         self._deliveries: dict[tuple[str, str], float] = {}  # (source, delivery id) → forget at (monotonic)
-        self.install(self._state)
+        self.install_now(self._state)
 
     @property
     def ready(self) -> bool:
@@ -32,7 +32,7 @@ class MemoryStore(SnapshotHolder):
         return None
 
     async def close(self) -> None:
-        return None
+        self.stop_compiling()
 
     def _seen(self, change: Change) -> bool:
         """Was ``change.delivery`` applied within its window? (expired ids are forgotten here)"""
@@ -54,7 +54,7 @@ class MemoryStore(SnapshotHolder):
         moved = state.source_versions != self._state.source_versions
         self._state = state  # also when unchanged: the source version may have moved on
         if result.status == "applied" or moved:
-            self.install(state)  # same store version when only a source version moved
+            await self.install(state)  # same store version when only a source version moved
         if result.status == "applied":
             items = state.items(change.source, change.kind)
             actions = {k: ("upsert" if k in items else "delete") for k in result.changed}

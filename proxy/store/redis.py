@@ -232,6 +232,22 @@ async def _run_script(
     return reply
 
 
+async def _alive(connection: AbstractConnection) -> None:
+    """PING on the connection a write will use, reconnecting once: a pooled connection to a Redis
+    that went away (and came back) fails here, before the write is sent, not after (which would be
+    "outcome unknown")."""
+    for attempt in range(2):
+        try:
+            await connection.send_command("PING")
+            if await connection.read_response() in ("PONG", b"PONG", True):
+                return
+            raise ResponseError("unexpected reply to PING")
+        except (RedisError, OSError) as exc:
+            await connection.disconnect()
+            if attempt or isinstance(exc, ResponseError):
+                raise
+
+
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []  # cjson encodes an empty array as {}
 
@@ -333,9 +349,9 @@ class RedisStore(SnapshotHolder):
                 disk.version,
             )
             self._last_good = disk
-            self.install(disk)
+            await self.install(disk)
         else:
-            self.install(self._fallback())
+            await self.install(self._fallback())
         self.metrics.synced("file")
         self.metrics.redis_connected.set(0)
         self._task = asyncio.create_task(self._run(), name="flagproxy-redis-sync")
@@ -349,6 +365,7 @@ class RedisStore(SnapshotHolder):
             self._save_handle.cancel()
             self._save_now()
         await self.redis.aclose()
+        self.stop_compiling()
 
     async def _run(self) -> None:
         delay = 0.05
@@ -520,7 +537,7 @@ class RedisStore(SnapshotHolder):
                 or (state.data, state.item_versions, state.source_versions)
                 != (current.data, current.item_versions, current.source_versions)
             ):
-                self._accept(state)
+                await self._accept(state)
             self._unreadable = ""
             self._synced()
 
@@ -593,8 +610,8 @@ class RedisStore(SnapshotHolder):
             level = logging.ERROR if self._last_good is not None else logging.WARNING
             log.log(level, "Redis had no flagproxy data (init marker missing): re-seeded it from %s", what)
 
-    def _accept(self, state: RawState) -> None:
-        self.install(state)
+    async def _accept(self, state: RawState) -> None:
+        await self.install(state, allow_older=True)
         self._redis_version = state.version
         self._last_good = state
         self._ready = True
@@ -681,7 +698,7 @@ class RedisStore(SnapshotHolder):
                     item_versions[key] = _integer(f"{where} {key}", item_version)
             state.data[source][kind] = items
             state.item_versions[source][kind] = item_versions
-            self._accept(state)
+            await self._accept(state)
             self._synced()
             return True
 
@@ -741,6 +758,11 @@ class RedisStore(SnapshotHolder):
         try:
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped upstream
         except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(str(exc)) from None
+        try:
+            await _alive(connection)
+        except (RedisError, OSError, TimeoutError) as exc:  # nothing of the write was sent
+            await pool.release(connection)
             raise StoreUnavailable(str(exc)) from None
         try:
             try:

@@ -53,6 +53,10 @@ regex, a partition size outside 0..100, an unknown ``dataType``, ...) makes the 
 in the SDK turns *every* flag of a batch into ``control`` when one raises; here each flag stands alone
 (``get_treatment`` semantics). Fields the SDK requires but evaluation does not need (``trafficTypeName``,
 ``changeNumber``, ``status``, ``killed``, ``negate``, ``combiner``) default sensibly when missing.
+``MATCHES_STRING`` runs on RE2 (linear time, ``proxy.engine.patterns``) where the SDK uses Python's
+``re``: a pattern RE2 refuses (backreferences, lookarounds, possessive quantifiers) makes that split a
+problem, ``\\d \\w \\s \\b`` are ASCII only, ``$`` matches only at the very end, and a value longer than
+``MAX_INPUT_CHARS`` (8,192) does not match.
 
 Stored formats (``compile_source("split", kinds, cache)``, one JSON text per item):
 

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import numbers
-import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -425,7 +424,7 @@ def _entry_points(
     return evaluate, explain
 
 
-_PARSE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, re.error)
+_PARSE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)  # PatternError too
 
 
 def _describe(exc: BaseException) -> str:

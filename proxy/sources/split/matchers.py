@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import numbers
-import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from proxy.engine.patterns import Pattern
 from proxy.sources.split.semver import SplitSemver, compare_semver, parse_semver
 
 Context = Mapping[str, Any]
@@ -278,11 +278,14 @@ class _MatcherCompiler:
 
     @staticmethod
     def _matches_string(raw: Mapping[str, Any], attribute: str | None) -> Test | bool:
-        search = re.compile(raw["stringMatcherData"]).search
+        data = raw["stringMatcherData"]
+        if not isinstance(data, str):
+            raise TypeError(f"MATCHES_STRING: stringMatcherData must be a string, got {data!r}")
+        search = Pattern(data).search  # RE2: PatternError (a ValueError) reports the split
 
         def accept(value: Any) -> bool:
             text = value if type(value) is str else _as_string(value)
-            return text is not None and search(text) is not None
+            return text is not None and search(text)
 
         return _on_input(attribute, accept)
 

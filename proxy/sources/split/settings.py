@@ -17,8 +17,14 @@ class SplitSettings:
     webhook_token: str = ""
     environments: tuple[str, ...] = ()
     bucketing_key_header: str = ""
+    max_response_bytes: int = 32 << 20  # a body above it is refused before it is all read
+    max_pages: int = 100  # pages one pull follows before it gives up (a misbehaving API)
 
     def validate(self) -> None:
+        if self.max_response_bytes <= 0:
+            raise ConfigError(f"[split] max_response_bytes: must be positive, got {self.max_response_bytes}")
+        if self.max_pages <= 0:
+            raise ConfigError(f"[split] max_pages: must be positive, got {self.max_pages}")
         if self.interval_s <= 0:
             raise ConfigError(f"[split] interval_s: must be positive, got {self.interval_s}")
         if self.timeout_s <= 0:
