@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import re2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import PYTHON, REPO, ProxyProcess, RawOrigin, http_client, post_webhook, served_flags
@@ -409,3 +410,17 @@ def test_a_flag_applies_when_any_of_its_globs_matches(cases: list[tuple[str, str
     flag = compile_flag("g", {"routes": globs})
     for path in [path for _, path in cases] + ["/" + tail]:
         assert flag.applies_to(path) == any(reference_match(glob, path) for glob in globs)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pattern=st.sampled_from(["^a+$", "(ab|a)*c", "[0-9]{2,}", "é+", "x|y|z", "^$", "(?i)ios", "a.b", "\\d+"]),
+    text=st.text(alphabet="abcxyzé019IOSios.\n", max_size=30),
+)
+def test_the_direct_match_agrees_with_the_bindings_own_search(pattern: str, text: str) -> None:
+    from proxy.engine.patterns import Pattern
+
+    compiled = Pattern(pattern)
+    raw = re2.compile(pattern)
+    assert compiled.search(text) is (raw.search(text) is not None)
+    assert compiled.fullmatch(text) is (raw.fullmatch(text) is not None)
