@@ -51,7 +51,9 @@ def document(count: int, routes: bool, round_no: int) -> bytes:
 
 
 def post(url: str, body: bytes) -> int:
-    signature = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    stamp = int(time.time())
+    digest = hmac.new(SECRET.encode(), b"%d." % stamp + body, hashlib.sha256).hexdigest()
+    signature = f"t={stamp},v1={digest}"
     headers = {"X-Flagproxy-Signature": signature, "Content-Type": "application/json"}
     return httpx.post(url, content=body, headers=headers, timeout=300).status_code
 

@@ -79,16 +79,37 @@ def with_request_id(send: Send, request_id: str, exchange: Exchange) -> Send:
     return sending
 
 
-def freeze_heap(_snapshot: object = None) -> None:
+class HeapFreezer:
     """Move what is alive now — the compiled snapshot above all — out of the collector's sight.
 
     The garbage collector otherwise walks every compiled flag on each full collection, and those
-    come often under load (every request allocates). Run when a snapshot is installed: the previous
-    one is unfrozen and collected first, so frozen snapshots do not pile up.
+    come often under load (every request allocates). Called when a snapshot is installed. Freezing
+    costs nothing; collecting first would walk the whole new snapshot on the event loop (about
+    0.2 s for 5,000 flags). Frozen objects are still freed when their last reference goes (an old
+    snapshot holds no cycles), so only cyclic garbage could pile up in the frozen set: when it has
+    grown by half since the last full collection, the next call unfreezes and collects everything.
     """
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
+
+    GROWTH = 1.5
+
+    def __init__(self) -> None:
+        self.after_collect = 0  # frozen objects right after the last full collection
+
+    def __call__(self, _snapshot: object = None) -> None:
+        if self.after_collect and gc.get_freeze_count() <= self.after_collect * self.GROWTH:
+            gc.freeze()
+            return
+        self.collect()
+
+    def collect(self) -> None:
+        """The full pass: at startup, and when the frozen set keeps growing."""
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        self.after_collect = gc.get_freeze_count()
+
+
+freeze_heap = HeapFreezer()
 
 
 class FlagProxy:
@@ -122,7 +143,7 @@ class FlagProxy:
         self.budget = BudgetWatch(settings, self.alerter, self.flag_headers)
         self.store.on_change(self.budget.preflight)
         self.store.on_change(self._snapshot_metrics)
-        self.store.on_change(freeze_heap)
+        self.store.on_change(freeze_heap)  # the process's one heap: one freezer for every app
         self._snapshot_metrics(self.store.snapshot)
 
         chain: list[Observer] = [
@@ -189,7 +210,7 @@ class FlagProxy:
         for sync in self.syncs.values():
             await sync.start()
         self.budget.preflight(self.store.snapshot)
-        freeze_heap()
+        freeze_heap.collect()
         log.info(
             "flagproxy ready: %d flags (store version %d), origins: %s",
             len(self.store.snapshot.flags),

@@ -415,3 +415,43 @@ async def test_a_big_pull_logs_a_count_not_every_name(caplog: pytest.LogCaptureF
     lines = [r.getMessage() for r in caplog.records if r.name == "flagproxy.split"]
     assert "Split flags: 300 changed (store version 1)" in lines
     assert not any("flag-1" in line for line in lines)
+
+
+def test_the_heap_freezer_freezes_without_walking_the_heap_until_cyclic_garbage_piles_up() -> None:
+    import gc
+
+    from proxy.app import HeapFreezer
+
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:  # a full collection: the whole heap walked
+            collections.append(info["generation"])
+
+    freezer = HeapFreezer()
+    gc.callbacks.append(count)
+    try:
+        freezer.collect()
+        base = gc.get_freeze_count()
+        assert collections  # the full pass collects
+        collections.clear()
+        kept = [[i] for i in range(1000)]  # a new snapshot, say: alive, frozen, not walked
+        freezer()
+        assert collections == [] and gc.get_freeze_count() >= base + 1000
+
+        junk: list[list[object]] = [[] for _ in range(base)]  # cyclic garbage as large as the heap
+        for item in junk:
+            item.append(item)
+        del junk
+        gc.disable()  # nothing collects the cycles behind the freezer's back
+        try:
+            freezer()  # frozen along with everything else: the set has doubled
+            assert collections == [] and gc.get_freeze_count() > base * 1.5
+            freezer()  # grown by more than half since the full pass: collected
+            assert collections and gc.get_freeze_count() < base * 1.5
+        finally:
+            gc.enable()
+        assert kept[999] == [999]
+    finally:
+        gc.callbacks.remove(count)
+        gc.unfreeze()
