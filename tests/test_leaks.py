@@ -8,7 +8,7 @@ import tracemalloc
 from typing import Any
 
 import httpx
-from support import LOCALHOST, free_port, raw_exchange, raw_request, wait_for
+from support import LOCALHOST, free_port, post_webhook, raw_exchange, raw_request, wait_for
 
 from proxy.engine.native import compile_document
 from proxy.store.base import PATH_CACHE_BYTES, Snapshot
@@ -25,6 +25,18 @@ def test_a_502_names_no_internal_address(proxy_factory: Any) -> None:
     assert LOCALHOST not in response.body.decode() and str(dead) not in response.body.decode()
     # the operator still learns where: in the log
     wait_for(lambda: f"{LOCALHOST}:{dead}" in proxy.stderr(), timeout=5, what="the connect error in the log")
+
+
+def test_a_503_from_the_store_names_no_redis_address(proxy_factory: Any, origin: Any) -> None:
+    dead = free_port()  # no Redis here: the proxy serves its flags file and refuses writes
+    env = {"FLAGPROXY_WEBHOOKS_SECRET": "leak-test-secret-0123456789", "FLAGPROXY_ADMIN_TOKEN": "t" * 24}
+    proxy = proxy_factory([origin.url], env=env, args=["--redis-url", f"redis://{LOCALHOST}:{dead}/0"])
+    refused = post_webhook(proxy.base_url, {"upsert": {"x": {}}}, "leak-test-secret-0123456789")
+    assert refused.status_code == 503 and refused.json()["error"] == "store_unavailable"
+    audit = httpx.get(proxy.base_url + "/__flags/api/audit", headers={"Authorization": "Bearer " + "t" * 24})
+    assert audit.status_code == 503
+    for text in (refused.text, audit.text):
+        assert str(dead) not in text and LOCALHOST not in text, text
 
 
 def test_origin_credentials_never_reach_the_log(proxy_factory: Any, origin: Any) -> None:

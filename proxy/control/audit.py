@@ -19,8 +19,10 @@ async def audit(request: Request) -> Response:
         raise HTTPProblem(400, "bad_limit", f"limit must be 1..{audit_max}")
     try:
         entries = await deps.store.audit(int(limit))
-    except StoreUnavailable as exc:
-        raise HTTPProblem(503, "store_unavailable", str(exc)) from None
+    except StoreUnavailable:  # the why (with Redis's address) is in the store's log lines
+        raise HTTPProblem(
+            503, "store_unavailable", "the audit log cannot be read now (Redis unavailable)"
+        ) from None
     return JSONResponse({"entries": entries})
 
 

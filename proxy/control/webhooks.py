@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,8 @@ from proxy.store.base import FlagStore, StoreTimeout, StoreUnavailable
 from proxy.store.change import Change
 from proxy.store.state import ApplyResult
 
+log = logging.getLogger("flagproxy.webhooks")
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -27,14 +30,20 @@ async def apply(store: FlagStore, change: Change) -> ApplyResult:
     write sent but not answered in time is a 504: it may have been applied (read it back)."""
     try:
         return await store.apply(change)
-    except StoreUnavailable as exc:
-        raise HTTPProblem(503, "store_unavailable", f"the flag store cannot take writes now: {exc}") from None
+    except StoreUnavailable as exc:  # the why (with Redis's address) is for the log, not the caller
+        log.warning("write refused: the flag store cannot take writes now: %s", exc)
+        raise HTTPProblem(
+            503,
+            "store_unavailable",
+            "the flag store cannot take writes now (Redis unavailable); nothing was applied",
+        ) from None
     except StoreTimeout as exc:
+        log.warning("write unconfirmed: %s", exc)
         raise HTTPProblem(
             504,
             "store_timeout",
-            f"the flag store did not confirm the write in time ({exc}): it may or may not have been "
-            "applied; read the flag back before retrying",
+            "the flag store did not confirm the write in time: it may or may not have been applied; "
+            "read the flag back before retrying",
         ) from None
 
 
