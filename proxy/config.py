@@ -576,6 +576,16 @@ def validate(settings: Settings) -> None:
         _check(bool(parts.hostname), f"{where}: url has no host")
         _check(not parts.query and not parts.fragment, f"{where}: url must not have a query or fragment")
         _check(origin.prefix.startswith("/"), f"{where}: prefix must start with '/'")
+        segments = origin.prefix.split("/")
+        _check(
+            origin.prefix.isascii()
+            and not any(c in origin.prefix for c in "%\\;#?")
+            and "." not in segments
+            and ".." not in segments
+            and "" not in segments[1:-1],
+            f"{where}: prefix must be a plain ASCII path (no %-escapes, '\\', ';', '#', '?', dot segments or "
+            f"'//'): routing compares it with the decoded, normalised path",
+        )
         _check(origin.prefix not in seen, f"{where}: prefix {origin.prefix!r} is configured twice")
         seen.add(origin.prefix)
         norm = origin.prefix.rstrip("/") or "/"

@@ -31,7 +31,7 @@ import httptools
 from proxy.dataplane.exchange import Exchange
 from proxy.dataplane.header_rules import DIGITS, request_id_of
 from proxy.dataplane.messages import RequestHead
-from proxy.dataplane.paths import normalise
+from proxy.dataplane.paths import BadPath, normalise
 from proxy.errors import error_response_bytes
 
 if TYPE_CHECKING:
@@ -450,9 +450,10 @@ class ClientConnection(asyncio.Protocol):
                 raise Refused(400, "bad_request", "invalid request target") from None
             raw_path = url.path or b"/"
             _, sep, query = target.partition(b"?")
-        path = normalise(raw_path)  # what routing, flag routes and the control-prefix check see
-        if path is None:
-            raise Refused(400, "bad_path", "the path's '..' segments climb above the root")
+        try:
+            path = normalise(raw_path)  # what routing, flag routes and the control-prefix check see
+        except BadPath as exc:
+            raise Refused(400, "bad_path", str(exc)) from None
         if b"%" in raw_path or b"." in raw_path or b"\\" in raw_path:
             decoded = unquote(raw_path.decode("latin-1"), errors="replace")
             if self._is_control(decoded) and not self._is_control(path):
