@@ -339,3 +339,32 @@ def test_a_write_redis_did_not_answer_in_time_is_504_store_timeout(
         stored = client.hget(key(namespace, "native:flags"), "late")
         expected = None if stored is None else json.loads(stored)["enabled"]
         wait_for(lambda: served_flags(proxy, origin).get("late") == expected, what="what Redis holds, served")
+
+
+# key suffix → garbage that reading tolerates but a write would trip over half-way
+HALF_WAY: dict[str, tuple[str, str, int]] = {
+    "an audit log that is not a list": ("audit", "not a list", 7),
+    "a store version INCR cannot raise": ("version", "99999999999999999999", 99999999999999999999),
+}
+
+
+@pytest.mark.parametrize("case", list(HALF_WAY))
+def test_a_write_that_would_fail_half_way_is_refused_before_anything_is_written(
+    case: str, redis_server: RedisServer, origin: RawOrigin, tmp_path: Path
+) -> None:
+    namespace = unique_namespace("half-" + case)
+    client = redis_server.client()
+    client.set(key(namespace, "inited"), "1")
+    client.set(key(namespace, "version"), "7")
+    client.hset(key(namespace, "native:flags"), mapping=FLAGS_IN_REDIS)
+    suffix, garbage, version = HALF_WAY[case]
+    client.set(key(namespace, suffix), garbage)
+    before = redis_server.dump_namespace(key(namespace, "*"))
+
+    with make_proxy(origin, tmp_path / "p", redis_server.url, env(namespace)) as proxy:
+        wait_for(lambda: at_version(proxy, version), what=f"ready on Redis at version {version}")
+        refused = post_webhook(proxy.base_url, {"upsert": {"checkout": {"enabled": False}}}, SECRET)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "store_unavailable"
+        assert redis_server.dump_namespace(key(namespace, "*")) == before  # not half a change
+        assert served_flags(proxy, origin) == {"checkout": "new", "extra": True}

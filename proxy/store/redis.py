@@ -84,9 +84,21 @@ if delivery and redis.call('EXISTS', delivery) == 1 then
 end
 -- Before writing anything: values this script compares must be integers (a script failing half-way
 -- would leave half a change), and Redis must hold the state the writer serves or a later one.
-local function integer(value) return (not value) or string.match(value, '^%-?%d+$') ~= nil end
+-- (18 digits at most: INCR refuses what does not fit 64 bits, and by then the change is half written)
+local function integer(value)
+  return (not value) or (string.match(value, '^%-?%d+$') ~= nil and #value <= 18)
+end
 local function corrupt(what)
   return cjson.encode({status = 'corrupt', detail = what .. ' is not an integer'})
+end
+-- and every key the script writes must be of its kind (a WRONGTYPE half-way is a half-written change)
+local kinds = {{data, 'hash'}, {vers, 'hash'}, {meta, 'hash'}, {genkey, 'hash'}, {verkey, 'string'},
+  {audit, 'list'}, {inited, 'string'}}
+for _, pair in ipairs(kinds) do
+  local found = redis.call('TYPE', pair[1]).ok
+  if found ~= 'none' and found ~= pair[2] then
+    return cjson.encode({status = 'corrupt', detail = pair[1] .. ' is a ' .. found .. ', not a ' .. pair[2]})
+  end
 end
 local stored = redis.call('GET', verkey)
 if not integer(stored) then return corrupt(verkey) end
@@ -230,6 +242,12 @@ async def _run_script(
     if not isinstance(reply, str):
         raise ResponseError(f"unexpected reply {reply!r}")
     return reply
+
+
+# Error prefixes Redis answers before it runs a command: nothing of the write was applied.
+REFUSED_BEFORE_RUNNING = frozenset(
+    {"OOM", "READONLY", "NOPERM", "NOAUTH", "WRONGPASS", "MASTERDOWN", "MISCONF", "NOREPLICAS", "BUSY"}
+)
 
 
 async def _alive(connection: AbstractConnection) -> None:
@@ -769,8 +787,13 @@ class RedisStore(SnapshotHolder):
                 return await _run_script(connection, "EVALSHA", script.sha, keys, args)
             except NoScriptError:  # a definite answer, nothing ran: this Redis has not seen it yet
                 return await _run_script(connection, "EVAL", str(script.script), keys, args)
-        except (ResponseError, BusyLoadingError) as exc:  # Redis answered: it did not run the script
+        except BusyLoadingError as exc:  # Redis answered: it did not run the script
             raise StoreUnavailable(f"Redis refused the write: {exc}") from None
+        except ResponseError as exc:
+            if str(exc).split(" ", 1)[0] in REFUSED_BEFORE_RUNNING:
+                raise StoreUnavailable(f"Redis refused the write: {exc}") from None
+            # an error inside the script: what it wrote before failing stays written
+            raise StoreTimeout(f"the write failed part-way in Redis: {exc}") from None
         except (RedisError, OSError, TimeoutError) as exc:
             await connection.disconnect()  # a late answer must not be read as the next command's
             raise StoreTimeout(
