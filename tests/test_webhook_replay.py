@@ -401,35 +401,52 @@ def test_a_delivery_id_applies_once_across_both_instances(
 
     before = dump(redis_server, pair.namespace)
     version = store_version(redis_server, pair.namespace)
-    # the sender's retry, re-signed, reaches the other instance; so does another body under the same id
-    for payload in (
-        {"upsert": {"delivered": {"enabled": True}}},
-        {"upsert": {"delivered": {"enabled": False}}},
-    ):
-        again = post_webhook(pair.b.base_url, payload, SECRET, delivery=delivery)
-        assert (again.status_code, again.json()) == (
-            200,
-            {"status": "duplicate", "version": version, "changed": []},
-        )
+    # the sender's retry, re-signed, reaches the other instance
+    payload = {"upsert": {"delivered": {"enabled": True}}}
+    again = post_webhook(pair.b.base_url, payload, SECRET, delivery=delivery)
+    assert (again.status_code, again.json()) == (
+        200,
+        {"status": "duplicate", "version": version, "changed": []},
+    )
     assert dump(redis_server, pair.namespace) == before
     assert serves(pair, origin, "delivered", True)
-    ttl = redis_server.client().ttl(f"flagproxy:{pair.namespace}:delivery:native:{delivery}")
+    body_hash = hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
+    ttl = redis_server.client().ttl(f"flagproxy:{pair.namespace}:delivery:native:{delivery}:{body_hash}")
     assert 0 < ttl <= 300
+
+
+def test_a_replay_under_someone_elses_delivery_id_suppresses_nothing(
+    pair: Pair, redis_server: RedisServer, origin: RawOrigin
+) -> None:
+    # the id is not signed: an attacker replays a captured request under the id the sender uses next
+    captured = {"upsert": {"suppressed": {"enabled": False}}}
+    assert post_webhook(pair.a.base_url, captured, SECRET).status_code == 202
+    next_id = f"evt_{uuid.uuid4().hex}"
+    replayed = post_webhook(pair.a.base_url, captured, SECRET, delivery=next_id)
+    assert replayed.status_code in (200, 202), replayed.text
+    # the sender's real delivery under that id, with its own body, still applies, on either instance
+    real = post_webhook(
+        pair.b.base_url, {"upsert": {"suppressed": {"enabled": True}}}, SECRET, delivery=next_id
+    )
+    assert (real.status_code, real.json()["status"]) == (202, "applied"), real.text
+    wait_for(lambda: serves(pair, origin, "suppressed", True), what="the real delivery served")
 
 
 def test_concurrent_deliveries_of_one_id_apply_once(pair: Pair, redis_server: RedisServer) -> None:
     delivery = f"evt_{uuid.uuid4().hex}"
 
-    def send(index: int) -> httpx.Response:
+    def send(index: int) -> httpx.Response:  # one delivery retried 8 times at once, through both
         proxy = pair.both[index % 2]
-        return post_webhook(proxy.base_url, {"upsert": {f"race-{index}": {}}}, SECRET, delivery=delivery)
+        return post_webhook(
+            proxy.base_url, {"upsert": {"race": {"enabled": False}}}, SECRET, delivery=delivery
+        )
 
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(send, range(8)))
     outcomes = sorted((r.status_code, r.json()["status"]) for r in responses)
     assert outcomes == [(200, "duplicate")] * 7 + [(202, "applied")]
-    stored = redis_server.client().hkeys(f"flagproxy:{pair.namespace}:native:flags")
-    assert len([k for k in stored if k.startswith("race-")]) == 1
+    audit = redis_server.client().lrange(f"flagproxy:{pair.namespace}:audit", 0, -1)
+    assert len([e for e in audit if '"flag":"race"' in e]) == 1  # written once
 
 
 def test_a_refused_delivery_is_not_remembered(pair: Pair, redis_server: RedisServer) -> None:
@@ -450,7 +467,9 @@ def test_a_delivery_id_is_kept_while_a_signature_from_ahead_is_valid(
     delivery = f"evt_{uuid.uuid4().hex}"
     ahead = capture({"upsert": {"from-ahead": {}}}, at=int(time.time()) + 100, delivery=delivery)
     assert ahead.send(pair.a).status_code == 202
-    ttl = redis_server.client().ttl(f"flagproxy:{pair.namespace}:delivery:native:{delivery}")
+    keys = redis_server.client().keys(f"flagproxy:{pair.namespace}:delivery:native:{delivery}:*")
+    assert len(keys) == 1  # the id, bound to the body's hash
+    ttl = redis_server.client().ttl(keys[0])
     assert 395 <= ttl <= 400  # valid for 300 s after t, which is 100 s ahead
     assert ahead.send(pair.b).json()["status"] == "duplicate"
 

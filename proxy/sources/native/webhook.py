@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 
 from starlette.requests import Request
@@ -47,8 +48,9 @@ async def native_webhook(request: Request) -> Response:
         change = await asyncio.to_thread(_validated, body, signed.at_ms)
     except FlagError as exc:
         raise HTTPProblem(422, "invalid_flags", str(exc), field=exc.path) from None
-    if delivery:
-        change = dataclasses.replace(change, delivery=delivery, delivery_ttl_s=signed.window_s)
+    if delivery:  # the id is not signed: bound to the body, so a replay under it suppresses nothing
+        bound = f"{delivery}:{hashlib.sha256(body).hexdigest()[:32]}"
+        change = dataclasses.replace(change, delivery=bound, delivery_ttl_s=signed.window_s)
     result = await apply(deps.store, change)
     request.state.outcome = result.status
     return result_response(result, 202)
