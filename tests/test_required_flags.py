@@ -150,3 +150,19 @@ def test_fit_plan_equals_fit_with_required_flags(seed: int, count: int, availabl
                 assert configs[flag.key] == served.config
     if not got.over_budget:
         assert got.size <= available
+
+
+def test_the_refusal_threshold_is_the_required_line_plus_the_count_line() -> None:
+    flags = compile_document({"flags": {"r": {"required": True}, "other": {}}})
+    resolved = [(f, f.evaluate({"key": "u"})) for f in (flags["other"], flags["r"])]
+    required_line = len(b'x-feature-flags: {"r":true}\r\n')
+    count_line = len(b"x-feature-flags-omitted: 1\r\n")
+    for available in range(0, 120):
+        try:
+            fitted = HEADERS.fit(resolved, available)
+        except RequiredFlagsDoNotFit:
+            assert available < required_line + count_line, available
+            continue
+        assert available >= required_line + count_line, available
+        assert fitted.size <= available
+        assert json.loads(dict(fitted.headers)[b"x-feature-flags"])["r"] is True

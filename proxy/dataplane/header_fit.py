@@ -50,7 +50,8 @@ def _object_size(entry_sizes: int, count: int) -> int:
 
 
 class RequiredFlagsDoNotFit(Exception):
-    """The required flags' entries need more room than the request head leaves."""
+    """The required flags' entries (and, when other flags apply, the ``-Omitted`` count line) need
+    more room than the request head leaves."""
 
     def __init__(self, keys: list[str], needed: int, available: int) -> None:
         shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
@@ -136,7 +137,7 @@ class FlagHeaders:
         rest = [(f, s) for f, s in resolved if not f.required]
         entries = [flag.entries.get(id(served)) or flag.entry(served) for flag, served in required]
         keys = [flag.key for flag, _ in required]
-        return self._with_required(entries, keys, lambda room: self._fit(rest, room), available, bool(rest))
+        return self._with_required(entries, keys, lambda room: self._fit(rest, room), available, len(rest))
 
     def _with_required(
         self,
@@ -144,16 +145,18 @@ class FlagHeaders:
         keys: list[str],
         rest_fit: Callable[[int | None], Fitted],
         available: int | None,
-        has_rest: bool,
+        rest_count: int,
     ) -> Fitted:
         """The required entries first, then what ``rest_fit`` fits into the room they leave."""
         value_members = sum(entry[2] for entry in entries)  # each with a comma
         config_members = sum(entry[3] for entry in entries)
         extra = value_members + (line_size(self.config_name, config_members + 1) if config_members else 0)
         needed = line_size(self.name, value_members + 1) + extra - value_members
+        if rest_count:  # and room to say how many of the others were left out, should all of them be
+            needed += line_size(self.omitted_name, len(str(rest_count)))
         if available is not None and needed > available:
             raise RequiredFlagsDoNotFit(keys, needed, available)
-        rest = rest_fit(None if available is None else available - extra) if has_rest else Fitted([], 0)
+        rest = rest_fit(None if available is None else available - extra) if rest_count else Fitted([], 0)
         theirs = dict(rest.headers)
         values = ",".join(entry[0] for entry in entries).encode("ascii")
         configs = ",".join(entry[1] for entry in entries if entry[1] is not None).encode("ascii")
@@ -282,7 +285,7 @@ class FlagHeaders:
             return fitted
 
         keys = [flag.key for flag, _ in evaluated]
-        fitted = self._with_required(entries, keys, rest_fit, available, plan.count > 0)
+        fitted = self._with_required(entries, keys, rest_fit, available, plan.count)
         return fitted, evaluated + (rest[0] if rest else [])
 
     def _fit_plan(
