@@ -31,9 +31,10 @@ COPY config ./config
 USER flagproxy
 EXPOSE 8080
 
-# python:slim has no curl. Assumes the default port 8080 and control prefix /__flags.
+# python:slim has no curl. Probes FLAGPROXY_SERVER_CONTROL_PORT when set (else FLAGPROXY_SERVER_PORT, 8080);
+# assumes the control prefix /__flags.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/__flags/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; e = os.environ.get; p = e('FLAGPROXY_SERVER_CONTROL_PORT', '0'); p = p if p not in ('', '0') else e('FLAGPROXY_SERVER_PORT', '8080'); urllib.request.urlopen(f'http://127.0.0.1:{p}/__flags/healthz', timeout=2)"]
 
 ENTRYPOINT ["flagproxy", "serve"]
 CMD ["--host", "0.0.0.0"]
