@@ -24,7 +24,6 @@ import logging
 from collections import deque
 from random import getrandbits
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import unquote
 
 import httptools
 
@@ -450,14 +449,10 @@ class ClientConnection(asyncio.Protocol):
                 raise Refused(400, "bad_request", "invalid request target") from None
             raw_path = url.path or b"/"
             _, sep, query = target.partition(b"?")
-        try:
-            path = normalise(raw_path)  # what routing, flag routes and the control-prefix check see
+        try:  # what routing, flag routes and the control-prefix check see
+            path = normalise(raw_path, self.control_prefix)
         except BadPath as exc:
             raise Refused(400, "bad_path", str(exc)) from None
-        if b"%" in raw_path or b"." in raw_path or b"\\" in raw_path:
-            decoded = unquote(raw_path.decode("latin-1"), errors="replace")
-            if self._is_control(decoded) and not self._is_control(path):
-                raise Refused(400, "bad_path", "a path under the control prefix may not leave it")
         version = parser.get_http_version().encode("ascii")
         lowered_headers = [(low, value) for low, (_, value) in zip(lowered, headers, strict=True)]
         # what the context builder reads; a control-plane request completes it into an ASGI scope

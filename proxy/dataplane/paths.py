@@ -22,6 +22,7 @@ without dot segments, ``\\`` or ``//`` is just decoded).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from urllib.parse import unquote
 
 _SEPARATORS = re.compile(r"[/\\]+")
@@ -35,13 +36,13 @@ def _decode(text: str) -> str:
     return unquote(text, encoding="utf-8", errors="replace")
 
 
-def _resolve(segments: list[str], is_dot: object) -> list[str] | None:
+def _resolve(segments: list[str], is_dot: Callable[[str], str]) -> list[str] | None:
     """Segments with dot segments removed (RFC 3986 §5.2.4); None when ``..`` climbs above the root.
     The last entry is "" when the path ends as a directory."""
     out: list[str] = []
     directory = False
     for segment in segments:
-        dot = is_dot(segment)  # type: ignore[operator]
+        dot = is_dot(segment)
         if dot == ".":
             directory = True
         elif dot == "..":
@@ -61,18 +62,23 @@ def _broad_dot(segment: str) -> str:
     return segment.partition(";")[0]
 
 
-def _strict_dot(segment: str) -> str:
-    return _decode(segment)
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
 
 
-def normalise(raw_path: bytes) -> str:
+def normalise(raw_path: bytes, keep_under: str = "") -> str:
     """The path routing sees (decoded, dot segments removed, separators merged); ``BadPath`` when it
-    climbs above the root or the origins could read it differently. ``*`` (``OPTIONS *``) stays."""
+    climbs above the root or the origins could read it differently, or when its dot segments lead a
+    path under ``keep_under`` (the control prefix) out of it. ``*`` (``OPTIONS *``) stays."""
     if raw_path == b"*":
         return "*"
-    text, hashed, fragment = raw_path.decode("latin-1").partition("#")  # nginx and URL parsers stop there
-    if hashed and ("." in fragment or "%" in fragment or "\\" in fragment):
-        raise BadPath("a '#' in the path followed by dot segments or escapes: servers read it differently")
+    text = raw_path.decode("latin-1")
+    if "#" in text:  # nginx and URL parsers stop there
+        text, _, fragment = text.partition("#")
+        if "." in fragment or "%" in fragment or "\\" in fragment:
+            raise BadPath(
+                "a '#' in the path followed by dot segments or escapes: servers read it differently"
+            )
     decoded = _decode(text)
     if "." not in decoded and "\\" not in decoded and "//" not in decoded:
         return decoded if decoded.startswith("/") else "/" + decoded  # nothing to resolve
@@ -80,7 +86,7 @@ def normalise(raw_path: bytes) -> str:
     broad = _resolve(parts[1:] if parts[0] == "" else parts, _broad_dot)
     if broad is None:
         raise BadPath("the path's '..' segments climb above the root")
-    strict = _resolve(text.split("/")[1:] if text.startswith("/") else text.split("/"), _strict_dot)
+    strict = _resolve(text.split("/")[1:] if text.startswith("/") else text.split("/"), _decode)
     if strict is None:
         raise BadPath("the path's '..' segments climb above the root")
     broadly = "/" + "/".join(broad)
@@ -90,6 +96,8 @@ def normalise(raw_path: bytes) -> str:
             "servers read this path differently (dot segments with '\\', '%5C', '%2F', ';' or '//'): "
             "send it without dot segments"
         )
+    if keep_under and _under(decoded, keep_under) and not _under(broadly, keep_under):
+        raise BadPath(f"a path under {keep_under} may not leave it")
     return broadly
 
 
