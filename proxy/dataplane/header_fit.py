@@ -161,9 +161,11 @@ class FlagHeaders:
         values = ",".join(entry[0] for entry in entries).encode("ascii")
         configs = ",".join(entry[1] for entry in entries if entry[1] is not None).encode("ascii")
         headers: list[Header] = [(self.name, b"{" + values + _members(theirs.get(self.name)) + b"}")]
-        if configs or self.config_name in theirs:
-            joined = configs + _members(theirs.get(self.config_name)) if configs else b""
-            headers.append((self.config_name, b"{" + (joined or theirs[self.config_name][1:-1]) + b"}"))
+        their_configs = theirs.get(self.config_name)
+        if configs:
+            headers.append((self.config_name, b"{" + configs + _members(their_configs) + b"}"))
+        elif their_configs is not None:
+            headers.append((self.config_name, their_configs))
         if self.omitted_name in theirs:
             headers.append((self.omitted_name, theirs[self.omitted_name]))
         size = sum(line_size(n, len(v)) for n, v in headers)

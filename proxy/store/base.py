@@ -41,8 +41,9 @@ class Snapshot:
     _plans: BoundedCache[TrimPlan] = field(
         default_factory=lambda: BoundedCache(PATH_CACHE_BYTES), compare=False, repr=False
     )
-    _by_set: dict[tuple[int, ...], TrimPlan] = field(default_factory=dict, compare=False, repr=False)
-    _set_bytes: list[int] = field(default_factory=lambda: [0], compare=False, repr=False)
+    _by_set: BoundedCache[TrimPlan] = field(
+        default_factory=lambda: BoundedCache(PLAN_CACHE_BYTES), compare=False, repr=False
+    )
 
     @classmethod
     def build(
@@ -83,12 +84,7 @@ class Snapshot:
             key = tuple(map(id, flags))
             found = self._by_set.get(key)
             if found is None:
-                cost = PLAN_ENTRY_BYTES * (len(flags) + 1)
-                if self._set_bytes[0] + cost > PLAN_CACHE_BYTES:
-                    self._by_set.clear()
-                    self._set_bytes[0] = 0
-                found = self._by_set[key] = TrimPlan.of(flags)
-                self._set_bytes[0] += cost
+                found = self._by_set.put(key, TrimPlan.of(flags), PLAN_ENTRY_BYTES * (len(flags) + 1))
             plans.put(path, found)
         return found
 
