@@ -624,7 +624,9 @@ class RawResponse:
         return json.loads(self.body)
 
 
-class _SocketReader:
+class SocketReader:
+    """Reads off one client socket, keeping what is left over for the next read."""
+
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
@@ -654,8 +656,20 @@ class _SocketReader:
         data, self.buffer = self.buffer, b""
         return data
 
+    def chunked_body(self) -> bytes:
+        """A chunked body (the head already read): the chunks joined, trailer fields skipped."""
+        parts = []
+        while True:
+            size = int(self.until(b"\r\n").split(b";")[0].strip(), 16)
+            if size == 0:
+                while self.until(b"\r\n") != b"\r\n":
+                    pass
+                return b"".join(parts)
+            parts.append(self.exactly(size))
+            assert self.exactly(2) == b"\r\n", "bad chunk terminator"
 
-_READERS: weakref.WeakKeyDictionary[socket.socket, _SocketReader] = weakref.WeakKeyDictionary()
+
+_READERS: weakref.WeakKeyDictionary[socket.socket, SocketReader] = weakref.WeakKeyDictionary()
 
 
 def read_response(sock: socket.socket, method: str = "GET") -> RawResponse:
@@ -663,7 +677,7 @@ def read_response(sock: socket.socket, method: str = "GET") -> RawResponse:
     it (a pipelined or interim response that came in the same recv) stays for the next call."""
     reader = _READERS.get(sock)
     if reader is None:
-        reader = _READERS[sock] = _SocketReader(sock)
+        reader = _READERS[sock] = SocketReader(sock)
     head = reader.until(b"\r\n\r\n")
     lines = head[:-4].decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
@@ -676,16 +690,7 @@ def read_response(sock: socket.socket, method: str = "GET") -> RawResponse:
     if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         return response
     if "chunked" in lowered.get("transfer-encoding", "").lower():
-        parts = []
-        while True:
-            size = int(reader.until(b"\r\n").split(b";")[0].strip(), 16)
-            if size == 0:
-                while reader.until(b"\r\n") != b"\r\n":
-                    pass
-                break
-            parts.append(reader.exactly(size))
-            reader.exactly(2)
-        response.body = b"".join(parts)
+        response.body = reader.chunked_body()
     elif "content-length" in lowered:
         response.body = reader.exactly(int(lowered["content-length"]))
     else:

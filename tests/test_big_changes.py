@@ -22,6 +22,7 @@ import pytest
 import respx
 import uvicorn
 from support import LOCALHOST, RawOrigin, RedisServer, free_port, http_client, post_webhook
+from test_split_sync import split
 
 from proxy.app import FlagProxy
 from proxy.config import ConfigError, StoreSettings, load_settings
@@ -252,22 +253,6 @@ async def test_a_5000_flag_webhook_leaves_the_loop_serving(
 # --- the Split API: bounded bodies, bounded pages, counts in the log ---------------------------------
 
 
-def split(name: str, cn: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "trafficTypeName": "user",
-        "killed": False,
-        "defaultTreatment": "off",
-        "changeNumber": cn,
-        "status": "ACTIVE",
-        "seed": 1,
-        "trafficAllocation": 100,
-        "trafficAllocationSeed": 2,
-        "algo": 2,
-        "conditions": [],
-    }
-
-
 def changes(d: list[dict[str, Any]], s: int, t: int) -> dict[str, Any]:
     return {"ff": {"d": d, "s": s, "t": t}, "rbs": {"d": [], "s": -1, "t": -1}}
 
@@ -343,25 +328,7 @@ async def test_a_declared_length_over_the_limit_is_refused_before_reading() -> N
 
 @respx.mock
 async def test_segment_bodies_are_capped_too() -> None:
-    flag = split("seg", 5)
-    flag["conditions"] = [
-        {
-            "conditionType": "ROLLOUT",
-            "label": "in segment",
-            "matcherGroup": {
-                "combiner": "AND",
-                "matchers": [
-                    {
-                        "keySelector": {"trafficType": "user", "attribute": None},
-                        "matcherType": "IN_SEGMENT",
-                        "negate": False,
-                        "userDefinedSegmentMatcherData": {"segmentName": "huge"},
-                    }
-                ],
-            },
-            "partitions": [{"treatment": "on", "size": 100}],
-        }
-    ]
+    flag = split("seg", 5, segment="huge")
     pages = {-1: changes([flag], -1, 5), 5: changes([], 5, 5)}
     respx.get(f"{API}/splitChanges").mock(
         side_effect=lambda request: httpx.Response(200, json=pages[int(request.url.params["since"])])

@@ -119,6 +119,7 @@ from support import (
     ProxyProcess,
     RawOrigin,
     RecordedRequest,
+    SocketReader,
     free_port,
     wait_for,
 )
@@ -450,36 +451,13 @@ def from_recorded(request: RecordedRequest) -> Message:
     return Message(request.request_line, list(request.headers), request.body or b"", framing)
 
 
-class Reader:
-    """Reads responses off one client socket, keeping what is left over for the next one."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = b""
-
-    def _fill(self) -> None:
-        data = self.sock.recv(1 << 16)
-        if not data:
-            raise ConnectionError(f"connection closed; unparsed bytes: {self.buffer[:300]!r}")
-        self.buffer += data
-
-    def until(self, marker: bytes) -> bytes:
-        while marker not in self.buffer:
-            self._fill()
-        data, _, self.buffer = self.buffer.partition(marker)
-        return data + marker
-
-    def exactly(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            self._fill()
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
+class Reader(SocketReader):
+    """Reads responses off one client socket as ``Message``s, keeping what is left over for the next."""
 
     def rest(self) -> bytes:
-        """Everything until the peer closes."""
+        """Everything until the peer closes (or resets)."""
         with contextlib.suppress(ConnectionError):
-            while True:
-                self._fill()
+            return super().rest()
         data, self.buffer = self.buffer, b""
         return data
 
@@ -509,16 +487,7 @@ class Reader:
             return message
         if b"chunked" in lowered.get("transfer-encoding", b"").lower():
             message.framing = "chunked"
-            parts = []
-            while True:
-                size = int(self.until(b"\r\n").split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.until(b"\r\n") != b"\r\n":
-                        pass
-                    break
-                parts.append(self.exactly(size))
-                assert self.exactly(2) == b"\r\n", "bad chunk terminator"
-            message.body = b"".join(parts)
+            message.body = self.chunked_body()
         elif "content-length" in lowered:
             message.framing = f"length {lowered['content-length'].decode('latin-1')}"
             message.body = self.exactly(int(lowered["content-length"]))
