@@ -13,12 +13,22 @@ Documents are validated and compiled once (``compile_document``) into ``Flag`` o
 """
 
 from proxy.engine.bucketing import make_bucketer
-from proxy.engine.flag import Context, Flag, FlagError, Served, encode_json, with_override
+from proxy.engine.flag import (
+    Context,
+    Experiment,
+    Flag,
+    FlagError,
+    Served,
+    encode_json,
+    variant_name,
+    with_override,
+)
 from proxy.engine.native import compile_document, compile_flag
 from proxy.engine.routes import glob_matcher, glob_to_regex
 
 __all__ = [
     "Context",
+    "Experiment",
     "Flag",
     "FlagError",
     "Served",
@@ -28,5 +38,6 @@ __all__ = [
     "glob_matcher",
     "glob_to_regex",
     "make_bucketer",
+    "variant_name",
     "with_override",
 ]

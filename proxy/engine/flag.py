@@ -49,6 +49,29 @@ class Served:
         )
 
 
+def variant_name(value: bool | str) -> str:
+    """How experiments name an outcome: the variant name, or ``true``/``false`` for boolean flags."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """A flag run as an experiment: which outcome is the control, the goals it is judged on, how long
+    after a unit's first exposure a conversion counts, and the weights its users should split by."""
+
+    control: bool | str
+    goals: tuple[str, ...]
+    window_hours: float
+    # every outcome in the flag's order, control first, with the fallthrough's weight (SRM's expectation)
+    weights: tuple[tuple[bool | str, float], ...]
+
+    @property
+    def window_s(self) -> float:
+        return self.window_hours * 3600.0
+
+
 Evaluate = Callable[[Context], Served]
 Fragments = tuple[str, str | None, int, int]  # value entry, config entry, their sizes with a comma
 Explain = Callable[[Context], tuple[Served, dict[str, Any]]]
@@ -68,6 +91,7 @@ class Flag:
     route_match: Callable[[str], bool] | None = None
     definition: Mapping[str, Any] = field(default_factory=dict)
     source: str = "native"
+    experiment: Experiment | None = None  # only experiment flags produce exposures
 
     # id(served) → ('"key":value', '"key":config' or None, len(value) + 1, len(config) + 1 or 0):
     # the header fragments and their sizes with a comma, encoded once (see __post_init__).
@@ -107,4 +131,7 @@ def with_override(flag: Flag, override: Mapping[str, Any]) -> Flag:
         if promoted is None:  # the promoted variant no longer exists: the flag serves as defined
             return flag
         served, why = promoted, {"reason": "promoted"}
-    return replace(flag, evaluate=lambda ctx: served, explain=lambda ctx: (served, dict(why)))
+    # a killed or promoted experiment is over: it records no more exposures (its results stay readable)
+    return replace(
+        flag, evaluate=lambda ctx: served, explain=lambda ctx: (served, dict(why)), experiment=None
+    )

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, TypeGuard
 
 from proxy.engine.bucketing import BUCKETS, Bucketer, boundaries, make_bucketer, make_picker
-from proxy.engine.flag import Context, Evaluate, Explain, Flag, FlagError, Served, encode_json
+from proxy.engine.flag import Context, Evaluate, Experiment, Explain, Flag, FlagError, Served, encode_json
 from proxy.engine.jsonlogic import Logic, LogicError, compile_logic, truthy
 from proxy.engine.routes import compile_routes
 
@@ -32,8 +32,12 @@ FLAG_FIELDS = frozenset(
         "note",
         "updatedAt",
         "expiresAt",
+        "experiment",
     }
 )
+EXPERIMENT_FIELDS = frozenset({"control", "goals", "window_hours"})
+DEFAULT_WINDOW_HOURS = 72
+MAX_GOAL_LENGTH = 128
 VARIANT_FIELDS = frozenset({"weight", "config"})
 DOCUMENT_FIELDS = frozenset({"flags", "$schema", "version", "updatedAt", "note"})
 RULE_FIELDS_VARIANTS = frozenset({"if", "variant", "rollout", "note"})
@@ -131,6 +135,9 @@ def compile_flag(key: str, definition: Any) -> Flag:
         default = next(s for s in served if s.value == default_name)
     else:
         default = served[1]  # boolean: false
+    experiment = None
+    if "experiment" in definition:
+        experiment = _compile_experiment(f"{where}.experiment", definition, served, default)
     return Flag(
         key=key,
         key_json=encode_json(key),
@@ -142,7 +149,50 @@ def compile_flag(key: str, definition: Any) -> Flag:
         required=required,
         routes=routes,
         route_match=route_match,
+        experiment=experiment,
     )
+
+
+def _compile_experiment(
+    where: str, definition: dict[str, Any], served: tuple[Served, ...], default: Served
+) -> Experiment:
+    """``{"control": variant, "goals": [...], "window_hours": 72}`` → an ``Experiment``.
+
+    The control defaults to ``defaultVariant`` (boolean flags: false). The weights SRM expects are
+    the fallthrough's: variant weights, or ``percentage`` for boolean flags.
+    """
+    spec = definition["experiment"]
+    if not isinstance(spec, dict):
+        raise FlagError(where, "expected an object with goals and optional control and window_hours")
+    unknown = sorted(set(spec) - EXPERIMENT_FIELDS)
+    if unknown:
+        raise FlagError(f"{where}.{unknown[0]}", "unknown field")
+    by_value = {s.value: s for s in served}
+    control = spec.get("control", default.value)
+    if isinstance(control, bool) != isinstance(default.value, bool) or control not in by_value:
+        names = ", ".join(encode_json(s.value) for s in served)
+        raise FlagError(f"{where}.control", f"{encode_json(control)} is not one of the outcomes ({names})")
+    goals = spec.get("goals")
+    if not isinstance(goals, list) or not goals:
+        raise FlagError(f"{where}.goals", "expected a non-empty array of goal names")
+    for i, goal in enumerate(goals):
+        if not isinstance(goal, str) or not goal or len(goal) > MAX_GOAL_LENGTH:
+            raise FlagError(f"{where}.goals[{i}]", f"expected a string of 1..{MAX_GOAL_LENGTH} characters")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in goal):
+            raise FlagError(f"{where}.goals[{i}]", "a goal name must not contain control characters")
+    if len(set(goals)) != len(goals):
+        raise FlagError(f"{where}.goals", "a goal is listed twice")
+    window = spec.get("window_hours", DEFAULT_WINDOW_HOURS)
+    if not _is_number(window) or not 0 < window <= 24 * 366:
+        raise FlagError(f"{where}.window_hours", "expected a number of hours above 0 (at most a year)")
+    if "variants" in definition:
+        variant_weights = {name: v.get("weight", 0) for name, v in definition["variants"].items()}
+        weights = [(s.value, float(variant_weights[s.value])) for s in served]
+    else:
+        on = float(definition.get("percentage", 100))
+        weights = [(True, on), (False, 100.0 - on)]
+    ordered = [w for w in weights if w[0] == control] + [w for w in weights if w[0] != control]
+    return Experiment(control=control, goals=tuple(goals), window_hours=float(window), weights=tuple(ordered))
 
 
 @dataclass(frozen=True, slots=True)

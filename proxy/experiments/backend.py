@@ -1,0 +1,43 @@
+"""The one small interface exposures and conversions are written through (SQLite, Redis; a
+warehouse or Kafka sink can follow).
+
+A backend is used from one writer thread per process and must give the same answers whatever the
+number of processes or instances writing to it: first write wins, exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from proxy.experiments.records import Applied, ConversionRecord, Counts, ExposureRecord
+
+
+class BackendError(Exception):
+    """The backend could not apply or read (it is down, locked, full); the batch may be retried."""
+
+
+class Backend(Protocol):
+    name: str  # "sqlite", "redis": the label of its metrics
+
+    def apply(self, exposures: Sequence[ExposureRecord], conversions: Sequence[ConversionRecord]) -> Applied:
+        """Apply one batch atomically per experiment: exposures first, then conversions, each in order.
+
+        Blocking; raises ``BackendError`` when nothing (or not all) could be written. Applying the
+        same batch twice counts nothing twice (first write wins), so a failed batch can be retried.
+        """
+        ...
+
+    def counts(self, flag: str) -> Counts | None:
+        """What is recorded for ``flag``; None when nothing is."""
+        ...
+
+    def flags(self) -> list[str]:
+        """The experiment flags with recorded data, sorted."""
+        ...
+
+    def reset(self, flag: str) -> bool:
+        """Forget everything recorded for ``flag``; False when there was nothing."""
+        ...
+
+    def close(self) -> None: ...
