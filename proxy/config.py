@@ -26,6 +26,9 @@ ENV_PREFIX = "FLAGPROXY_"
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
+EXPERIMENT_BACKENDS = ("auto", "sqlite", "redis")
+
+
 class ConfigError(ValueError):
     """A setting is missing, malformed or inconsistent; the message names the field."""
 
@@ -157,6 +160,29 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ExperimentsSettings:
+    enabled: bool = True  # record exposures and conversions of experiment flags
+    backend: str = "auto"  # "auto" (Redis when [store] redis_url is set, else SQLite), "sqlite", "redis"
+    path: str = ".flagproxy/experiments.sqlite3"  # the SQLite file (its directory is created)
+    track_token: str = ""  # Bearer token of POST /api/track (the admin token is accepted too)
+    queue_size: int = 100_000  # records waiting to be written, per worker; beyond it dropped and counted
+    batch_size: int = 1000  # records per write
+    flush_interval_s: float = 0.2  # longest a record waits before it is written
+    dedupe_size: int = 100_000  # (experiment, unit, variant) pairs remembered to skip repeats, per worker
+    max_events: int = 1000  # events in one POST /api/track
+
+
+@dataclass(frozen=True)
+class GoalSettings:
+    """A ``[[goals]]`` table: proxied requests that count as reaching the goal ``name``."""
+
+    name: str
+    path: str  # a glob, as flag routes
+    method: str = ""  # any method when empty
+    status: str = "2xx"  # "2xx", "201", "2xx,3xx": classes and exact codes
+
+
+@dataclass(frozen=True)
 class OriginSettings:
     url: str
     prefix: str = "/"
@@ -207,8 +233,10 @@ class Settings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    experiments: ExperimentsSettings = field(default_factory=ExperimentsSettings)
     origins: tuple[OriginSettings, ...] = ()
     routes: tuple[RouteSettings, ...] = ()
+    goals: tuple[GoalSettings, ...] = ()
     # [name] sections the flag sources own; Settings() alone gets each source's defaults
     sources: Mapping[str, Any] = field(default_factory=lambda: {n: t() for n, t in source_sections().items()})
 
@@ -220,7 +248,7 @@ class Settings:
 SECTIONS: dict[str, type] = {
     f.name: typing.get_type_hints(Settings)[f.name]
     for f in dataclasses.fields(Settings)
-    if f.name not in ("origins", "routes", "sources")
+    if f.name not in ("origins", "routes", "goals", "sources")
 }
 
 
@@ -342,6 +370,17 @@ def _route_from_table(index: int, table: Any) -> RouteSettings:
     return route
 
 
+def _goal_from_table(index: int, table: Any) -> GoalSettings:
+    where = f"[[goals]] #{index + 1}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    for name in ("name", "path"):
+        if name not in table:
+            raise ConfigError(f"{where} {name}: missing")
+    goal: GoalSettings = _apply(where, GoalSettings(name="", path=""), table, from_text=False)
+    return goal
+
+
 # --- loading --------------------------------------------------------------------------------------
 
 
@@ -374,7 +413,7 @@ def load_settings(
     sections = {name: getattr(settings, name) for name in SECTIONS}
     sections.update({name: kind() for name, kind in plugins.items()})
     for name, value in file_data.items():
-        if name in ("origins", "routes"):
+        if name in ("origins", "routes", "goals"):
             continue
         if name not in sections:
             raise ConfigError(f"[{name}]: unknown section")
@@ -415,10 +454,14 @@ def load_settings(
     if not isinstance(raw_routes, list):
         raise ConfigError("[[routes]]: expected an array of tables")
     route_list = tuple(_route_from_table(i, t) for i, t in enumerate(raw_routes))
+    raw_goals = file_data.get("goals", [])
+    if not isinstance(raw_goals, list):
+        raise ConfigError("[[goals]]: expected an array of tables")
+    goal_list = tuple(_goal_from_table(i, t) for i, t in enumerate(raw_goals))
 
     core = {name: section for name, section in sections.items() if name in SECTIONS}
     own = {name: section for name, section in sections.items() if name not in SECTIONS}
-    settings = Settings(**core, origins=origin_list, routes=route_list, sources=own)
+    settings = Settings(**core, origins=origin_list, routes=route_list, goals=goal_list, sources=own)
     validate(settings)
     for section in own.values():
         check = getattr(section, "validate", None)
@@ -568,6 +611,8 @@ def validate(settings: Settings) -> None:
     )
     _check(lg.format.lower() in LOG_FORMATS, f"[log] format: expected json or text, got {lg.format!r}")
 
+    _validate_experiments(settings)
+
     seen: set[str] = set()
     for i, origin in enumerate(settings.origins):
         where = f"origin #{i + 1} ({origin.prefix}={origin.url})"
@@ -600,6 +645,56 @@ def validate(settings: Settings) -> None:
         limit = origin.header_limit_bytes or h.limit_bytes
         reserve = h.reserve_bytes if origin.header_reserve_bytes is None else origin.header_reserve_bytes
         _check(0 <= reserve < limit, f"{where} header_reserve_bytes: must be in [0, {limit})")
+
+
+def _validate_experiments(settings: Settings) -> None:
+    e = settings.experiments
+    _check(
+        e.backend in EXPERIMENT_BACKENDS,
+        f"[experiments] backend: expected one of {', '.join(EXPERIMENT_BACKENDS)}, got {e.backend!r}",
+    )
+    _check(
+        e.backend != "redis" or bool(settings.store.redis_url),
+        '[experiments] backend: "redis" needs [store] redis_url',
+    )
+    _check(bool(e.path.strip()), "[experiments] path: must not be empty")
+    for name in ("queue_size", "batch_size", "dedupe_size", "max_events"):
+        _check(getattr(e, name) > 0, f"[experiments] {name}: must be positive, got {getattr(e, name)}")
+    _check(
+        e.flush_interval_s > 0, f"[experiments] flush_interval_s: must be positive, got {e.flush_interval_s}"
+    )
+    for i, goal in enumerate(settings.goals):
+        where = f"[[goals]] #{i + 1} ({goal.name!r})"
+        _check(
+            0 < len(goal.name) <= 128 and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in goal.name),
+            f"{where} name: 1..128 characters, no control characters",
+        )
+        _check(
+            goal.path.startswith("/"),
+            f"{where} path: a glob starting with '/' is required, got {goal.path!r}",
+        )
+        _check(
+            not goal.method or bool(_TOKEN.match(goal.method)),
+            f"{where} method: {goal.method!r} is not an HTTP method",
+        )
+        try:
+            status_matcher(goal.status)
+        except ValueError as exc:
+            raise ConfigError(f"{where} status: {exc}") from None
+
+
+def status_matcher(spec: str) -> tuple[frozenset[int], frozenset[int]]:
+    """``"2xx,3xx"``, ``"201"`` → (status classes, exact codes); ValueError naming a bad part."""
+    classes: set[int] = set()
+    codes: set[int] = set()
+    for part in (p.strip().lower() for p in spec.split(",")):
+        if len(part) == 3 and part[0] in "12345" and part[1:] == "xx":
+            classes.add(int(part[0]))
+        elif len(part) == 3 and part.isdigit() and 100 <= int(part) <= 599:
+            codes.add(int(part))
+        else:
+            raise ValueError(f"{part!r} is not a status (201) or class (2xx) in {spec!r}")
+    return frozenset(classes), frozenset(codes)
 
 
 def header_budget(settings: Settings, origin: OriginSettings | None = None) -> int:

@@ -194,6 +194,43 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.exposures_recorded = Counter(
+            "flagproxy_exposures_recorded",
+            "Exposures of experiment flags written: new (a unit's first), repeat (same variant again), "
+            "multiple (another variant; the unit keeps its first).",
+            ["result"],
+            registry=r,
+        )
+        self.exposures_deduplicated = Counter(
+            "flagproxy_exposures_deduplicated",
+            "Exposures not written because this process had already written the same one.",
+            registry=r,
+        )
+        self.exposures_dropped = Counter(
+            "flagproxy_exposures_dropped",
+            "Exposure and conversion records lost: the queue was full, or the store failed until shutdown.",
+            registry=r,
+        )
+        self.conversions = Counter(
+            "flagproxy_conversions",
+            "Conversions by goal ('other' for goals no experiment or [[goals]] names) and result: counted, "
+            "duplicate, unattributed, before_exposure, outside_window, no_experiment.",
+            ["goal", "result"],
+            registry=r,
+        )
+        self.experiment_writes = Histogram(
+            "flagproxy_experiment_write_seconds",
+            "Time to write one batch of exposures and conversions, by backend.",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.experiment_write_errors = Counter(
+            "flagproxy_experiment_write_errors",
+            "Batches of exposures and conversions the backend failed to write (each is retried).",
+            ["backend"],
+            registry=r,
+        )
         self.store_invalid = Gauge(
             "flagproxy_store_invalid_definitions",
             "Stored definitions per source that do not compile (their flag keeps its last good "
@@ -285,6 +322,23 @@ class Metrics:
     def store_rolled_back(self, outcome: str) -> None:
         """Redis held an older state than this instance served: ``restored`` or ``adopted``."""
         self.store_rollbacks.labels(outcome).inc()
+
+    def exposures(self, result: str, count: int) -> None:
+        """Exposure records: a backend outcome, or ``deduplicated`` / ``dropped``."""
+        if result == "deduplicated":
+            self.exposures_deduplicated.inc(count)
+        elif result == "dropped":
+            self.exposures_dropped.inc(count)
+        else:
+            self.exposures_recorded.labels(result).inc(count)
+
+    def experiment_conversions(self, goal: str, result: str, count: int) -> None:
+        self.conversions.labels(goal, result).inc(count)
+
+    def experiment_write(self, backend: str, seconds: float, ok: bool) -> None:
+        self.experiment_writes.labels(backend).observe(seconds)
+        if not ok:
+            self.experiment_write_errors.labels(backend).inc()
 
     # --- exposition -------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@
 - the engine imports nothing of the project;
 - the store imports no source (it is handed a compiler), and nothing of the data or control plane;
 - the data plane knows no source, observer or control-plane module; observers no source or control;
+- experiments (recording, backends, statistics) know no source, data plane, observer or control plane;
 - the control plane knows no vendor source: only the source contract, and native's ``document``
   module (the admin API writes the native format);
 - only the composition roots (``proxy.app``, ``proxy.server``, ``proxy.cli``) import everything;
@@ -106,6 +107,11 @@ def test_the_layout_has_the_packages_of_the_flow() -> None:
             ("proxy.sources.base", "proxy.sources.native.document"),  # the contract; the admin API's format
         ),
         ("proxy.sources", ("proxy.dataplane", "proxy.observers", "proxy.control.app", *ROOTS), ()),
+        (
+            "proxy.experiments",
+            ("proxy.sources", "proxy.dataplane", "proxy.control", "proxy.observers", *ROOTS),
+            (),
+        ),
         ("proxy.origin", ("proxy",), ("proxy.origin",)),  # copied into origin apps: stdlib only
     ],
 )

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from proxy.engine import Flag, Served
+from proxy.engine import Flag
+from proxy.experiments.analytics import Analytics
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from proxy.config import Settings
     from proxy.metrics import Metrics
     from proxy.store.base import FlagStore
+
+__all__ = ["Analytics", "Compiled", "Source", "Sync", "SyncContext", "analytics_of"]
 
 Compiled = tuple[dict[str, Flag], dict[str, str]]  # flags, and {key: problem} for items not served
 
@@ -38,30 +41,6 @@ class Sync(Protocol):
 
     def trigger(self) -> None:
         """Pull now (a webhook said something changed); never blocks."""
-        ...
-
-
-class Analytics(Protocol):
-    """A source's own destination for exposures and conversions (Split: impressions and events).
-
-    ``exposed`` and ``converted`` are called on the event loop, after the request is over: they must
-    be O(1) and never block or raise (queue, and send in the background; a full queue drops and
-    counts). ``start`` and ``close`` run at startup and shutdown; ``close`` sends what is queued.
-    """
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def exposed(self, flag: Flag, served: Served, context: Mapping[str, Any], at_ms: int) -> None:
-        """``flag`` (one of this source's) reached the caller or the origin with ``served``;
-        ``context`` is what it was evaluated with (the key, the bucketing key, attributes)."""
-        ...
-
-    def converted(
-        self, key: str, event: str, value: float | None, at_ms: int, properties: Mapping[str, Any] | None
-    ) -> None:
-        """The unit ``key`` reached the goal ``event`` (a ``[[goals]]`` match or a tracked event)."""
         ...
 
 

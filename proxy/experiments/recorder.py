@@ -1,0 +1,314 @@
+"""Exposures and conversions, recorded off the request path.
+
+``exposed`` and ``converted`` run on the event loop after a request is over: O(1), never blocking,
+never raising. They skip repeats already written (an in-process memory of (experiment, unit,
+variant), bounded), append to a bounded queue — a full queue drops and counts — and wake the writer.
+One writer thread per process takes batches off the queue and applies them through the ``Backend``
+(SQLite, Redis). A batch that fails is retried, with back-off, until it is written or the recorder
+closes; what arrives meanwhile waits in the queue (or is dropped and counted when it is full). So no
+request ever waits for analytics, and nothing is lost without being counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from proxy.engine import Flag
+from proxy.experiments.backend import Backend, BackendError
+from proxy.experiments.records import Applied, ConversionRecord, ExposureRecord
+
+log = logging.getLogger("flagproxy.experiments")
+RETRY_MIN_S = 0.05
+RETRY_MAX_S = 2.0
+ERROR_LOG_INTERVAL_S = 60.0
+NO_EXPERIMENT = "no_experiment"  # a conversion for a goal no experiment flag is judged on
+OTHER_GOAL = "other"  # the metrics label of goals no experiment or [[goals]] names (clients pick them)
+
+Record = ExposureRecord | ConversionRecord
+
+
+@dataclass(slots=True)
+class LoopCounts:
+    """Counted on the event loop, only ever increasing; the writer reports the growth to the metrics."""
+
+    deduplicated: int = 0
+    dropped: int = 0
+    unjudged: collections.Counter[str] = field(default_factory=collections.Counter)  # goal label → n
+
+
+class RecorderMetrics:
+    """Where the recorder reports (``proxy.metrics.Metrics`` implements it; tests may count)."""
+
+    def exposures(self, result: str, count: int) -> None: ...
+    def experiment_conversions(self, goal: str, result: str, count: int) -> None: ...
+    def experiment_write(self, backend: str, seconds: float, ok: bool) -> None: ...
+
+
+class Recorder:
+    def __init__(
+        self,
+        backend: Backend,
+        metrics: RecorderMetrics | None = None,
+        queue_size: int = 100_000,
+        batch_size: int = 1000,
+        flush_interval_s: float = 0.2,
+        dedupe_size: int = 100_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.metrics = metrics or RecorderMetrics()
+        self.queue_size = queue_size
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.dedupe_size = dedupe_size
+        self.clock = clock
+        self._pending: collections.deque[Record] = collections.deque()
+        self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._goals: Mapping[str, tuple[tuple[str, float], ...]] = {}  # goal → (flag, window_s), ...
+        self._labelled: frozenset[str] = frozenset()  # goal names that get their own metrics label
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._counts = LoopCounts()
+        self._reported = LoopCounts()
+        self._enqueued = 0  # records appended, ever (the event loop)
+        self._settled = 0  # records written or dropped, ever (the writer)
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_error_log = -ERROR_LOG_INTERVAL_S
+        self.failing = False  # the last write failed (readiness may report it)
+
+    # --- configuration (the event loop) -----------------------------------------------------------
+
+    def use_flags(self, flags: Mapping[str, Flag], configured_goals: frozenset[str] = frozenset()) -> None:
+        """A new snapshot: which experiments judge each goal (and with which window)."""
+        goals: dict[str, list[tuple[str, float]]] = {}
+        for key, flag in flags.items():
+            experiment = flag.experiment
+            if experiment is None:
+                continue
+            for goal in experiment.goals:
+                goals.setdefault(goal, []).append((key, experiment.window_s))
+        self._goals = {goal: tuple(pairs) for goal, pairs in goals.items()}
+        self._labelled = frozenset(goals) | configured_goals
+
+    def judged(self, goal: str) -> bool:
+        return goal in self._goals
+
+    # --- the event loop's side: O(1), never blocks ------------------------------------------------
+
+    def exposed(self, flag: str, variant: str, unit: str, at: float) -> None:
+        """``unit`` was served ``variant`` of the experiment flag ``flag`` at ``at`` (Unix seconds)."""
+        if hash((flag, unit, variant)) in self._seen:
+            self._counts.deduplicated += 1
+            return
+        self._append(ExposureRecord(flag, unit, variant, at))
+
+    def converted(self, goal: str, unit: str, at: float, value: float | None = None) -> int:
+        """``unit`` reached ``goal``: one record per experiment judged on it; how many were queued."""
+        judged = self._goals.get(goal)
+        if not judged:
+            self._counts.unjudged[self.goal_label(goal)] += 1
+            return 0
+        queued = 0
+        for flag, window_s in judged:
+            queued += self._append(ConversionRecord(flag, goal, unit, at, window_s, value))
+        return queued
+
+    def goal_label(self, goal: str) -> str:
+        return goal if goal in self._labelled else OTHER_GOAL
+
+    def _append(self, record: Record) -> int:
+        if len(self._pending) >= self.queue_size:
+            self._counts.dropped += 1
+            return 0
+        self._pending.append(record)
+        self._enqueued += 1
+        if len(self._pending) >= self.batch_size:
+            self._wake.set()
+        return 1
+
+    async def flushed(self, timeout_s: float) -> bool:
+        """Wait until everything queued before this call is written (or dropped); False on timeout."""
+        target = self._enqueued
+        if self._settled >= target:
+            return True
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiters.append((target, future))
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiters = [(t, f) for t, f in self._waiters if f is not future]
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._loop = None
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="flagproxy-experiments", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (for up to ``timeout_s``), then stop the writer and the backend."""
+        thread = self._thread
+        if thread is not None:
+            self._stopping = True
+            self._deadline = time.monotonic() + timeout_s
+            self._wake.set()
+            thread.join(timeout_s + 1.0)
+            self._thread = None
+        self._report_loop_counts()
+        try:
+            self.backend.close()
+        except Exception:
+            log.exception("closing the experiment store failed")
+
+    # --- the writer thread ------------------------------------------------------------------------
+
+    _deadline = 0.0
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            while self._pending:
+                if not self._write(self._take()):
+                    break  # shutting down with the store still failing
+            if self._stopping:
+                left = len(self._pending)
+                if left:
+                    self._pending.clear()
+                    self._dropped(left)
+                    log.error(
+                        "%d experiment records were not written before shutdown (counted as dropped)", left
+                    )
+            self._report_loop_counts()
+            self._settle_waiters()
+            if self._stopping:
+                return
+
+    def _take(self) -> list[Record]:
+        pending, batch = self._pending, []
+        for _ in range(min(self.batch_size, len(pending))):
+            batch.append(pending.popleft())
+        return batch
+
+    def _write(self, batch: list[Record]) -> bool:
+        """Apply one batch, retrying until it is written; False when shutdown came first."""
+        seen = self._seen
+        exposures: list[ExposureRecord] = []
+        fresh: dict[int, None] = {}
+        conversions: list[ConversionRecord] = []
+        deduplicated = 0
+        for record in batch:
+            if isinstance(record, ExposureRecord):
+                h = hash((record.flag, record.unit, record.variant))
+                if h in seen or h in fresh:
+                    deduplicated += 1
+                    continue
+                fresh[h] = None
+                exposures.append(record)
+            else:
+                conversions.append(record)
+        delay = RETRY_MIN_S
+        while True:
+            started = time.perf_counter()
+            try:
+                applied = (
+                    self.backend.apply(exposures, conversions) if exposures or conversions else Applied()
+                )
+            except BackendError as exc:
+                self.metrics.experiment_write(self.backend.name, time.perf_counter() - started, False)
+                self.failing = True
+                self._log_failure(exc)
+                if self._stopping and time.monotonic() >= self._deadline:
+                    self._dropped(len(batch))
+                    return False
+                self._wake.wait(delay)
+                self._wake.clear()
+                delay = min(delay * 2, RETRY_MAX_S)
+                self._settle_waiters()  # a waiter whose records are in this batch times out on its own
+                continue
+            except Exception:  # a bug in a backend: never let it kill the writer
+                log.exception("the experiment store failed on a batch of %d records (dropped)", len(batch))
+                self._dropped(len(batch))
+                return True
+            break
+        self.metrics.experiment_write(self.backend.name, time.perf_counter() - started, True)
+        if self.failing:
+            self.failing = False
+            log.warning("experiment records are being written again")
+        for h in fresh:
+            seen[h] = None
+        while len(seen) > self.dedupe_size:
+            seen.popitem(last=False)
+        metrics = self.metrics
+        if deduplicated:
+            metrics.exposures("deduplicated", deduplicated)
+        for outcome, n in collections.Counter(applied.exposures).items():
+            metrics.exposures(outcome, n)
+        by_goal = collections.Counter(
+            (self.goal_label(r.goal), outcome)
+            for r, outcome in zip(conversions, applied.conversions, strict=False)
+        )
+        for (goal, outcome), n in by_goal.items():
+            metrics.experiment_conversions(goal, outcome, n)
+        self._settled += len(batch)
+        return True
+
+    def _dropped(self, n: int) -> None:
+        self.metrics.exposures("dropped", n)
+        self._settled += n
+
+    def _log_failure(self, exc: BackendError) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
+            self._last_error_log = now
+            log.error("writing experiment records failed, retrying (logged once a minute): %s", exc)
+
+    def _settle_waiters(self) -> None:
+        loop = self._loop
+        if loop is None or not self._waiters or loop.is_closed():
+            return
+        settled = self._settled
+        with contextlib.suppress(RuntimeError):  # the loop closed in between
+            loop.call_soon_threadsafe(self._release, settled)
+
+    def _release(self, settled: int) -> None:
+        for target, future in self._waiters:
+            if target <= settled and not future.done():
+                future.set_result(None)
+
+    def _report_loop_counts(self) -> None:
+        """Report what the event loop counted since last time (its counters only grow)."""
+        counts, reported, metrics = self._counts, self._reported, self.metrics
+        n = counts.deduplicated - reported.deduplicated
+        if n:
+            reported.deduplicated += n
+            metrics.exposures("deduplicated", n)
+        n = counts.dropped - reported.dropped
+        if n:
+            reported.dropped += n
+            metrics.exposures("dropped", n)
+        for goal, total in list(counts.unjudged.items()):
+            n = total - reported.unjudged[goal]
+            if n:
+                reported.unjudged[goal] += n
+                metrics.experiment_conversions(goal, NO_EXPERIMENT, n)
