@@ -26,13 +26,18 @@ from proxy.dataplane.header_fit import FlagHeaders
 from proxy.dataplane.messages import RequestHead
 from proxy.dataplane.resolver import FlagResolver
 from proxy.errors import send_error
+from proxy.experiments.analytics import Analytics
+from proxy.experiments.backend import open_backend
+from proxy.experiments.goals import Goals
+from proxy.experiments.recorder import Recorder
 from proxy.logs import without_credentials
 from proxy.metrics import Metrics, forget_dead_workers, process_exiting
 from proxy.observers.access_log import AccessLog
 from proxy.observers.base import Observer, Observers
 from proxy.observers.budget_alerts import BudgetWatch
+from proxy.observers.exposures import ExposureObserver
 from proxy.observers.origin_metrics import OriginMetricsObserver
-from proxy.sources.base import Sync, SyncContext
+from proxy.sources.base import Sync, SyncContext, analytics_of
 from proxy.sources.native.document import initial_state
 from proxy.sources.registry import DEFAULT, Registry, UnknownSource
 from proxy.store import FlagStore, MemoryStore
@@ -135,10 +140,16 @@ class FlagProxy:
         self.resolver = FlagResolver(self.store, context)
         self.forwarder = Forwarder(settings, self.resolver, self.flag_headers)
         self.syncs: dict[str, Sync] = {}
+        self.analytics: dict[str, Analytics] = {}  # sources' own exposure destinations (Split)
         for source in self.registry.sources:
-            sync = source.sync(SyncContext(settings, settings.section(source.name), self.store, self.metrics))
+            source_context = SyncContext(settings, settings.section(source.name), self.store, self.metrics)
+            sync = source.sync(source_context)
             if sync is not None:
                 self.syncs[source.name] = sync
+            sink = analytics_of(source, source_context) if settings.experiments.enabled else None
+            if sink is not None:
+                self.analytics[source.name] = sink
+        self.recorder = self._recorder(settings)
         self.alerter = Alerter(settings.alerts, metrics=self.metrics)
         self.budget = BudgetWatch(settings, self.alerter, self.flag_headers)
         self.store.on_change(self.budget.preflight)
@@ -150,6 +161,15 @@ class FlagProxy:
             OriginMetricsObserver(self.metrics, [o.label for o in self.forwarder.router.origins]),
             self.budget,
         ]
+        recorder = self.recorder
+        if recorder is not None:
+            try:
+                goals = Goals(settings.goals)
+            except ValueError as exc:  # a glob too large for RE2
+                raise ConfigError(f"[[goals]] path: {exc}") from None
+            self.store.on_change(lambda snapshot: recorder.use_flags(snapshot.flags, goals.names))
+            recorder.use_flags(self.store.snapshot.flags, goals.names)
+            chain.append(ExposureObserver(recorder, goals, self.analytics))
         if settings.log.access_log:
             chain.append(AccessLog())
         chain.extend(observers or ())
@@ -165,11 +185,26 @@ class FlagProxy:
             flag_headers=self.flag_headers,
             precedence=self.registry.precedence,
             syncs=self.syncs,
+            recorder=self.recorder,
+            analytics=self.analytics,
         )
         webhooks = [route for source in self.registry.sources for route in source.webhook_routes()]
         self.control = build_control_app(deps, webhooks)
         self.control_prefix = settings.server.control_prefix
         self.control_prefix_slash = self.control_prefix + "/"
+
+    def _recorder(self, settings: Settings) -> Recorder | None:
+        e = settings.experiments
+        if not e.enabled:
+            return None
+        return Recorder(
+            open_backend(settings),
+            self.metrics,
+            queue_size=e.queue_size,
+            batch_size=e.batch_size,
+            flush_interval_s=e.flush_interval_s,
+            dedupe_size=e.dedupe_size,
+        )
 
     def _snapshot_metrics(self, snapshot: Snapshot) -> None:
         self.metrics.snapshot_installed(
@@ -209,6 +244,10 @@ class FlagProxy:
         await self.forwarder.start()
         for sync in self.syncs.values():
             await sync.start()
+        if self.recorder is not None:
+            self.recorder.start()
+        for sink in self.analytics.values():
+            await sink.start()
         self.budget.preflight(self.store.snapshot)
         freeze_heap.collect()
         log.info(
@@ -223,6 +262,10 @@ class FlagProxy:
             await sync.close()
         await self.forwarder.close()
         await asyncio.to_thread(self.observers.close)  # queued observers may still raise alerts
+        for sink in self.analytics.values():
+            await sink.close()
+        if self.recorder is not None:
+            await asyncio.to_thread(self.recorder.close)
         await self.store.close()
         await self.alerter.close()
         process_exiting()

@@ -15,6 +15,8 @@ from proxy.metrics import Metrics
 from proxy.store.base import FlagStore
 
 if TYPE_CHECKING:
+    from proxy.experiments.analytics import Analytics
+    from proxy.experiments.recorder import Recorder
     from proxy.sources.base import Sync
 
 
@@ -27,6 +29,8 @@ class ControlDeps:
     flag_headers: FlagHeaders  # the data plane's fitter, for the evaluate preview
     precedence: tuple[str, ...]  # enabled sources, later wins: which source a flag comes from
     syncs: Mapping[str, Sync] = field(default_factory=dict)  # sources' background syncs, by source
+    recorder: Recorder | None = None  # exposures and conversions; None when experiments are disabled
+    analytics: Mapping[str, Analytics] = field(default_factory=dict)  # sources' own (Split's events)
 
 
 def deps_of(request: Request) -> ControlDeps:

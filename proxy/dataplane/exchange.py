@@ -36,6 +36,7 @@ class Exchange:
     resolved: Sequence[tuple[Flag, Served]] = ()  # every flag that applied, with its outcome
     fitted: Fitted | None = None  # the flag headers sent, and what the budget left out
     head_bytes: int = 0  # the request head as sent upstream, flag headers included
+    forwarded: bool = False  # the request head (with its flag headers) was written to the origin
     flag_header_bytes: int = 0  # of which flag headers (values, configs, omitted count, signature)
 
     status: int = 0  # what the client got; 499 when it left first

@@ -295,6 +295,7 @@ class ProxyExchange:
         conn.begin(self, self.head.method == b"HEAD", self.origin.max_response_head_bytes)
         if self.client.writing_paused():  # the client is not reading: do not read for it either
             conn.pause()
+        self.exchange.forwarded = True
         if self.pending:
             conn.write(self.request_head + b"".join(self.pending))
             self.pending = []

@@ -92,6 +92,12 @@ class Flag:
     definition: Mapping[str, Any] = field(default_factory=dict)
     source: str = "native"
     experiment: Experiment | None = None  # only experiment flags produce exposures
+    overridden: str | None = None  # "killed" or "promoted": everyone gets one outcome (no experiment runs)
+
+    @property
+    def experimenting(self) -> bool:
+        """An experiment flag still splitting its users: its exposures are recorded."""
+        return self.experiment is not None and self.overridden is None
 
     # id(served) → ('"key":value', '"key":config' or None, len(value) + 1, len(config) + 1 or 0):
     # the header fragments and their sizes with a comma, encoded once (see __post_init__).
@@ -133,5 +139,5 @@ def with_override(flag: Flag, override: Mapping[str, Any]) -> Flag:
         served, why = promoted, {"reason": "promoted"}
     # a killed or promoted experiment is over: it records no more exposures (its results stay readable)
     return replace(
-        flag, evaluate=lambda ctx: served, explain=lambda ctx: (served, dict(why)), experiment=None
+        flag, evaluate=lambda ctx: served, explain=lambda ctx: (served, dict(why)), overridden=why["reason"]
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from proxy.config import Settings
 from proxy.experiments.records import Applied, ConversionRecord, Counts, ExposureRecord
 
 
@@ -41,3 +42,21 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def open_backend(settings: Settings) -> Backend:
+    """``[experiments] backend``: Redis when ``auto`` and ``[store] redis_url`` is set, else SQLite."""
+    kind = settings.experiments.backend
+    if kind == "redis" or (kind == "auto" and settings.store.redis_url):
+        from proxy.experiments.redis_backend import RedisBackend  # the client only when it is used
+
+        store = settings.store
+        return RedisBackend(
+            store.redis_url,
+            prefix=store.redis_prefix,
+            environment=store.environment,
+            timeout_s=store.redis_timeout_s,
+        )
+    from proxy.experiments.sqlite import SQLiteBackend
+
+    return SQLiteBackend(settings.experiments.path)

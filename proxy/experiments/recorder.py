@@ -19,12 +19,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from proxy.engine import Flag
 from proxy.experiments.backend import Backend, BackendError
 from proxy.experiments.records import Applied, ConversionRecord, ExposureRecord
 
 log = logging.getLogger("flagproxy.experiments")
+DEDUPE_TTL_S = 300.0
 RETRY_MIN_S = 0.05
 RETRY_MAX_S = 2.0
 ERROR_LOG_INTERVAL_S = 60.0
@@ -43,12 +45,25 @@ class LoopCounts:
     unjudged: collections.Counter[str] = field(default_factory=collections.Counter)  # goal label → n
 
 
-class RecorderMetrics:
-    """Where the recorder reports (``proxy.metrics.Metrics`` implements it; tests may count)."""
+class RecorderMetrics(Protocol):
+    """Where the recorder reports (``proxy.metrics.Metrics`` implements it)."""
 
     def exposures(self, result: str, count: int) -> None: ...
     def experiment_conversions(self, goal: str, result: str, count: int) -> None: ...
     def experiment_write(self, backend: str, seconds: float, ok: bool) -> None: ...
+
+
+class Uncounted:
+    """No metrics."""
+
+    def exposures(self, result: str, count: int) -> None:
+        pass
+
+    def experiment_conversions(self, goal: str, result: str, count: int) -> None:
+        pass
+
+    def experiment_write(self, backend: str, seconds: float, ok: bool) -> None:
+        pass
 
 
 class Recorder:
@@ -63,14 +78,17 @@ class Recorder:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
-        self.metrics = metrics or RecorderMetrics()
+        self.metrics: RecorderMetrics = metrics or Uncounted()
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.dedupe_size = dedupe_size
         self.clock = clock
         self._pending: collections.deque[Record] = collections.deque()
-        self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # hash((flag, unit, variant)) → when that exposure was written: repeats within DEDUPE_TTL_S are
+        # skipped (the store would count them as repeats anyway); older ones are written again, so
+        # an experiment reset elsewhere gets its units back within that time
+        self._seen: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._goals: Mapping[str, tuple[tuple[str, float], ...]] = {}  # goal → (flag, window_s), ...
         self._labelled: frozenset[str] = frozenset()  # goal names that get their own metrics label
         self._wake = threading.Event()
@@ -92,7 +110,7 @@ class Recorder:
         goals: dict[str, list[tuple[str, float]]] = {}
         for key, flag in flags.items():
             experiment = flag.experiment
-            if experiment is None:
+            if experiment is None or flag.overridden is not None:
                 continue
             for goal in experiment.goals:
                 goals.setdefault(goal, []).append((key, experiment.window_s))
@@ -102,11 +120,16 @@ class Recorder:
     def judged(self, goal: str) -> bool:
         return goal in self._goals
 
+    def forget(self) -> None:
+        """An experiment was reset: write every exposure again (none is a repeat of the lost data)."""
+        self._seen.clear()
+
     # --- the event loop's side: O(1), never blocks ------------------------------------------------
 
     def exposed(self, flag: str, variant: str, unit: str, at: float) -> None:
         """``unit`` was served ``variant`` of the experiment flag ``flag`` at ``at`` (Unix seconds)."""
-        if hash((flag, unit, variant)) in self._seen:
+        written = self._seen.get(hash((flag, unit, variant)))
+        if written is not None and at - written < DEDUPE_TTL_S:
             self._counts.deduplicated += 1
             return
         self._append(ExposureRecord(flag, unit, variant, at))
@@ -214,16 +237,17 @@ class Recorder:
         """Apply one batch, retrying until it is written; False when shutdown came first."""
         seen = self._seen
         exposures: list[ExposureRecord] = []
-        fresh: dict[int, None] = {}
+        fresh: dict[int, float] = {}
         conversions: list[ConversionRecord] = []
         deduplicated = 0
         for record in batch:
             if isinstance(record, ExposureRecord):
                 h = hash((record.flag, record.unit, record.variant))
-                if h in seen or h in fresh:
+                written = seen.get(h)
+                if h in fresh or (written is not None and record.at - written < DEDUPE_TTL_S):
                     deduplicated += 1
                     continue
-                fresh[h] = None
+                fresh[h] = record.at
                 exposures.append(record)
             else:
                 conversions.append(record)
@@ -255,8 +279,9 @@ class Recorder:
         if self.failing:
             self.failing = False
             log.warning("experiment records are being written again")
-        for h in fresh:
-            seen[h] = None
+        for h, at in fresh.items():
+            seen[h] = at
+            seen.move_to_end(h)
         while len(seen) > self.dedupe_size:
             seen.popitem(last=False)
         metrics = self.metrics

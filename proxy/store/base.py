@@ -117,6 +117,10 @@ class FlagStore(Protocol):
 
     async def audit(self, limit: int) -> list[dict[str, Any]]: ...
 
+    async def note(self, entry: dict[str, Any]) -> None:
+        """Add an audit entry for an action that changed no flag (an experiment's data reset)."""
+        ...
+
     def on_change(self, listener: Listener) -> None: ...
 
 

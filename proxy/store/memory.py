@@ -8,7 +8,7 @@ from collections import deque
 from typing import Any
 
 from proxy.store.base import SnapshotHolder
-from proxy.store.change import Change
+from proxy.store.change import Change, now_iso
 from proxy.store.state import ApplyResult, Compiler, RawState, apply_change, audit_entries
 
 log = logging.getLogger("flagproxy.store")
@@ -64,3 +64,6 @@ class MemoryStore(SnapshotHolder):
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:
         return list(self._audit)[:limit]
+
+    async def note(self, entry: dict[str, Any]) -> None:
+        self._audit.appendleft({"time": now_iso(), **entry})

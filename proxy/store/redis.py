@@ -63,7 +63,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError, RedisError, Respon
 from proxy.config import StoreSettings
 from proxy.metrics import Metrics
 from proxy.store.base import SnapshotHolder, StoreTimeout, StoreUnavailable
-from proxy.store.change import Change
+from proxy.store.change import Change, now_iso
 from proxy.store.lineage import holds, origin, restore_version
 from proxy.store.state import ApplyResult, Compiler, Generation, RawState, layout
 
@@ -801,6 +801,16 @@ class RedisStore(SnapshotHolder):
             ) from None
         finally:
             await pool.release(connection)
+
+    async def note(self, entry: dict[str, Any]) -> None:
+        text = json.dumps({"time": now_iso(), **entry}, separators=(",", ":"))
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lpush(self.keys.audit, text)
+                pipe.ltrim(self.keys.audit, 0, max(0, self.settings.audit_max - 1))
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(str(exc)) from None
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:
         try:

@@ -1,0 +1,53 @@
+"""Exposures and goal conversions, read off each finished exchange (an inline observer: O(flags)).
+
+An experiment flag is exposed when its entry reached the origin: the request head was written
+upstream, and the header budget did not leave the flag out. A Split flag's exposure goes to its
+source's analytics (impressions). A request that reached a ``[[goals]]`` goal (method, path and the
+status the client got) is a conversion of the request's unit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from proxy.dataplane.exchange import Exchange
+from proxy.engine import variant_name
+from proxy.experiments.analytics import Analytics
+from proxy.experiments.goals import Goals
+from proxy.experiments.recorder import Recorder
+
+
+class ExposureObserver:
+    name = "experiments"
+    inline = True  # appends to bounded queues; the recorder and the sources' analytics write elsewhere
+
+    def __init__(self, recorder: Recorder, goals: Goals, analytics: Mapping[str, Analytics]) -> None:
+        self.recorder = recorder
+        self.goals = goals
+        self.analytics = analytics
+
+    def observe(self, exchange: Exchange) -> None:
+        if exchange.control or not exchange.forwarded:
+            return
+        context = exchange.context
+        unit = None if context is None else context.get("key")
+        if not isinstance(unit, str) or not unit:
+            return
+        now = time.time()
+        if exchange.resolved:
+            at = now - exchange.duration_s
+            recorder, analytics = self.recorder, self.analytics
+            for flag, served in exchange.sent():
+                if flag.experiment is not None:
+                    if flag.overridden is None:
+                        recorder.exposed(flag.key, variant_name(served.value), unit, at)
+                elif analytics:
+                    sink = analytics.get(flag.source)
+                    if sink is not None and context is not None:
+                        sink.exposed(flag, served, context, int(at * 1000))
+        if self.goals and exchange.status:
+            for goal in self.goals.reached(exchange.method, exchange.path, exchange.status):
+                self.recorder.converted(goal, unit, now)
+                for sink in self.analytics.values():
+                    sink.converted(unit, goal, None, int(now * 1000), None)
