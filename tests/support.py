@@ -505,7 +505,8 @@ class ProxyProcess:
         return cmd + self.args
 
     def start(self) -> ProxyProcess:
-        env = clean_env(self.env)
+        # experiment data in the test's own directory, never in the checkout's .flagproxy/
+        env = clean_env({"FLAGPROXY_EXPERIMENTS_PATH": str(self.tmp_dir / "experiments.sqlite3"), **self.env})
         if self.control_port:
             env["FLAGPROXY_SERVER_CONTROL_PORT"] = str(self.control_port)
         probe = f"http://{LOCALHOST}:{self.control_port or self.port}/__flags/healthz"
