@@ -1,0 +1,1 @@
+"""Experiments: exposures, conversions, results."""
