@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_flags_parser(sub, [common])
 
+    from proxy.cli.experiments import add_parser as add_experiments_parser
+
+    add_experiments_parser(sub, [common])
+
     demo = sub.add_parser("demo-origin", parents=[common], help="run an echo API to put behind the proxy")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9000)
