@@ -17,6 +17,11 @@ def iso(at: float | None) -> str | None:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _number(value: float) -> float | int:
+    """72.0 → 72 (as the flag's definition wrote it), 1.5 → 1.5."""
+    return int(value) if value.is_integer() else value
+
+
 def status_of(flag: Flag | None) -> str:
     """running, killed or promoted (the experiment is over), or ended (no experiment defined now)."""
     if flag is None or flag.experiment is None:
@@ -52,20 +57,25 @@ def results(key: str, flag: Flag | None, counts: Counts | None) -> dict[str, Any
     users = counts.users
     goals = list(experiment.goals) if experiment is not None else []
     goals += sorted(set(counts.conversions) - set(goals))
+    # a boolean flag's variants are shown as the flag serves them (true/false), stored as text
+    shown: dict[str, bool | str] = (
+        {} if experiment is None else {variant_name(v): v for v, _ in experiment.weights}
+    )
     by_goal: dict[str, Any] = {}
     for goal in goals:
         converted = counts.conversions.get(goal, {})
         values = counts.values.get(goal, {})
-        rows = variant_rows([(v, users.get(v, 0), converted.get(v, 0)) for v in order])
-        for row in rows:
-            row["value"] = values.get(row["variant"], 0.0)
+        arms = [(shown.get(v, v), users.get(v, 0), min(converted.get(v, 0), users.get(v, 0))) for v in order]
+        rows = variant_rows(arms)
+        for row, v in zip(rows, order, strict=True):
+            row["value"] = values.get(v, 0.0)
         by_goal[goal] = {"variants": rows}
     weights = [] if experiment is None else [(variant_name(v), w) for v, w in experiment.weights]
     return {
         "flag": key,
         "status": status_of(flag),
-        "control": order[0] if experiment is not None else None,
-        "window_hours": None if experiment is None else experiment.window_hours,
+        "control": None if experiment is None else experiment.control,
+        "window_hours": None if experiment is None else _number(experiment.window_hours),
         "started_at": iso(counts.started_at),
         "users": sum(users.values()),
         "multiple_exposures": counts.multiple_exposures,
