@@ -80,10 +80,24 @@ end
 """
     + WRK_REPORT_LUA
 )
-NEW = (
+# every returning user once (cycling), before the measured runs: the audience has been seen before
+EVERYONE = (
     r"""
 local counter = 0
-local prefix = tostring(math.random(1, 1000000000)) .. "-"
+request = function()
+  counter = counter + 1
+  wrk.headers["X-User-Id"] = "u" .. tostring(counter % """
+    + str(USERS)
+    + r""" + 1)
+  return wrk.format(nil, nil)
+end
+"""
+    + WRK_REPORT_LUA
+)
+NEW = (  # PREFIX: made unique per wrk run by new_users_script()
+    r"""
+local counter = 0
+local prefix = "PREFIX-"
 request = function()
   counter = counter + 1
   wrk.headers["X-User-Id"] = prefix .. tostring(counter)
@@ -92,6 +106,12 @@ end
 """
     + WRK_REPORT_LUA
 )
+
+
+def new_users_script(tmp: Path, run: int) -> Path:
+    path = tmp / f"new-{run}.lua"
+    path.write_text(NEW.replace("PREFIX", f"n{run}"))
+    return path
 
 
 def write_flags(path: Path, experiments: bool) -> Path:
@@ -191,20 +211,32 @@ def run(args: argparse.Namespace, tools: dict[str, str], tmp: Path, services: Se
             raise BenchError(f"{name}: GET {PATH} answered {status}")
         systems.append((name, service))
 
-    scripts = {"returning users": tmp / "returning.lua", "new users": tmp / "new.lua"}
-    scripts["returning users"].write_text(RETURNING)
-    scripts["new users"].write_text(NEW)
+    returning = tmp / "returning.lua"
+    returning.write_text(RETURNING)
+    runs = iter(range(1, 10**6))
+    scripts = {"returning users": lambda: returning, "new users": lambda: new_users_script(tmp, next(runs))}
+    new_requests: dict[str, int] = {name: 0 for name, _ in systems}
+    everyone = tmp / "everyone.lua"
+    everyone.write_text(EVERYONE)
+    for name, service in systems:  # each system sees the whole audience once (3 s: > 10,000 requests)
+        seen = run_wrk(tools["wrk"], everyone, service.url + PATH, CONNECTIONS, 3.0, 10)
+        if seen["requests"] < USERS:
+            raise BenchError(f"{name}: only {seen['requests']} requests in the audience warm-up")
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for traffic, script in scripts.items():
-        for _, service in systems:
+        for name, service in systems:
             if args.warmup > 0:
-                run_wrk(tools["wrk"], script, service.url + PATH, CONNECTIONS, args.warmup, 10)
+                warm = run_wrk(tools["wrk"], script(), service.url + PATH, CONNECTIONS, args.warmup, 10)
+                if traffic == "new users":
+                    new_requests[name] += warm["requests"]
         for r in range(args.rounds):
             shift = r % len(systems)
             for name, service in systems[shift:] + systems[:shift]:
                 print(f"bench: {traffic} round {r + 1} {name}", file=sys.stderr, flush=True)
                 before = cpu_seconds(service.pid)
-                result = run_wrk(tools["wrk"], script, service.url + PATH, CONNECTIONS, args.duration, 10)
+                result = run_wrk(tools["wrk"], script(), service.url + PATH, CONNECTIONS, args.duration, 10)
+                if traffic == "new users":
+                    new_requests[name] += result["requests"]
                 result["cpu_us"] = (cpu_seconds(service.pid) - before) * 1e6 / max(1, result["requests"])
                 samples.setdefault((traffic, name), []).append(result)
 
@@ -230,8 +262,10 @@ def run(args: argparse.Namespace, tools: dict[str, str], tmp: Path, services: Se
     for name, service in systems[1:]:
         metrics = admin_get(service, "/__flags/metrics")
         users = {key: admin_get(service, f"/__flags/api/experiments/{key}")["users"] for key in EXPERIMENTS}
+        sent = USERS + new_requests[name] + 1  # the audience, every new-user request, and "warm"
         line = {
             "system": name,
+            "distinct_users_sent": sent,
             "users_counted": users,
             "exposures_new": metric(metrics, 'flagproxy_exposures_recorded_total{result="new"}'),
             "exposures_deduplicated": metric(metrics, "flagproxy_exposures_deduplicated_total"),
@@ -239,6 +273,12 @@ def run(args: argparse.Namespace, tools: dict[str, str], tmp: Path, services: Se
             "write_errors": metric(metrics, "flagproxy_experiment_write_errors_total"),
         }
         report.setdefault("recorded", []).append(line)
+        dropped = line["exposures_dropped"]
+        for key, counted in users.items():
+            if counted + dropped < sent:
+                print(
+                    f"bench: WARNING {name} {key}: {sent - counted} users not counted, {dropped:.0f} dropped"
+                )
         print(f"{name}: {json.dumps(line)}")
     if args.json:
         write_json(args.json, report)

@@ -68,12 +68,12 @@ class Exchange:
             return "near_limit"
         return None
 
-    def sent(self) -> list[tuple[Flag, Served]]:
+    def sent(self) -> Sequence[tuple[Flag, Served]]:
         """The flags whose value the origin received (resolved minus what the budget left out)."""
         if self.fitted is None:
-            return []
+            return ()
         left_out = self.fitted.omitted_values
         if not left_out:
-            return list(self.resolved)
+            return self.resolved
         dropped = set(left_out)
         return [(flag, served) for flag, served in self.resolved if flag.key not in dropped]

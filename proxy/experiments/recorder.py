@@ -91,6 +91,7 @@ class Recorder:
         self._seen: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._goals: Mapping[str, tuple[tuple[str, float], ...]] = {}  # goal → (flag, window_s), ...
         self._labelled: frozenset[str] = frozenset()  # goal names that get their own metrics label
+        self.active = False
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -116,6 +117,7 @@ class Recorder:
                 goals.setdefault(goal, []).append((key, experiment.window_s))
         self._goals = {goal: tuple(pairs) for goal, pairs in goals.items()}
         self._labelled = frozenset(goals) | configured_goals
+        self.active = bool(goals)  # some experiment is running (every experiment has a goal)
 
     def judged(self, goal: str) -> bool:
         return goal in self._goals

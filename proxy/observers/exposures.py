@@ -12,7 +12,6 @@ import time
 from collections.abc import Mapping
 
 from proxy.dataplane.exchange import Exchange
-from proxy.engine import variant_name
 from proxy.experiments.analytics import Analytics
 from proxy.experiments.goals import Goals
 from proxy.experiments.recorder import Recorder
@@ -31,23 +30,27 @@ class ExposureObserver:
         if exchange.control or not exchange.forwarded:
             return
         context = exchange.context
-        unit = None if context is None else context.get("key")
-        if not isinstance(unit, str) or not unit:
+        if context is None:
+            return
+        unit = context.get("key")
+        if unit.__class__ is not str or not unit:
             return
         now = time.time()
-        if exchange.resolved:
+        recorder, analytics = self.recorder, self.analytics
+        if exchange.resolved and (recorder.active or analytics):
             at = now - exchange.duration_s
-            recorder, analytics = self.recorder, self.analytics
             for flag, served in exchange.sent():
                 if flag.experiment is not None:
                     if flag.overridden is None:
-                        recorder.exposed(flag.key, variant_name(served.value), unit, at)
+                        value = served.value
+                        variant = value if value.__class__ is str else ("true" if value else "false")
+                        recorder.exposed(flag.key, variant, unit, at)
                 elif analytics:
                     sink = analytics.get(flag.source)
-                    if sink is not None and context is not None:
+                    if sink is not None:
                         sink.exposed(flag, served, context, int(at * 1000))
         if self.goals and exchange.status:
             for goal in self.goals.reached(exchange.method, exchange.path, exchange.status):
-                self.recorder.converted(goal, unit, now)
-                for sink in self.analytics.values():
+                recorder.converted(goal, unit, now)
+                for sink in analytics.values():
                     sink.converted(unit, goal, None, int(now * 1000), None)
