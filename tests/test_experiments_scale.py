@@ -134,6 +134,7 @@ def test_redis_killed_while_recording_fails_no_request_and_loses_nothing_uncount
     env = {**ENV, "FLAGPROXY_STORE_ENVIRONMENT": "exp-fault", "FLAGPROXY_STORE_REDIS_TIMEOUT_S": "0.5"}
     proxy = proxy_factory([origin.url], flags=FLAGS, env=env, args=["--redis-url", fresh_redis.url])
     assert http_client().get(f"{proxy.base_url}/before", headers={"X-User-Id": "before"}).status_code == 200
+    assert results(proxy)["users"] == 1  # written (a read waits for this process's queue)
 
     async def traffic(prefix: str, count: int) -> Counter[int]:
         statuses: Counter[int] = Counter()

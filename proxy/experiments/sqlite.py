@@ -46,6 +46,7 @@ from proxy.experiments.records import (
 )
 
 SCHEMA_VERSION = 1
+UNITS_PER_QUERY = 500  # bound parameters per IN (...) lookup (SQLite allows 32,766 since 3.32)
 
 META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
 SCHEMA = """
@@ -112,7 +113,7 @@ class SQLiteBackend:
             return applied
         with self._writing("apply") as db:
             ids: dict[str, int] = {}
-            applied.exposures = [self._expose(db, ids, record) for record in exposures]
+            applied.exposures = self._expose_all(db, ids, exposures)
             applied.conversions = [self._convert(db, ids, record) for record in conversions]
         return applied
 
@@ -179,20 +180,50 @@ class SQLiteBackend:
             ids[flag] = found
         return found
 
-    def _expose(self, db: sqlite3.Connection, ids: dict[str, int], record: ExposureRecord) -> str:
-        experiment = self._experiment(db, ids, record.flag)
-        at = float(record.at)
-        if db.execute(INSERT_EXPOSURE, (experiment, record.unit, record.variant, at)).rowcount == 1:
-            db.execute(EARLIER_START, (at, experiment, at))
-            return EXPOSED
-        (variant, _) = db.execute(FIRST_EXPOSURE, (experiment, record.unit)).fetchone()
-        if variant == record.variant:
-            return REPEAT
-        db.execute(
-            "INSERT INTO multiple (experiment, unit) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            (experiment, record.unit),
-        )
-        return MULTIPLE
+    def _expose_all(
+        self, db: sqlite3.Connection, ids: dict[str, int], records: Sequence[ExposureRecord]
+    ) -> list[str]:
+        """A batch's exposures with a few statements per experiment, not per record (the writer
+        thread shares the interpreter with the event loop): read the units' first variants, decide
+        in order, insert what is new. Inside the batch's ``BEGIN IMMEDIATE`` no other process
+        writes, so what was read is still true when the new rows go in."""
+        outcomes = [""] * len(records)
+        by_flag: dict[str, list[int]] = {}
+        for i, record in enumerate(records):
+            by_flag.setdefault(record.flag, []).append(i)
+        for flag, indexes in by_flag.items():
+            experiment = self._experiment(db, ids, flag)
+            units = list({records[i].unit: None for i in indexes})
+            first: dict[str, str] = {}
+            for start in range(0, len(units), UNITS_PER_QUERY):
+                chunk = units[start : start + UNITS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT unit, variant FROM exposures WHERE experiment = ? AND unit IN ({marks})"
+                first.update(db.execute(query, (experiment, *chunk)).fetchall())
+            new: list[tuple[int, str, str, float]] = []
+            multiple: dict[str, None] = {}
+            for i in indexes:
+                record = records[i]
+                variant = first.get(record.unit)
+                if variant is None:
+                    first[record.unit] = record.variant
+                    new.append((experiment, record.unit, record.variant, float(record.at)))
+                    outcomes[i] = EXPOSED
+                elif variant == record.variant:
+                    outcomes[i] = REPEAT
+                else:
+                    multiple[record.unit] = None
+                    outcomes[i] = MULTIPLE
+            if new:
+                db.executemany(INSERT_EXPOSURE, new)
+                earliest = min(row[3] for row in new)
+                db.execute(EARLIER_START, (earliest, experiment, earliest))
+            if multiple:
+                db.executemany(
+                    "INSERT INTO multiple (experiment, unit) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    [(experiment, unit) for unit in multiple],
+                )
+        return outcomes
 
     def _convert(self, db: sqlite3.Connection, ids: dict[str, int], record: ConversionRecord) -> str:
         experiment = self._experiment(db, ids, record.flag)
