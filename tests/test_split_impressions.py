@@ -41,7 +41,12 @@ from proxy.engine import Flag, with_override
 from proxy.metrics import Metrics
 from proxy.sources.base import SyncContext, analytics_of
 from proxy.sources.split import SplitAnalytics, SplitSettings, SplitSource, compile_split
-from proxy.sources.split.impressions import Impression, ImpressionTracker, impression_hash
+from proxy.sources.split.impressions import (
+    Impression,
+    ImpressionTracker,
+    impression_hash,
+    unique_keys_payloads,
+)
 from proxy.store import MemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -536,6 +541,19 @@ async def test_sends_on_its_intervals_and_in_bulks(fake: FakeSplit) -> None:
     assert sizes == [3, 3, 2]
 
 
+async def test_a_full_bulk_is_sent_at_once(fake: FakeSplit) -> None:
+    sink = SplitAnalytics(settings(fake, impressions_bulk_size=4, impressions_queue_size=10), Metrics())
+    await sink.start()
+    try:
+        started = time.monotonic()
+        for args in exposures(compiled(), 4):
+            sink.exposed(*args)
+        await until(lambda: len(fake.posts("/fp")) == 1)
+        assert time.monotonic() - started < 0.7  # not at the next one-second round, nor the interval
+    finally:
+        await sink.close()
+
+
 async def until(probe: Any, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not probe():
@@ -596,12 +614,28 @@ async def test_server_errors_are_retried_then_counted(fake: FakeSplit) -> None:
 
 async def test_client_errors_are_not_retried(fake: FakeSplit) -> None:
     fake.route("/fp/events/events/bulk", failing(100, status=401))
-    sink = SplitAnalytics(settings(fake, analytics_retries=3))
+    sink = SplitAnalytics(settings(fake, analytics_retries=3, events_refresh_s=0.05))
     await sink.start()
-    sink.converted("user-1", "purchase", None, H0, None)
+    try:
+        sink.converted("user-1", "purchase", None, H0, None)
+        await until(lambda: sample(sink.metrics, "flagproxy_split_events_total") == {"failed": 1})
+        assert len(fake.posts("/fp")) == 1
+    finally:
+        await sink.close()
+
+
+async def test_closing_stops_at_the_first_failure(fake: FakeSplit) -> None:
+    """At shutdown a Split that does not answer costs one timeout, not one per batch."""
+    fake.route("/fp/events/testImpressions/bulk", never_reply())
+    sink = SplitAnalytics(settings(fake, timeout_s=0.2, impressions_bulk_size=1, analytics_retries=2))
+    await sink.start()
+    for args in exposures(compiled(), 4):
+        sink.exposed(*args)
+    started = time.monotonic()
     await sink.close()
+    assert time.monotonic() - started < 0.6
     assert len(fake.posts("/fp")) == 1
-    assert sample(sink.metrics, "flagproxy_split_events_total") == {"failed": 1}
+    assert sample(sink.metrics, "flagproxy_split_impressions_total") == {"failed": 4}
 
 
 async def test_timeouts_are_retried_then_counted_and_close_does_not_hang(fake: FakeSplit) -> None:
@@ -766,23 +800,42 @@ def test_bad_settings_name_the_field(env: dict[str, str], needle: str) -> None:
 
 
 def test_settings_defaults_are_the_sdks() -> None:
-    s = load_settings(env={"FLAGPROXY_SPLIT_IMPRESSIONS_MODE": "debug"}).section("split")
-    assert (s.impressions_mode, s.impressions_interval_s) == ("debug", 60.0)
+    from splitio.api.client import EVENTS_URL, TELEMETRY_URL
+    from splitio.client.config import DEFAULT_CONFIG, _sanitize_impressions_mode
+    from splitio.engine.impressions.strategies import _IMPRESSION_OBSERVER_CACHE_SIZE
+    from splitio.tasks.impressions_sync import ImpressionsCountSyncTask
+    from splitio.tasks.unique_keys_sync import _UNIQUE_KEYS_SYNC_PERIOD
+
     d = SplitSettings()
-    assert (d.events_url, d.telemetry_url, d.traffic_type) == (
-        "https://events.split.io/api",
-        "https://telemetry.split.io/api",
-        "user",
+    assert (d.events_url, d.telemetry_url, d.impressions_mode) == (EVENTS_URL, TELEMETRY_URL, "optimized")
+    assert d.traffic_type == "user"  # the issue's default (the SDK has none: track() takes one)
+    for mode in ("optimized", "debug", "none"):
+        sdk_mode, sdk_refresh = _sanitize_impressions_mode("memory", mode, None)
+        assert (sdk_mode.name, replace(d, impressions_mode=mode).impressions_interval_s) == (
+            mode.upper(),
+            sdk_refresh,
+        )
+    assert d.impressions_queue_size == DEFAULT_CONFIG["impressionsQueueSize"]
+    assert d.impressions_bulk_size == DEFAULT_CONFIG["impressionsBulkSize"]
+    assert d.events_queue_size == DEFAULT_CONFIG["eventsQueueSize"]
+    assert d.events_bulk_size == DEFAULT_CONFIG["eventsBulkSize"]
+    assert d.events_refresh_s == DEFAULT_CONFIG["eventsPushRate"]
+    assert d.impression_counts_refresh_s == ImpressionsCountSyncTask._PERIOD
+    assert d.unique_keys_refresh_s == _UNIQUE_KEYS_SYNC_PERIOD
+    assert d.impressions_dedup_keys == _IMPRESSION_OBSERVER_CACHE_SIZE
+    assert (
+        load_settings(env={"FLAGPROXY_SPLIT_IMPRESSIONS_REFRESH_S": "2.5"})
+        .section("split")
+        .impressions_interval_s
+        == 2.5
     )
-    assert (d.impressions_mode, d.impressions_interval_s, d.events_refresh_s) == ("optimized", 300.0, 10.0)
-    assert (d.impressions_queue_size, d.impressions_bulk_size, d.events_queue_size, d.events_bulk_size) == (
-        10000,
-        5000,
-        10000,
-        5000,
-    )
-    assert (d.impression_counts_refresh_s, d.unique_keys_refresh_s, d.impressions_dedup_keys) == (
-        1800.0,
-        900.0,
-        500000,
-    )
+
+
+def test_unique_keys_bodies_hold_at_most_a_bulk() -> None:
+    unique = {"a": ["k1", "k2", "k3", "k4", "k5"], "b": ["k6"], "c": ["k7", "k8"]}
+    assert unique_keys_payloads(unique, bulk=3) == [
+        {"keys": [{"f": "a", "ks": ["k1", "k2", "k3"]}]},
+        {"keys": [{"f": "a", "ks": ["k4", "k5"]}, {"f": "b", "ks": ["k6"]}]},
+        {"keys": [{"f": "c", "ks": ["k7", "k8"]}]},
+    ]
+    assert unique_keys_payloads({}) == []
