@@ -270,6 +270,28 @@ class Metrics:
             ["error"],
             registry=r,
         )
+        self.split_impressions = Counter(
+            "flagproxy_split_impressions",
+            "Split impressions by result: sent (Split accepted them), deduplicated (optimized mode: a "
+            "repeat within the hour, counted only), counted (mode none or impressionsDisabled: counts and "
+            "unique keys only), dropped (a queue was full) or failed (not accepted after retries).",
+            ["result"],
+            registry=r,
+        )
+        self.split_events = Counter(
+            "flagproxy_split_events",
+            "Conversions sent to Split as events by result: sent, invalid (refused as the SDK's track() "
+            "refuses them), dropped (queue full) or failed (not accepted after retries).",
+            ["result"],
+            registry=r,
+        )
+        self.split_posts = Counter(
+            "flagproxy_split_posts",
+            "POST attempts to Split's events and telemetry APIs by endpoint (impressions, counts, "
+            "unique_keys, events) and result (ok or error; each retry counts).",
+            ["endpoint", "result"],
+            registry=r,
+        )
         self._scrape_collector: Any = None
         self._invalid_sources: set[str] = set()
 

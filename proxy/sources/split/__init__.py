@@ -69,8 +69,10 @@ Problems are keyed by flag name, or ``"segments:<name>"`` / ``"rbsegments:<name>
 Modules: ``hashing`` (murmur3, legacy hash, buckets), ``semver`` (the SDK's version parser and
 ordering), ``documents`` (splitChanges / segmentChanges parsing, referenced segments), ``matchers``
 (input conversions and matcher compilation), ``evaluator`` (flags, conditions, rule-based segments,
-entry points) and ``sync`` (the background pull from Split's API; imported on first use of its names
-here, so that compiling flags does not load the HTTP client or the metrics).
+entry points), ``sync`` (the background pull from Split's API), ``impressions`` (the impressions and
+events the SDK would record, and their payloads) and ``analytics`` (queueing and sending them:
+``SplitSource.analytics``); ``sync`` and ``analytics`` are imported on first use of their names
+here, so that compiling flags does not load the HTTP client or the metrics.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.engine import Flag
-from proxy.sources.base import Compiled, Sync, SyncContext
+from proxy.sources.base import Analytics, Compiled, Sync, SyncContext
 from proxy.sources.split.documents import (
     load_segments,
     parse_split_changes,
@@ -112,6 +114,7 @@ from proxy.sources.split.settings import SplitSettings
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
+    from proxy.sources.split.analytics import SplitAnalytics
     from proxy.sources.split.sync import SplitApiError, SplitSync
 
 __all__ = [
@@ -128,6 +131,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "NOT_ATTRIBUTES",
     "REASON_INVALID_KEY",
+    "SplitAnalytics",
     "SplitApiError",
     "SplitSemver",
     "SplitSettings",
@@ -152,11 +156,16 @@ _FROM_SYNC = frozenset({"SplitApiError", "SplitSync"})
 
 
 def __getattr__(name: str) -> Any:
-    """``SplitSync`` and ``SplitApiError``, from ``sync`` on first use (it needs httpx and the metrics)."""
+    """``SplitSync``, ``SplitApiError`` and ``SplitAnalytics``, from ``sync`` and ``analytics`` on first
+    use (they need httpx and the metrics)."""
     if name in _FROM_SYNC:
         from proxy.sources.split import sync
 
         return getattr(sync, name)
+    if name == "SplitAnalytics":
+        from proxy.sources.split import analytics
+
+        return analytics.SplitAnalytics
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -177,6 +186,15 @@ class SplitSource:
         from proxy.sources.split.sync import SplitSync  # the HTTP client only where the proxy runs
 
         return SplitSync(context.section or SplitSettings(), context.store, metrics=context.metrics)
+
+    def analytics(self, context: SyncContext) -> Analytics | None:
+        """Impressions and events to Split's APIs (``analytics``), when ``[split] sdk_key`` is set."""
+        settings = context.section or SplitSettings()
+        if not settings.sdk_key:
+            return None
+        from proxy.sources.split.analytics import SplitAnalytics
+
+        return SplitAnalytics(settings, metrics=context.metrics)
 
     def webhook_routes(self) -> list[BaseRoute]:
         from proxy.sources.split.webhook import ROUTES
