@@ -120,11 +120,9 @@ def impression_hash(impression: Impression) -> int:
 class ImpressionTracker:
     """The SDK's impression strategies (see the module docstring) with their counts and unique keys.
 
-    One difference from the Python SDK: its LRU keeps the *first* time an impression was seen, so
-    once an hour has passed every repeat is sent (and ``pt`` never moves). The Go, Java, .NET,
-    Android and iOS SDKs store the latest time, which sends one impression per hour as intended; so
-    does this tracker: ``pt`` is the previous sighting, and a repeat is queued only when that
-    sighting was in an earlier hour than the impression's own time.
+    As in the Python SDK, its LRU keeps the *first* time an impression was seen, so once an hour has
+    passed every repeat is sent (and ``pt`` never moves); a repeat is queued when that first sighting
+    was in an earlier hour than the impression's own time.
     """
 
     def __init__(self, mode: str, dedup_keys: int) -> None:
@@ -151,14 +149,17 @@ class ImpressionTracker:
         return impression if previous < hour_of(impression.time) else None
 
     def _observe(self, impression: Impression) -> int | None:
+        # as splitio-client 10.7.0's LRU: the FIRST sighting is kept (a hit only refreshes its place),
+        # so from the next hour on every repeat is sent, with that first time as ``pt``
         seen = self._seen
         digest = impression_hash(impression)
         previous = seen.get(digest)
-        seen[digest] = impression.time
+        if previous is None:
+            seen[digest] = impression.time
         seen.move_to_end(digest)
         if len(seen) > self._size:
             seen.popitem(last=False)
-        return None if previous is None else min(previous, impression.time)
+        return previous
 
     def _count(self, impression: Impression) -> None:
         slot = (impression.feature, hour_of(impression.time))
