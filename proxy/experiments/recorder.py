@@ -23,7 +23,7 @@ from typing import Protocol
 
 from proxy.engine import Flag
 from proxy.experiments.backend import Backend, BackendError
-from proxy.experiments.records import Applied, ConversionRecord, ExposureRecord
+from proxy.experiments.records import ConversionRecord, ExposureRecord
 
 log = logging.getLogger("flagproxy.experiments")
 DEDUPE_TTL_S = 300.0
@@ -130,11 +130,21 @@ class Recorder:
 
     def exposed(self, flag: str, variant: str, unit: str, at: float) -> None:
         """``unit`` was served ``variant`` of the experiment flag ``flag`` at ``at`` (Unix seconds)."""
-        written = self._seen.get(hash((flag, unit, variant)))
+        h = hash((flag, unit, variant))
+        seen = self._seen
+        written = seen.get(h)
         if written is not None and at - written < DEDUPE_TTL_S:
             self._counts.deduplicated += 1
             return
-        self._append(ExposureRecord(flag, unit, variant, at))
+        if not self._append(ExposureRecord(flag, unit, variant, at)):
+            return
+        # marked when queued, so the writer thread does no per-record work for it; un-marked if
+        # its batch is dropped
+        seen[h] = at
+        if written is not None:
+            seen.move_to_end(h)
+        elif len(seen) > self.dedupe_size:
+            seen.popitem(last=False)
 
     def converted(self, goal: str, unit: str, at: float, value: float | None = None) -> int:
         """``unit`` reached ``goal``: one record per experiment judged on it; how many were queued."""
@@ -213,8 +223,14 @@ class Recorder:
         while True:
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
-            while self._pending:
-                if not self._write(self._take()):
+            # what is queued now, in batches; what arrives meanwhile waits for the next round (a full
+            # batch, a flush request or the interval), so a busy writer never falls into writing
+            # a transaction per handful of records
+            todo = len(self._pending)
+            while todo > 0:
+                batch = self._take(min(todo, self.batch_size))
+                todo -= len(batch)
+                if not self._write(batch):
                     break  # shutting down with the store still failing
             if self._stopping:
                 left = len(self._pending)
@@ -229,43 +245,25 @@ class Recorder:
             if self._stopping:
                 return
 
-    def _take(self) -> list[Record]:
-        pending, batch = self._pending, []
-        for _ in range(min(self.batch_size, len(pending))):
-            batch.append(pending.popleft())
-        return batch
+    def _take(self, n: int) -> list[Record]:
+        pending = self._pending
+        return [pending.popleft() for _ in range(min(n, len(pending)))]
 
     def _write(self, batch: list[Record]) -> bool:
         """Apply one batch, retrying until it is written; False when shutdown came first."""
-        seen = self._seen
-        exposures: list[ExposureRecord] = []
-        fresh: dict[int, float] = {}
-        conversions: list[ConversionRecord] = []
-        deduplicated = 0
-        for record in batch:
-            if isinstance(record, ExposureRecord):
-                h = hash((record.flag, record.unit, record.variant))
-                written = seen.get(h)
-                if h in fresh or (written is not None and record.at - written < DEDUPE_TTL_S):
-                    deduplicated += 1
-                    continue
-                fresh[h] = record.at
-                exposures.append(record)
-            else:
-                conversions.append(record)
+        exposures = [r for r in batch if isinstance(r, ExposureRecord)]
+        conversions = [r for r in batch if isinstance(r, ConversionRecord)]
         delay = RETRY_MIN_S
         while True:
             started = time.perf_counter()
             try:
-                applied = (
-                    self.backend.apply(exposures, conversions) if exposures or conversions else Applied()
-                )
+                applied = self.backend.apply(exposures, conversions)
             except BackendError as exc:
                 self.metrics.experiment_write(self.backend.name, time.perf_counter() - started, False)
                 self.failing = True
                 self._log_failure(exc)
                 if self._stopping and time.monotonic() >= self._deadline:
-                    self._dropped(len(batch))
+                    self._lost(exposures, len(batch))
                     return False
                 self._wake.wait(delay)
                 self._wake.clear()
@@ -274,21 +272,14 @@ class Recorder:
                 continue
             except Exception:  # a bug in a backend: never let it kill the writer
                 log.exception("the experiment store failed on a batch of %d records (dropped)", len(batch))
-                self._dropped(len(batch))
+                self._lost(exposures, len(batch))
                 return True
             break
         self.metrics.experiment_write(self.backend.name, time.perf_counter() - started, True)
         if self.failing:
             self.failing = False
             log.warning("experiment records are being written again")
-        for h, at in fresh.items():
-            seen[h] = at
-            seen.move_to_end(h)
-        while len(seen) > self.dedupe_size:
-            seen.popitem(last=False)
         metrics = self.metrics
-        if deduplicated:
-            metrics.exposures("deduplicated", deduplicated)
         for outcome, n in collections.Counter(applied.exposures).items():
             metrics.exposures(outcome, n)
         by_goal = collections.Counter(
@@ -299,6 +290,13 @@ class Recorder:
             metrics.experiment_conversions(goal, outcome, n)
         self._settled += len(batch)
         return True
+
+    def _lost(self, exposures: list[ExposureRecord], n: int) -> None:
+        """A batch that will never be written: counted, and its exposures no longer count as
+        written (a later repeat is queued again)."""
+        for record in exposures:
+            self._seen.pop(hash((record.flag, record.unit, record.variant)), None)
+        self._dropped(n)
 
     def _dropped(self, n: int) -> None:
         self.metrics.exposures("dropped", n)

@@ -9,18 +9,17 @@ experiment's window. Times are Unix seconds (floats).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class ExposureRecord:
+class ExposureRecord(NamedTuple):  # a tuple: built on the event loop for every new exposure
     flag: str
     unit: str
     variant: str  # ``variant_name``: the variant, or "true"/"false" for boolean flags
     at: float
 
 
-@dataclass(frozen=True, slots=True)
-class ConversionRecord:
+class ConversionRecord(NamedTuple):
     flag: str
     goal: str
     unit: str
