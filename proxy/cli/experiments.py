@@ -268,6 +268,13 @@ def render_srm(result: object) -> str:
     return f"SRM: p={format_p(p)} (ok)"
 
 
+STATUS_NOTES = {
+    "promoted": "The flag is promoted: everyone gets one variant; nothing more is recorded.",
+    "killed": "The flag is killed: everyone gets the default; nothing more is recorded.",
+    "ended": "The flag no longer defines this experiment: these are the data recorded while it did.",
+}
+
+
 def render_results(payload: Mapping[str, Any], goals: Mapping[str, Any]) -> str:
     """The header line, the SRM line, then a table per goal."""
     header = (
@@ -277,7 +284,11 @@ def render_results(payload: Mapping[str, Any], goals: Mapping[str, Any]) -> str:
         f" multiple exposures: {_count(payload.get('multiple_exposures'))};"
         f" unattributed: {_count(payload.get('unattributed'))}"
     )
-    parts = [header, render_srm(payload.get("srm"))]
+    parts = [header]
+    status = payload.get("status")
+    if status in STATUS_NOTES:
+        parts.append(STATUS_NOTES[status])
+    parts.append(render_srm(payload.get("srm")))
     if not goals:
         parts.append("\nno goals yet: no conversions have been recorded")
     for goal, result in goals.items():
