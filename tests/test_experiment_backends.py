@@ -421,7 +421,9 @@ class Model:
                 applied.exposures.append("multiple")
         for c in conversions:
             exposed = self.first.get((c.flag, c.unit))
-            if exposed is None:
+            if exposed is None and not c.final:  # its exposure may still come: nothing recorded
+                applied.conversions.append("not_exposed_yet")
+            elif exposed is None:
                 self.unattributed[c.flag] += 1
                 applied.conversions.append("unattributed")
             elif c.at < exposed[1]:
@@ -470,7 +472,14 @@ WINDOWS = st.sampled_from([0.0, 2.5, 10.0, math.inf])
 VALUES = st.none() | st.integers(-40, 40).map(lambda n: n / 4)
 EXPOSURES = st.builds(ExposureRecord, flag=FLAGS, unit=UNITS, variant=VARIANTS, at=TIMES)
 CONVERSIONS = st.builds(
-    ConversionRecord, flag=FLAGS, goal=GOALS, unit=UNITS, at=TIMES, window_s=WINDOWS, value=VALUES
+    ConversionRecord,
+    flag=FLAGS,
+    goal=GOALS,
+    unit=UNITS,
+    at=TIMES,
+    window_s=WINDOWS,
+    value=VALUES,
+    final=st.booleans(),
 )
 BATCHES = st.lists(
     st.tuples(st.lists(EXPOSURES, max_size=8), st.lists(CONVERSIONS, max_size=8), st.booleans()),

@@ -23,10 +23,14 @@ from typing import Protocol
 
 from proxy.engine import Flag
 from proxy.experiments.backend import Backend, BackendError
-from proxy.experiments.records import ConversionRecord, ExposureRecord
+from proxy.experiments.records import NOT_EXPOSED_YET, ConversionRecord, ExposureRecord
 
 log = logging.getLogger("flagproxy.experiments")
 DEDUPE_TTL_S = 300.0
+# A conversion of a unit with no exposure written yet is asked again, final, this much later: its
+# exposure may be in another worker's or instance's queue, or its request still being answered
+# (an origin that tracks the conversion before it responds).
+ATTRIBUTION_GRACE_S = 2.0
 RETRY_MIN_S = 0.05
 RETRY_MAX_S = 2.0
 ERROR_LOG_INTERVAL_S = 60.0
@@ -99,6 +103,7 @@ class Recorder:
         self._reported = LoopCounts()
         self._enqueued = 0  # records appended, ever (the event loop)
         self._settled = 0  # records written or dropped, ever (the writer)
+        self._deferred: collections.deque[tuple[float, ConversionRecord]] = collections.deque()  # the writer
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_error_log = -ERROR_LOG_INTERVAL_S
@@ -154,7 +159,7 @@ class Recorder:
             return 0
         queued = 0
         for flag, window_s in judged:
-            queued += self._append(ConversionRecord(flag, goal, unit, at, window_s, value))
+            queued += self._append(ConversionRecord(flag, goal, unit, at, window_s, value, final=False))
         return queued
 
     def goal_label(self, goal: str) -> str:
@@ -232,6 +237,7 @@ class Recorder:
                 todo -= len(batch)
                 if not self._write(batch):
                     break  # shutting down with the store still failing
+            self._retry_deferred(final_now=self._stopping)
             if self._stopping:
                 left = len(self._pending)
                 if left:
@@ -245,11 +251,25 @@ class Recorder:
             if self._stopping:
                 return
 
+    def _retry_deferred(self, final_now: bool) -> None:
+        """Ask again, final, about conversions whose unit had no exposure written (once due)."""
+        deferred, now, limit = self._deferred, time.monotonic(), self.queue_size
+
+        def ready() -> bool:  # due, or beyond the bound (the oldest are asked early)
+            return bool(deferred) and (final_now or deferred[0][0] <= now or len(deferred) > limit)
+
+        while ready():
+            batch: list[Record] = []
+            while ready() and len(batch) < self.batch_size:
+                batch.append(deferred.popleft()[1])
+            if not self._write(batch, settle=False):
+                return
+
     def _take(self, n: int) -> list[Record]:
         pending = self._pending
         return [pending.popleft() for _ in range(min(n, len(pending)))]
 
-    def _write(self, batch: list[Record]) -> bool:
+    def _write(self, batch: list[Record], settle: bool = True) -> bool:
         """Apply one batch, retrying until it is written; False when shutdown came first."""
         exposures = [r for r in batch if isinstance(r, ExposureRecord)]
         conversions = [r for r in batch if isinstance(r, ConversionRecord)]
@@ -263,7 +283,7 @@ class Recorder:
                 self.failing = True
                 self._log_failure(exc)
                 if self._stopping and time.monotonic() >= self._deadline:
-                    self._lost(exposures, len(batch))
+                    self._lost(exposures, len(batch), settle)
                     return False
                 self._wake.wait(delay)
                 self._wake.clear()
@@ -272,7 +292,7 @@ class Recorder:
                 continue
             except Exception:  # a bug in a backend: never let it kill the writer
                 log.exception("the experiment store failed on a batch of %d records (dropped)", len(batch))
-                self._lost(exposures, len(batch))
+                self._lost(exposures, len(batch), settle)
                 return True
             break
         self.metrics.experiment_write(self.backend.name, time.perf_counter() - started, True)
@@ -282,25 +302,33 @@ class Recorder:
         metrics = self.metrics
         for outcome, n in collections.Counter(applied.exposures).items():
             metrics.exposures(outcome, n)
-        by_goal = collections.Counter(
-            (self.goal_label(r.goal), outcome)
-            for r, outcome in zip(conversions, applied.conversions, strict=False)
-        )
+        by_goal: collections.Counter[tuple[str, str]] = collections.Counter()
+        due = time.monotonic() + ATTRIBUTION_GRACE_S
+        for record, outcome in zip(conversions, applied.conversions, strict=False):
+            if outcome == NOT_EXPOSED_YET:
+                self._defer(due, record._replace(final=True))
+            else:
+                by_goal[(self.goal_label(record.goal), outcome)] += 1
         for (goal, outcome), n in by_goal.items():
             metrics.experiment_conversions(goal, outcome, n)
-        self._settled += len(batch)
+        if settle:
+            self._settled += len(batch)
         return True
 
-    def _lost(self, exposures: list[ExposureRecord], n: int) -> None:
+    def _defer(self, due: float, record: ConversionRecord) -> None:
+        self._deferred.append((due, record))  # bounded by _retry_deferred
+
+    def _lost(self, exposures: list[ExposureRecord], n: int, settle: bool = True) -> None:
         """A batch that will never be written: counted, and its exposures no longer count as
         written (a later repeat is queued again)."""
         for record in exposures:
             self._seen.pop(hash((record.flag, record.unit, record.variant)), None)
-        self._dropped(n)
+        self._dropped(n, settle)
 
-    def _dropped(self, n: int) -> None:
+    def _dropped(self, n: int, settle: bool = True) -> None:
         self.metrics.exposures("dropped", n)
-        self._settled += n
+        if settle:
+            self._settled += n
 
     def _log_failure(self, exc: BackendError) -> None:
         now = time.monotonic()

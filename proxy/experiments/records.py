@@ -26,6 +26,10 @@ class ConversionRecord(NamedTuple):
     at: float
     window_s: float  # the experiment's window when the conversion was recorded
     value: float | None = None
+    # False: if the unit is not exposed (yet), record nothing and answer NOT_EXPOSED_YET — its
+    # exposure may still be on its way (another worker's queue, the request still being answered);
+    # the recorder asks again, final, a little later
+    final: bool = True
 
 
 # What applying a record did (also the ``result`` label of the conversion metrics).
@@ -35,6 +39,7 @@ MULTIPLE = "multiple"  # the unit was already exposed to another variant (it kee
 COUNTED = "counted"
 DUPLICATE = "duplicate"  # this unit's conversion for this goal was already counted
 UNATTRIBUTED = "unattributed"  # the unit was never exposed
+NOT_EXPOSED_YET = "not_exposed_yet"  # not final, and no exposure of the unit is written yet
 BEFORE_EXPOSURE = "before_exposure"
 OUTSIDE_WINDOW = "outside_window"
 

@@ -40,6 +40,7 @@ from proxy.experiments.records import (
     DUPLICATE,
     EXPOSED,
     MULTIPLE,
+    NOT_EXPOSED_YET,
     OUTSIDE_WINDOW,
     REPEAT,
     UNATTRIBUTED,
@@ -50,7 +51,7 @@ from proxy.experiments.records import (
 )
 
 # KEYS: units, multi, conv, counts. ARGV: exposures count, conversions count, then per exposure
-# unit, variant, at, then per conversion goal, unit, at, window_s, value ("" for none).
+# unit, variant, at, then per conversion goal, unit, at, window_s, value ("" for none), final ("1"/"0").
 # Returns one letter per record, in order.
 APPLY_LUA = """
 local units, multi, conv, counts = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -86,9 +87,12 @@ for _ = 1, exposures do
 end
 for _ = 1, conversions do
   local goal, unit, at, window, value = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
-  i = i + 5
+  local final = ARGV[i + 5] == '1'
+  i = i + 6
   local first = redis.call('HGET', units, unit)
-  if not first then
+  if not first and not final then
+    out[#out + 1] = 'y'
+  elseif not first then
     redis.call('HINCRBY', counts, 'unattributed', 1)
     out[#out + 1] = 'u'
   else
@@ -122,6 +126,7 @@ OUTCOMES = {
     "c": COUNTED,
     "d": DUPLICATE,
     "u": UNATTRIBUTED,
+    "y": NOT_EXPOSED_YET,
     "b": BEFORE_EXPOSURE,
     "o": OUTSIDE_WINDOW,
 }
@@ -197,7 +202,7 @@ class RedisBackend:
                     c = conversions[index]
                     # a value that is not finite would make the sum say nothing: the conversion counts, not it
                     value = "" if c.value is None or not math.isfinite(c.value) else number(c.value)
-                    args += [c.goal, c.unit, number(c.at), number(c.window_s), value]
+                    args += [c.goal, c.unit, number(c.at), number(c.window_s), value, "1" if c.final else "0"]
                 reply = self._script(keys=self.keys.of(flag), args=args)
                 letters = reply.decode() if isinstance(reply, bytes) else ""
                 if len(letters) != len(exposed) + len(converted):

@@ -38,6 +38,7 @@ from proxy.experiments.records import (
     DUPLICATE,
     EXPOSED,
     MULTIPLE,
+    NOT_EXPOSED_YET,
     OUTSIDE_WINDOW,
     REPEAT,
     UNATTRIBUTED,
@@ -239,9 +240,16 @@ class SQLiteBackend:
         return outcomes
 
     def _convert(self, db: sqlite3.Connection, ids: dict[str, int], record: ConversionRecord) -> str:
+        if not record.final and record.flag not in ids:  # no row for an experiment with no data
+            row = db.execute("SELECT id FROM experiments WHERE flag = ?", (record.flag,)).fetchone()
+            if row is None:
+                return NOT_EXPOSED_YET
+            ids[record.flag] = row[0]
         experiment = self._experiment(db, ids, record.flag)
         first = db.execute(FIRST_EXPOSURE, (experiment, record.unit)).fetchone()
         if first is None:
+            if not record.final:
+                return NOT_EXPOSED_YET
             db.execute("UPDATE experiments SET unattributed = unattributed + 1 WHERE id = ?", (experiment,))
             return UNATTRIBUTED
         variant, first_at = first
