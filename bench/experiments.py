@@ -253,7 +253,9 @@ def run(args: argparse.Namespace, tools: dict[str, str], tmp: Path, services: Se
         for name, _ in systems:
             row = summarize(samples[(traffic, name)])
             ratio = row["rps"] / base if base else 0.0
-            runs = [{"rps": round(x["rps"]), "cpu_us": round(x["cpu_us"], 1)} for x in samples[(traffic, name)]]
+            runs = [
+                {"rps": round(x["rps"]), "cpu_us": round(x["cpu_us"], 1)} for x in samples[(traffic, name)]
+            ]
             report["rows"].append({"traffic": traffic, "system": name, **row, "ratio": ratio, "runs": runs})
             print(
                 f"| {traffic} | {name} | {row['rps']:,.0f} | {ratio:.3f}x | {row['p50_us'] / 1000:.2f} ms | "
