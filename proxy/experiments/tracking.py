@@ -77,10 +77,15 @@ def parse_event(where: str, item: Any, now: float) -> Tracked:
     key = _text(_at(where, "key"), item.get("key"), MAX_KEY_LENGTH)
     event = _text(_at(where, "event"), item.get("event"), MAX_EVENT_LENGTH)
     value = item.get("value")
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    ):
-        raise TrackError(422, "invalid_event", _at(where, "value"), "expected a finite number")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TrackError(422, "invalid_event", _at(where, "value"), "expected a finite number")
+        try:  # a JSON integer is unbounded: past ~1.8e308 it has no float (OverflowError)
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise TrackError(422, "invalid_event", _at(where, "value"), "expected a finite number")
     at = now
     if item.get("timestamp") is not None:
         at = _timestamp(_at(where, "timestamp"), item["timestamp"], now)
@@ -95,7 +100,7 @@ def parse_event(where: str, item: Any, now: float) -> Tracked:
                 _at(where, "properties"),
                 f"more than {MAX_PROPERTIES} properties",
             )
-    return Tracked(key, event, at, None if value is None else float(value), properties)
+    return Tracked(key, event, at, value, properties)
 
 
 def parse_track(body: Any, max_events: int, now: float) -> list[Tracked]:
