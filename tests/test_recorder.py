@@ -244,3 +244,56 @@ async def test_flushed_waits_for_what_was_queued_before_it() -> None:
     assert await rec.flushed(5.0)
     await asyncio.to_thread(rec.close)
     assert [c.unit for c in backend.conversions] == ["u1", "u2"]
+
+
+def test_a_conversion_before_its_exposure_is_written_is_asked_again_final(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store answers not_exposed_yet to a first, non-final ask; the recorder asks again, final,
+    after the grace time, and counts only the final answer."""
+    import proxy.experiments.recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "ATTRIBUTION_GRACE_S", 0.05)
+
+    class NotYet(Batches):
+        def apply(
+            self, exposures: Sequence[ExposureRecord], conversions: Sequence[ConversionRecord]
+        ) -> Applied:
+            with self.applied:
+                self.calls += 1
+                self.conversions += conversions
+                self.applied.notify_all()
+                return Applied([], ["counted" if c.final else "not_exposed_yet" for c in conversions])
+
+    backend = NotYet()
+    rec, tally = recorder(backend)
+    rec.start()
+    assert rec.converted("buy", "u1", 5.0) == 1
+    backend.wait_for(conversions=2)
+    rec.close()
+    assert [c.final for c in backend.conversions] == [False, True]
+    assert all(c.unit == "u1" and c.at == 5.0 for c in backend.conversions)
+    assert tally.conversion[("buy", "counted")] == 1
+    assert ("buy", "not_exposed_yet") not in tally.conversion
+
+
+def test_shutdown_asks_the_waiting_conversions_at_once() -> None:
+    class NotYet(Batches):
+        def apply(
+            self, exposures: Sequence[ExposureRecord], conversions: Sequence[ConversionRecord]
+        ) -> Applied:
+            with self.applied:
+                self.conversions += conversions
+                self.applied.notify_all()
+                return Applied([], ["unattributed" if c.final else "not_exposed_yet" for c in conversions])
+
+    backend = NotYet()
+    rec, tally = recorder(backend)
+    rec.start()
+    rec.converted("buy", "u9", 5.0)
+    backend.wait_for(conversions=1)
+    started = time.monotonic()
+    rec.close()
+    assert time.monotonic() - started < 1.5  # not the 2 s grace
+    assert [c.final for c in backend.conversions] == [False, True]
+    assert tally.conversion[("buy", "unattributed")] == 1

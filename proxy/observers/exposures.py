@@ -49,7 +49,7 @@ class ExposureObserver:
                     sink = analytics.get(flag.source)
                     if sink is not None:
                         sink.exposed(flag, served, context, int(at * 1000))
-        if self.goals and exchange.status:
+        if self.goals and exchange.status and not exchange.client_gone:  # a 499 is nobody's conversion
             for goal in self.goals.reached(exchange.method, exchange.path, exchange.status):
                 recorder.converted(goal, unit, now)
                 for sink in analytics.values():
