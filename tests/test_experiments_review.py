@@ -140,7 +140,7 @@ def test_with_two_workers_a_conversion_tracked_right_after_its_exposure_is_attri
     origin = origin_factory()
     config = CONFIG + f'\n[[origins]]\nprefix = "/"\nurl = "{origin.url}"\n'
     proxy = proxy_factory(config=config, flags=FLAGS, args=["--workers", "2"])
-    users = [f"two-workers-{i}" for i in range(100)]
+    users = [f"two-workers-{i}" for i in range(60)]
     for user in users:
         # new connections: the kernel spreads them over both workers, as it does a browser's
         with httpx.Client() as fresh:

@@ -106,7 +106,7 @@ def test_two_workers_on_one_sqlite_file_count_each_unit_once(
 ) -> None:
     origin = origin_factory()
     proxy = proxy_factory([origin.url], flags=FLAGS, env=ENV, args=["--workers", "2"])
-    users = [f"worker-{i}" for i in range(200)]
+    users = [f"worker-{i}" for i in range(120)]
     for round_ in range(2):
         for i, user in enumerate(users):
             with (

@@ -40,6 +40,7 @@ class Batches:
         self.gate.wait(10)
         with self.applied:
             self.calls += 1
+            self.applied.notify_all()  # also for a waiter on ``calls``
             if self.crash:
                 raise RuntimeError("a bug")
             if self.failures:
