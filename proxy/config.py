@@ -173,6 +173,38 @@ class ExperimentsSettings:
 
 
 @dataclass(frozen=True)
+class SlackChatSettings:
+    """``[chat.slack]``: the ``/flag`` slash command (docs/chatops.md)."""
+
+    signing_secret: str = ""  # the Slack app's signing secret ("" = POST /chat/slack answers 404)
+    allowed_users: tuple[str, ...] = ()  # Slack user ids that may change flags (empty = nobody)
+    allowed_channels: tuple[str, ...] = ()  # when set, changes only from these channel ids
+    announce_webhook_url: str = ""  # an incoming webhook: every change is announced there
+    reply_within_s: float = 2.0  # answer inline if done by then, else acknowledge and use response_url
+
+
+@dataclass(frozen=True)
+class TelegramChatSettings:
+    """``[chat.telegram]``: the ``/flag`` bot command over the Bot API webhook (docs/chatops.md)."""
+
+    secret_token: str = ""  # setWebhook's secret_token ("" = POST /chat/telegram answers 404)
+    bot_token: str = ""  # replies and announcements go through the Bot API with it
+    bot_username: str = ""  # "/flag@<this>" is for us ("" = any @suffix is accepted)
+    api_url: str = "https://api.telegram.org"
+    allowed_users: tuple[str, ...] = ()  # Telegram user ids that may change flags (empty = nobody)
+    announce_chat_id: str = ""  # every change is announced in this chat ("" = not announced)
+    dedupe_size: int = 10000  # update_ids remembered, per worker, to apply a retried update once
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    timeout_s: float = 5.0  # each post to Slack or Telegram (replies, announcements)
+    max_pending: int = 100  # posts waiting to be sent; beyond it dropped and logged
+    slack: SlackChatSettings = field(default_factory=SlackChatSettings)
+    telegram: TelegramChatSettings = field(default_factory=TelegramChatSettings)
+
+
+@dataclass(frozen=True)
 class GoalSettings:
     """A ``[[goals]]`` table: proxied requests that count as reaching the goal ``name``."""
 
@@ -234,6 +266,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     experiments: ExperimentsSettings = field(default_factory=ExperimentsSettings)
+    chat: ChatSettings = field(default_factory=ChatSettings)
     origins: tuple[OriginSettings, ...] = ()
     routes: tuple[RouteSettings, ...] = ()
     goals: tuple[GoalSettings, ...] = ()
@@ -333,8 +366,44 @@ def _apply(
             where += f" ({source.format(key=key.upper())})"
         if key not in known:
             raise ConfigError(f"{where}: unknown setting")
+        if dataclasses.is_dataclass(hints[key]):  # a nested section: [chat.slack]
+            table = f"[{where_prefix.strip('[]')}.{key}]"
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{table}: expected a table")
+            nested = source.replace("{key}", f"{key.upper()}_{{key}}")
+            changes[key] = _apply(table, getattr(instance, key), value, from_text, nested)
+            continue
         changes[key] = _coerce(where, hints[key], value, from_text)
     return dataclasses.replace(instance, **changes)
+
+
+def _env_values(var_prefix: str, section: Any, env: Mapping[str, str]) -> dict[str, Any]:
+    """``FLAGPROXY_<SECTION>_<KEY>`` values for ``section``; a nested section's keys are
+    ``FLAGPROXY_<SECTION>_<NESTED>_<KEY>`` (``FLAGPROXY_CHAT_SLACK_SIGNING_SECRET``)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        var = f"{var_prefix}_{f.name.upper()}"
+        if dataclasses.is_dataclass(value):
+            nested = _env_values(var, value, env)
+            if nested:
+                values[f.name] = nested
+        elif var in env:
+            values[f.name] = env[var]
+    return values
+
+
+def setting_names(kind: type, prefix: str = "") -> list[str]:
+    """Every setting of a section, nested ones dotted (``slack.signing_secret``)."""
+    hints = typing.get_type_hints(kind)
+    names: list[str] = []
+    for f in dataclasses.fields(kind):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            names += setting_names(tp, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        else:
+            names.append(prefix + f.name)
+    return names
 
 
 # --- origins --------------------------------------------------------------------------------------
@@ -422,11 +491,7 @@ def load_settings(
         sections[name] = _apply(f"[{name}]", sections[name], value, from_text=False)
 
     for name, section in sections.items():
-        env_values = {}
-        for f in dataclasses.fields(section):
-            var = f"{ENV_PREFIX}{name.upper()}_{f.name.upper()}"
-            if var in env:
-                env_values[f.name] = env[var]
+        env_values = _env_values(f"{ENV_PREFIX}{name.upper()}", section, env)
         if env_values:
             source = f"from {ENV_PREFIX}{name.upper()}_{{key}}"
             sections[name] = _apply(f"[{name}]", section, env_values, from_text=True, source=source)
@@ -612,6 +677,7 @@ def validate(settings: Settings) -> None:
     _check(lg.format.lower() in LOG_FORMATS, f"[log] format: expected json or text, got {lg.format!r}")
 
     _validate_experiments(settings)
+    _validate_chat(settings.chat)
 
     seen: set[str] = set()
     for i, origin in enumerate(settings.origins):
@@ -681,6 +747,33 @@ def _validate_experiments(settings: Settings) -> None:
             status_matcher(goal.status)
         except ValueError as exc:
             raise ConfigError(f"{where} status: {exc}") from None
+
+
+_TELEGRAM_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def _validate_chat(chat: ChatSettings) -> None:
+    _check(chat.timeout_s > 0, f"[chat] timeout_s: must be positive, got {chat.timeout_s}")
+    _check(chat.max_pending > 0, f"[chat] max_pending: must be positive, got {chat.max_pending}")
+    sl, tg = chat.slack, chat.telegram
+    _check(
+        0 <= sl.reply_within_s <= 2.5,
+        f"[chat.slack] reply_within_s: 0..2.5 (Slack waits 3 s for the answer), got {sl.reply_within_s}",
+    )
+    for where, url in (
+        ("[chat.slack] announce_webhook_url", sl.announce_webhook_url),
+        ("[chat.telegram] api_url", tg.api_url),
+    ):
+        _check(not url or urlsplit(url).scheme in ("http", "https"), f"{where}: must be an http(s) URL")
+    _check(
+        not tg.secret_token or bool(_TELEGRAM_SECRET.fullmatch(tg.secret_token)),
+        "[chat.telegram] secret_token: 1..256 characters of A-Z, a-z, 0-9, _ and - (the Bot API's rule)",
+    )
+    _check(
+        not tg.secret_token or bool(tg.bot_token),
+        "[chat.telegram] bot_token: required with secret_token (replies go through the Bot API)",
+    )
+    _check(tg.dedupe_size > 0, f"[chat.telegram] dedupe_size: must be positive, got {tg.dedupe_size}")
 
 
 def status_matcher(spec: str) -> tuple[frozenset[int], frozenset[int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,20 +108,65 @@ def test_example_configs_load() -> None:
 
 def test_example_config_shows_every_setting() -> None:
     """config/flagproxy.toml is the settings reference: every section and key is in it."""
-    import dataclasses
     import tomllib
 
-    from proxy.config import all_sections
+    from proxy.config import all_sections, setting_names
 
     with open(Path(__file__).resolve().parent.parent / "config" / "flagproxy.toml", "rb") as fh:
         example = tomllib.load(fh)
+
+    def listed(table: dict[str, Any], dotted: str) -> bool:
+        *tables, key = dotted.split(".")
+        for name in tables:
+            table = table.get(name, {})
+        return key in table
+
     missing = [
-        f"[{section}] {f.name}"
+        f"[{section}] {name}"
         for section, kind in all_sections().items()
-        for f in dataclasses.fields(kind)
-        if f.name not in example.get(section, {})
+        for name in setting_names(kind)
+        if not listed(example.get(section, {}), name)
     ]
+    assert "[chat] slack.signing_secret" in [f"[chat] {n}" for n in setting_names(all_sections()["chat"])]
     assert missing == []
+
+
+def test_nested_sections_from_file_and_environment(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path,
+        "[chat]\ntimeout_s = 3\n[chat.slack]\nsigning_secret = 'from-file'\nallowed_users = ['U1']\n"
+        "[chat.telegram]\nsecret_token = 'tok'\nbot_token = '1:x'\n",
+    )
+    env = {
+        "FLAGPROXY_CHAT_SLACK_SIGNING_SECRET": "from-env",
+        "FLAGPROXY_CHAT_TELEGRAM_ALLOWED_USERS": "42, 43",
+        "FLAGPROXY_CHAT_MAX_PENDING": "7",
+    }
+    s = load_settings(config_file=cfg, env=env)
+    assert s.chat.timeout_s == 3.0 and s.chat.max_pending == 7
+    assert s.chat.slack.signing_secret == "from-env"  # env beats file
+    assert s.chat.slack.allowed_users == ("U1",)  # the file's, untouched by other env keys
+    assert s.chat.telegram.allowed_users == ("42", "43")
+    assert s.chat.telegram.secret_token == "tok"
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "needle"),
+    [
+        ("[chat.slack]\nbogus = 1\n", {}, "[chat.slack] bogus: unknown setting"),
+        ("[chat]\nslack = 1\n", {}, "[chat.slack]: expected a table"),
+        ("[chat.slack]\nreply_within_s = 5\n", {}, "[chat.slack] reply_within_s"),
+        ("", {"FLAGPROXY_CHAT_SLACK_REPLY_WITHIN_S": "x"}, "FLAGPROXY_CHAT_SLACK_REPLY_WITHIN_S"),
+        ("[chat.telegram]\nsecret_token = 'a b'\nbot_token = 'x'\n", {}, "[chat.telegram] secret_token"),
+        ("[chat.telegram]\nsecret_token = 'ab'\n", {}, "[chat.telegram] bot_token"),
+    ],
+)
+def test_bad_nested_settings_name_the_field(
+    tmp_path: Path, toml: str, env: dict[str, str], needle: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=write(tmp_path, toml), env=env)
+    assert needle in str(info.value)
 
 
 def test_cli_exits_2_with_message_naming_field(tmp_path: Path) -> None:
