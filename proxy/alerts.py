@@ -2,8 +2,9 @@
 
 ``notify`` is synchronous and cheap: it deduplicates per (origin, route pattern, condition) with a
 cooldown and puts the message on a bounded queue (full → dropped and counted). A single sender
-task posts to the Slack incoming webhook with httpx, honours ``429 Retry-After``, retries 5xx a
-little, and logs and counts failures. Nothing here can slow down or fail a proxied request.
+task posts to the Slack incoming webhook with httpx (``post_json``: honours ``429 Retry-After``,
+retries 5xx a little), and logs and counts failures. Nothing here can slow down or fail a proxied
+request.
 """
 
 from __future__ import annotations
@@ -194,32 +195,37 @@ class Alerter:
 
     async def _send(self, alert: Alert) -> None:
         assert self._client is not None
-        payload = alert.message()
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            try:
-                response = await self._client.post(self.settings.slack_webhook_url, json=payload)
-            except httpx.HTTPError as exc:
-                if attempt == MAX_ATTEMPTS:
-                    self.stats.failed += 1
-                    self.metrics.alert(alert.condition, "failed")
-                    log.error("Slack alert failed after %d attempts: %s", attempt, type(exc).__name__)
-                    return
-                await asyncio.sleep(0.5 * attempt)
-                continue
-            if response.status_code == 200:
-                self.stats.sent += 1
-                self.metrics.alert(alert.condition, "sent")
-                return
-            if response.status_code == 429 and attempt < MAX_ATTEMPTS:
-                await asyncio.sleep(retry_after(response))
-                continue
-            if response.status_code >= 500 and attempt < MAX_ATTEMPTS:
-                await asyncio.sleep(0.5 * attempt)
-                continue
-            self.stats.failed += 1
-            self.metrics.alert(alert.condition, "failed")
-            log.error("Slack answered %d %.100s; alert not delivered", response.status_code, response.text)
+        outcome = await post_json(self._client, self.settings.slack_webhook_url, alert.message())
+        if isinstance(outcome, httpx.Response) and outcome.status_code == 200:
+            self.stats.sent += 1
+            self.metrics.alert(alert.condition, "sent")
             return
+        self.stats.failed += 1
+        self.metrics.alert(alert.condition, "failed")
+        if isinstance(outcome, httpx.HTTPError):
+            log.error("Slack alert failed after %d attempts: %s", MAX_ATTEMPTS, type(outcome).__name__)
+        else:
+            log.error("Slack answered %d %.100s; alert not delivered", outcome.status_code, outcome.text)
+
+
+async def post_json(client: httpx.AsyncClient, url: str, payload: Any) -> httpx.Response | httpx.HTTPError:
+    """POST ``payload`` as JSON, up to ``MAX_ATTEMPTS`` times: a transport error or a 5xx is retried
+    after 0.5 s times the attempt, a 429 after its ``Retry-After``. The last answer, or the last error."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            response = await client.post(url, json=payload)
+        except httpx.HTTPError as exc:
+            if attempt == MAX_ATTEMPTS:
+                return exc
+            await asyncio.sleep(0.5 * attempt)
+            continue
+        if attempt < MAX_ATTEMPTS and response.status_code == 429:
+            await asyncio.sleep(retry_after(response))
+        elif attempt < MAX_ATTEMPTS and response.status_code >= 500:
+            await asyncio.sleep(0.5 * attempt)
+        else:
+            return response
+    raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover
 
 
 def retry_after(response: httpx.Response) -> float:

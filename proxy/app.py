@@ -18,6 +18,7 @@ from proxy.alerts import Alerter
 from proxy.asgi import Message, Receive, Scope, Send
 from proxy.config import ConfigError, Settings, StoreSettings, flag_header_names
 from proxy.control.app import build_control_app
+from proxy.control.chat.runtime import ChatRuntime
 from proxy.control.deps import ControlDeps
 from proxy.dataplane.context import ContextBuilder
 from proxy.dataplane.exchange import Exchange
@@ -177,6 +178,7 @@ class FlagProxy:
             chain, on_error=self.metrics.observer_failed, on_drop=self.metrics.observer_dropped
         )
 
+        self.chat = ChatRuntime(settings.chat)
         deps = ControlDeps(
             settings=settings,
             store=self.store,
@@ -187,6 +189,7 @@ class FlagProxy:
             syncs=self.syncs,
             recorder=self.recorder,
             analytics=self.analytics,
+            chat=self.chat,
         )
         webhooks = [route for source in self.registry.sources for route in source.webhook_routes()]
         self.control = build_control_app(deps, webhooks)
@@ -266,6 +269,7 @@ class FlagProxy:
             await sink.close()
         if self.recorder is not None:
             await asyncio.to_thread(self.recorder.close)
+        await self.chat.close()  # pending chat replies and announcements, bounded
         await self.store.close()
         await self.alerter.close()
         process_exiting()

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import uvicorn
@@ -1029,3 +1030,88 @@ class InProcessProxy:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(20)
+
+
+# --- chat: signed Slack slash commands, Telegram updates, what fake chat servers received -------------
+
+
+def slack_signature(secret: str, timestamp: str, body: bytes) -> str:
+    """Slack's ``X-Slack-Signature``: ``v0=<hex HMAC-SHA256(secret, "v0:<timestamp>:<body>")>``."""
+    return "v0=" + hmac.new(secret.encode(), f"v0:{timestamp}:".encode() + body, hashlib.sha256).hexdigest()
+
+
+_trigger_ids = itertools.count(1)
+
+
+def slack_form(text: str, user: str = "U0ADMIN", channel: str = "C0OPS", **fields: str) -> bytes:
+    """A slash command's form body, as Slack sends it."""
+    form = {
+        "token": "legacy-unused",
+        "team_id": "T0TEAM",
+        "team_domain": "example",
+        "channel_id": channel,
+        "channel_name": "ops",
+        "user_id": user,
+        "user_name": f"name-{user}",
+        "command": "/flag",
+        "text": text,
+        "api_app_id": "A0APP",
+        "trigger_id": f"{next(_trigger_ids)}.1234.abcd",  # unique per command, as Slack's
+        **fields,
+    }
+    return urlencode(form).encode()
+
+
+def post_slack(
+    base_url: str,
+    body: bytes,
+    secret: str,
+    *,
+    timestamp: int | None = None,
+    signature: str | None = None,
+) -> httpx.Response:
+    """POST a slash command to ``/__flags/chat/slack``, signed with ``secret`` unless ``signature``."""
+    stamp = str(int(time.time()) if timestamp is None else timestamp)
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Slack-Request-Timestamp": stamp,
+        "X-Slack-Signature": slack_signature(secret, stamp, body) if signature is None else signature,
+    }
+    return http_client().post(f"{base_url}/__flags/chat/slack", content=body, headers=headers)
+
+
+_update_ids = itertools.count(int(time.time()))
+
+
+def telegram_update(
+    text: str,
+    user: int = 4242,
+    chat: int | None = None,
+    chat_type: str = "private",
+    update_id: int | None = None,
+) -> dict[str, Any]:
+    """A Bot API ``Update`` carrying one text message (a bot_command entity when it starts with /)."""
+    message: dict[str, Any] = {
+        "message_id": next(_update_ids) % 100000,
+        "from": {"id": user, "is_bot": False, "first_name": "Ann", "username": f"user{user}"},
+        "chat": {"id": user if chat is None else chat, "type": chat_type},
+        "date": int(time.time()),
+        "text": text,
+    }
+    if text.startswith("/"):
+        message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+    return {"update_id": next(_update_ids) if update_id is None else update_id, "message": message}
+
+
+def post_telegram(base_url: str, update: Any, token: str | None) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["X-Telegram-Bot-Api-Secret-Token"] = token
+    return http_client().post(
+        f"{base_url}/__flags/chat/telegram", content=json.dumps(update), headers=headers
+    )
+
+
+def json_posts(server: RawOrigin, path: str) -> list[Any]:
+    """The JSON bodies ``server`` received at ``path``, in order."""
+    return [json.loads(r.body or b"null") for r in server.requests_to(path)]

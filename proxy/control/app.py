@@ -7,6 +7,8 @@
     /api/evaluate          evaluate.py   a caller's flags and why, through the data plane's fitter
     /api/audit             audit.py      who changed what
     /api/experiments...    experiments.py  experiment results and resets; /api/track takes conversions
+    /chat/slack            chat/slack.py     the /flag slash command (only with [chat.slack] signing_secret)
+    /chat/telegram         chat/telegram.py  the /flag bot webhook (only with [chat.telegram] secret_token)
 
 ``/api`` sits behind bearer-token middleware (``[admin] token``; without one it does not exist).
 Errors are raised as ``HTTPProblem`` and answered by one registered handler (``problems.py``).
@@ -22,6 +24,7 @@ from starlette.routing import BaseRoute, Mount, Router
 
 from proxy.control import audit, evaluate, experiments, flags, metrics, probes
 from proxy.control.auth import BearerAuth
+from proxy.control.chat import slack, telegram
 from proxy.control.deps import ControlDeps
 from proxy.control.problems import HANDLERS
 
@@ -34,7 +37,14 @@ def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = (
         middleware=[Middleware(BearerAuth, token=deps.settings.admin.token, routes=api_routes)],
     )
     webhooks = Mount("/webhooks", app=Router(list(webhook_routes), redirect_slashes=False))
-    routes = [*probes.ROUTES, *metrics.ROUTES, webhooks, api]
+    chat_routes: list[BaseRoute] = []
+    if deps.chat is not None:  # each chat exists only with its secret: without one its path is 404
+        if deps.settings.chat.slack.signing_secret:
+            chat_routes += slack.ROUTES
+        if deps.settings.chat.telegram.secret_token:
+            chat_routes += telegram.ROUTES
+    chat = Mount("/chat", app=Router(chat_routes, redirect_slashes=False))
+    routes = [*probes.ROUTES, *metrics.ROUTES, webhooks, api, chat]
     app = Starlette(
         routes=[Mount(deps.settings.server.control_prefix, app=Router(routes, redirect_slashes=False))],
         exception_handlers=dict(HANDLERS),

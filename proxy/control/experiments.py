@@ -85,7 +85,7 @@ async def list_experiments(request: Request) -> Response:
     return JSONResponse({"experiments": [summary(k, flags.get(k), counts[k]) for k in keys]})
 
 
-async def _known(deps: ControlDeps, key: str) -> tuple[Recorder, Any]:
+async def known_experiment(deps: ControlDeps, key: str) -> tuple[Recorder, Any]:
     recorder = recorder_of(deps)
     flag = deps.store.snapshot.flags.get(key)
     await recorder.flushed(READ_WAIT_S)
@@ -102,13 +102,13 @@ async def _known(deps: ControlDeps, key: str) -> tuple[Recorder, Any]:
 
 async def get_experiment(request: Request) -> Response:
     deps, key = deps_of(request), request.path_params["key"]
-    _, counts = await _known(deps, key)
+    _, counts = await known_experiment(deps, key)
     return JSONResponse(results(key, deps.store.snapshot.flags.get(key), counts))
 
 
 async def reset_experiment(request: Request) -> Response:
     deps, key = deps_of(request), request.path_params["key"]
-    recorder, counts = await _known(deps, key)
+    recorder, counts = await known_experiment(deps, key)
     try:
         removed = await asyncio.to_thread(recorder.backend.reset, key)
     except BackendError as exc:

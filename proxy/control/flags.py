@@ -17,7 +17,7 @@ from proxy.control.bodies import read_json
 from proxy.control.deps import ControlDeps, deps_of
 from proxy.control.problems import HTTPProblem
 from proxy.control.webhooks import apply, result_response
-from proxy.engine import FlagError
+from proxy.engine import Flag, FlagError
 from proxy.sources.native.document import SOURCE as NATIVE
 from proxy.sources.native.document import validated_delete, validated_upsert
 from proxy.store.change import Change, stored_text
@@ -49,6 +49,28 @@ def _parsed(text: str) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError):
         return None
+
+
+def override_change(key: str, action: str, actor: str, variant: bool | str | None = None) -> Change:
+    """A kill, a promotion (of ``variant``) or a restore, as the store takes it."""
+    if action == "restore":
+        return Change(source=OVERRIDES, delete=[key], actor=actor, action=action)
+    override = {"kill": True} if action == "kill" else {"promote": variant}
+    return Change(source=OVERRIDES, upsert={key: stored_text(override)}, actor=actor, action=action)
+
+
+def promotable(flag: Flag, variant: Any) -> bool | str | None:
+    """The outcome ``variant`` names (``"true"``/``"false"`` for a boolean flag), or None."""
+    if isinstance(variant, str) and isinstance(flag.default.value, bool) and variant in ("true", "false"):
+        variant = variant == "true"
+    if variant is None or flag.outcome(variant) is None:
+        return None
+    value: bool | str = variant
+    return value
+
+
+def choices(flag: Flag) -> str:
+    return ", ".join(json.dumps(s.value) for s in flag.served)
 
 
 def unknown(key: str) -> HTTPProblem:
@@ -92,7 +114,7 @@ async def delete_flag(request: Request) -> Response:
     result = await apply(store, validated_delete(key, actor="admin"))
     if key in store.snapshot.raw.items(OVERRIDES):
         # A kill or promotion belongs to the flag: it must not come back with a new flag of that name.
-        result = await apply(store, Change(source=OVERRIDES, delete=[key], actor="admin", action="restore"))
+        result = await apply(store, override_change(key, "restore", "admin"))
     return result_response(result, 200)
 
 
@@ -100,8 +122,7 @@ async def kill_flag(request: Request) -> Response:
     deps, key = deps_of(request), request.path_params["key"]
     if key not in deps.store.snapshot.flags:
         raise unknown(key)
-    change = Change(source=OVERRIDES, upsert={key: stored_text({"kill": True})}, actor="admin", action="kill")
-    return result_response(await apply(deps.store, change), 200)
+    return result_response(await apply(deps.store, override_change(key, "kill", "admin")), 200)
 
 
 async def promote_flag(request: Request) -> Response:
@@ -110,22 +131,16 @@ async def promote_flag(request: Request) -> Response:
     if flag is None:
         raise unknown(key)
     body = await read_json(request, deps.settings.webhooks.max_body_bytes)
-    variant = body.get("variant") if isinstance(body, dict) else None
-    if isinstance(variant, str) and isinstance(flag.default.value, bool) and variant in ("true", "false"):
-        variant = variant == "true"
-    if variant is None or flag.outcome(variant) is None:
-        choices = ", ".join(json.dumps(s.value) for s in flag.served)
-        raise HTTPProblem(422, "unknown_variant", f'body must be {{"variant": one of {choices}}}')
-    change = Change(
-        source=OVERRIDES, upsert={key: stored_text({"promote": variant})}, actor="admin", action="promote"
-    )
+    variant = promotable(flag, body.get("variant") if isinstance(body, dict) else None)
+    if variant is None:
+        raise HTTPProblem(422, "unknown_variant", f'body must be {{"variant": one of {choices(flag)}}}')
+    change = override_change(key, "promote", "admin", variant)
     return result_response(await apply(deps.store, change), 200)
 
 
 async def restore_flag(request: Request) -> Response:
     deps, key = deps_of(request), request.path_params["key"]
-    change = Change(source=OVERRIDES, delete=[key], actor="admin", action="restore")
-    return result_response(await apply(deps.store, change), 200)
+    return result_response(await apply(deps.store, override_change(key, "restore", "admin")), 200)
 
 
 ROUTES = [

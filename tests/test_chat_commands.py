@@ -1,0 +1,292 @@
+"""The ``/flag`` grammar and every command end to end: a signed Slack slash command to a real proxy,
+the change seen where it matters — the X-Feature-Flags header the origin receives, ``/api/audit``'s
+actor — and the announcement received by a fake Slack incoming webhook (a real local HTTP server)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from support import (
+    ProxyProcess,
+    RawOrigin,
+    http_client,
+    json_posts,
+    post_slack,
+    served_flags,
+    slack_form,
+    wait_for,
+)
+
+from proxy.control.chat.commands import Command, Usage, command_text, parse, reweighted
+
+SECRET = "slack-signing-secret-for-tests"
+TOKEN = "chat-admin-token"
+ADMIN, READER = "U0ADMIN", "U0READER"
+THREE_WAY = {
+    "variants": {
+        "control": {"weight": 50, "config": {"minConfidence": 0.85}},
+        "treatment_a": {"weight": 25, "config": {"minConfidence": 0.75}},
+        "treatment_b": {"weight": 25, "config": {"minConfidence": 0.8}},
+    },
+    "defaultVariant": "control",
+}
+FLAGS = {
+    "flags": {
+        "signal-confidence-threshold": {
+            **THREE_WAY,
+            "experiment": {"control": "control", "goals": ["trade"], "window_hours": 72},
+        },
+        "weights-flag": THREE_WAY,
+        "promote-flag": THREE_WAY,
+        "kill-flag": THREE_WAY,
+        "dark-mode": {"enabled": True},
+        "checkout-v2": {"enabled": False},
+        "list-alpha-one": {"enabled": True},
+        "list-alpha-two": {"enabled": False},
+        "list-beta": {"enabled": True},
+    }
+}
+CONFIG = """
+[[goals]]
+name = "trade"
+method = "POST"
+path = "/api/trades/**"
+"""
+USERS = [f"trader-{i}" for i in range(40)]
+
+
+# --- the grammar (pure) -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "command"),
+    [
+        ("list", Command("list")),
+        ("/flag list checkout-*", Command("list", pattern="checkout-*")),
+        ("get dark-mode", Command("get", key="dark-mode")),
+        ("ON dark-mode", Command("on", key="dark-mode")),
+        ("off  dark-mode ", Command("off", key="dark-mode")),
+        ("kill k", Command("kill", key="k")),
+        ("restore k", Command("restore", key="k")),
+        ("set k treatment_b 25", Command("set", key="k", variant="treatment_b", percent=25)),
+        ("set k treatment_b 100%", Command("set", key="k", variant="treatment_b", percent=100)),
+        ("promote k treatment_a", Command("promote", key="k", variant="treatment_a")),
+        ("stats k", Command("stats", key="k")),
+        ("stats k trade", Command("stats", key="k", goal="trade")),
+        ("help", Command("help")),
+        ("/flag@mybot help", Command("help")),
+    ],
+)
+def test_parse(text: str, command: Command) -> None:
+    assert parse(text) == command
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("", "no command"),
+        ("/flag", "no command"),
+        ("launch k", "unknown command"),
+        ("get", "usage: /flag get KEY"),
+        ("get a b", "usage: /flag get KEY"),
+        ("set k v", "usage: /flag set KEY VARIANT PERCENT"),
+        ("set k v 101", "0..100"),
+        ("set k v -5", "0..100"),
+        ("set k v 2.5", "0..100"),
+        ("stats k g extra", "usage: /flag stats KEY [GOAL]"),
+        ("list " + "x" * 2000, "longer than"),
+    ],
+)
+def test_malformed_commands_are_usage_errors(text: str, needle: str) -> None:
+    with pytest.raises(Usage) as info:
+        parse(text)
+    assert needle in str(info.value)
+
+
+def test_command_text_is_for_this_bot_only() -> None:
+    assert command_text("/flag on x") == "on x"
+    assert command_text("/flag") == ""
+    assert command_text("/flag@FlagBot on x", "flagbot") == "on x"  # usernames are case-insensitive
+    assert command_text("/flag@otherbot on x", "flagbot") is None
+    assert command_text("/flag@anybot on x") == "on x"  # no bot_username: any suffix is ours
+    assert command_text("/start") is None
+    assert command_text("/flagged on x") is None
+    assert command_text("hello /flag on x") is None
+
+
+@pytest.mark.parametrize(
+    ("weights", "variant", "percent", "expected"),
+    [
+        # the issue's example: treatment_b to 25 % of 100, the others keep 50:25 → 2:1
+        ([("control", 50), ("treatment_a", 25), ("treatment_b", 25)], "treatment_b", 40,
+         [("control", 40), ("treatment_a", 20), ("treatment_b", 40)]),
+        ([("control", 50), ("treatment_a", 25), ("treatment_b", 25)], "control", 0,
+         [("control", 0), ("treatment_a", 50), ("treatment_b", 50)]),
+        ([("a", 1), ("b", 1), ("c", 1)], "a", 50, [("a", 2), ("b", 1), ("c", 0)]),  # total stays 3
+        ([("a", 0), ("b", 0), ("c", 0)], "a", 50, [("a", 50), ("b", 25), ("c", 25)]),  # all 0: of 100
+        ([("a", 70), ("b", 30)], "b", 100, [("a", 0), ("b", 100)]),
+        ([("a", 10), ("b", 20), ("c", 70)], "a", 33, [("a", 33), ("b", 15), ("c", 52)]),
+    ],
+)  # fmt: skip
+def test_reweighted(
+    weights: list[tuple[str, int]], variant: str, percent: int, expected: list[tuple[str, int]]
+) -> None:
+    got = reweighted(weights, variant, percent)
+    assert got == expected
+    assert sum(w for _, w in got) == (sum(w for _, w in weights) or 100)
+
+
+def test_reweighted_refuses_what_cannot_be() -> None:
+    with pytest.raises(ValueError, match="no variant 'nope'"):
+        reweighted([("a", 1), ("b", 1)], "nope", 10)
+    with pytest.raises(ValueError, match="only variant"):
+        reweighted([("a", 5)], "a", 50)
+    assert reweighted([("a", 5)], "a", 100) == [("a", 5)]
+
+
+# --- end to end, through Slack ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_slack(origin_factory: Callable[..., RawOrigin]) -> RawOrigin:
+    """Slack's side: the incoming webhook for announcements."""
+    return origin_factory()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    origin: RawOrigin, fake_slack: RawOrigin, proxy_factory: Callable[..., ProxyProcess]
+) -> ProxyProcess:
+    env = {
+        "FLAGPROXY_ADMIN_TOKEN": TOKEN,
+        "FLAGPROXY_CHAT_SLACK_SIGNING_SECRET": SECRET,
+        "FLAGPROXY_CHAT_SLACK_ALLOWED_USERS": ADMIN,
+        "FLAGPROXY_CHAT_SLACK_ANNOUNCE_WEBHOOK_URL": f"{fake_slack.url}/announce",
+    }
+    return proxy_factory([origin.url], flags=FLAGS, env=env, config=CONFIG)
+
+
+def flag(proxy: ProxyProcess, text: str, user: str = ADMIN) -> str:
+    """``/flag <text>`` from ``user``: the ephemeral reply's text."""
+    response = post_slack(proxy.base_url, slack_form(text, user=user), SECRET)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["response_type"] == "ephemeral"
+    text_out: str = body["text"]
+    return text_out
+
+
+def served(proxy: ProxyProcess, origin: RawOrigin, key: str) -> list[Any]:
+    return [served_flags(proxy, origin, user=u).get(key) for u in USERS]
+
+
+def audit(proxy: ProxyProcess, key: str) -> list[dict[str, Any]]:
+    response = http_client().get(
+        f"{proxy.base_url}/__flags/api/audit", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    return [e for e in response.json()["entries"] if e["flag"] == key]
+
+
+def announced(fake_slack: RawOrigin, needle: str) -> list[str]:
+    return [p["text"] for p in json_posts(fake_slack, "/announce") if needle in p["text"]]
+
+
+def test_help(proxy: ProxyProcess) -> None:
+    reply = flag(proxy, "help")
+    assert "/flag set KEY VARIANT PERCENT" in reply and reply.startswith("```")
+
+
+def test_list_and_get(proxy: ProxyProcess) -> None:
+    reply = flag(proxy, "list list-alpha-*", user=READER)  # reads need no permission
+    assert "list-alpha-one [native] on" in reply and "list-alpha-two [native] off" in reply
+    assert "list-beta" not in reply
+    assert "list-beta" in flag(proxy, "list beta")  # a substring
+    assert "no flags match" in flag(proxy, "list nothing-like-this")
+    reply = flag(proxy, "get weights-flag", user=READER)
+    assert "weights-flag [native] on, control 50% / treatment_a 25% / treatment_b 25%" in reply
+    assert "no flag 'nope'" in flag(proxy, "get nope")
+
+
+def test_off_and_on(proxy: ProxyProcess, origin: RawOrigin, fake_slack: RawOrigin) -> None:
+    assert set(served(proxy, origin, "dark-mode")) == {True}
+    reply = flag(proxy, "off dark-mode")
+    assert reply.startswith("done: turned dark-mode off"), reply
+    assert set(served(proxy, origin, "dark-mode")) == {False}
+    entry = audit(proxy, "dark-mode")[0]
+    assert (entry["actor"], entry["action"], entry["source"]) == (f"slack:{ADMIN}", "off", "native")
+    wait_for(lambda: announced(fake_slack, "turned dark-mode off"), what="the announcement")
+    assert announced(fake_slack, "turned dark-mode off") == [f"@name-{ADMIN} (Slack) turned dark-mode off"]
+    assert "already" in flag(proxy, "off dark-mode")  # nothing to change
+    assert flag(proxy, "on dark-mode").startswith("done: turned dark-mode on")
+    assert set(served(proxy, origin, "dark-mode")) == {True}
+
+
+def test_set_weights(proxy: ProxyProcess, origin: RawOrigin) -> None:
+    reply = flag(proxy, "set weights-flag treatment_b 100")
+    assert "control 0 / treatment_a 0 / treatment_b 100" in reply, reply
+    assert set(served(proxy, origin, "weights-flag")) == {"treatment_b"}
+    assert audit(proxy, "weights-flag")[0]["actor"] == f"slack:{ADMIN}"
+    reply = flag(proxy, "set weights-flag control 100")
+    assert set(served(proxy, origin, "weights-flag")) == {"control"}
+    assert "no variant 'treatment_z'" in flag(proxy, "set weights-flag treatment_z 10")
+    assert "has no variants" in flag(proxy, "set dark-mode on 10")
+    assert set(served(proxy, origin, "weights-flag")) == {"control"}  # the refusals changed nothing
+
+
+def test_kill_and_restore(proxy: ProxyProcess, origin: RawOrigin) -> None:
+    assert len(set(served(proxy, origin, "kill-flag"))) > 1
+    assert flag(proxy, "kill kill-flag").startswith("done: killed kill-flag")
+    assert set(served(proxy, origin, "kill-flag")) == {"control"}
+    assert "KILLED" in flag(proxy, "get kill-flag")
+    assert flag(proxy, "restore kill-flag").startswith("done: restored kill-flag")
+    assert len(set(served(proxy, origin, "kill-flag"))) > 1
+    actions = [(e["action"], e["actor"]) for e in audit(proxy, "kill-flag")]
+    assert actions[:2] == [("restore", f"slack:{ADMIN}"), ("kill", f"slack:{ADMIN}")]
+
+
+def test_promote(proxy: ProxyProcess, origin: RawOrigin) -> None:
+    assert "no variant 'nope'" in flag(proxy, "promote promote-flag nope")
+    assert flag(proxy, "promote promote-flag treatment_a").startswith("done: promoted promote-flag")
+    assert set(served(proxy, origin, "promote-flag")) == {"treatment_a"}
+    assert audit(proxy, "promote-flag")[0]["action"] == "promote"
+
+
+def test_boolean_promote_and_unknown_flag(proxy: ProxyProcess, origin: RawOrigin) -> None:
+    assert flag(proxy, "promote checkout-v2 true").startswith("done: promoted checkout-v2")
+    assert set(served(proxy, origin, "checkout-v2")) == {True}
+    assert "no flag 'ghost'" in flag(proxy, "kill ghost")
+
+
+def test_changes_need_an_allowed_user(proxy: ProxyProcess, origin: RawOrigin) -> None:
+    for text in ("off list-beta", "kill list-beta", "promote list-beta false", "set list-beta x 1"):
+        assert flag(proxy, text, user=READER).startswith("not allowed"), text
+    assert set(served(proxy, origin, "list-beta")) == {True}
+    assert audit(proxy, "list-beta") == []
+
+
+def test_stats_is_the_experiments_table(proxy: ProxyProcess, origin: RawOrigin) -> None:
+    for user in USERS:
+        http_client().get(f"{proxy.base_url}/api/signals", headers={"X-User-Id": user})
+    for user in USERS[::4]:
+        http_client().post(f"{proxy.base_url}/api/trades/new", headers={"X-User-Id": user})
+
+    def table() -> str:
+        reply = flag(proxy, "stats signal-confidence-threshold trade", user=READER)
+        return reply if f"{len(USERS)} users" in reply and "Goal: trade" in reply else ""
+
+    reply = wait_for(table, timeout=10, what="the experiment's results")
+    assert "Variant" in reply and "Conversion Rate" in reply and "treatment_b" in reply
+    assert "(control)" in reply
+    assert "has no goal 'signup'" in flag(proxy, "stats signal-confidence-threshold signup")
+    assert "no experiment flag 'dark-mode'" in flag(proxy, "stats dark-mode")
+
+
+def test_malformed_commands_get_help_and_change_nothing(proxy: ProxyProcess, origin: RawOrigin) -> None:
+    for text in ("", "launch dark-mode", "off", "set weights-flag control 500"):
+        reply = flag(proxy, text)
+        assert "/flag help" in reply, (text, reply)
+    assert set(served(proxy, origin, "dark-mode")) == {True}
+    assert json.dumps(audit(proxy, "dark-mode")).count('"action": "off"') <= 1
