@@ -1115,3 +1115,12 @@ def post_telegram(base_url: str, update: Any, token: str | None) -> httpx.Respon
 def json_posts(server: RawOrigin, path: str) -> list[Any]:
     """The JSON bodies ``server`` received at ``path``, in order."""
     return [json.loads(r.body or b"null") for r in server.requests_to(path)]
+
+
+def audited(base_url: str, token: str, key: str) -> list[tuple[str, str]]:
+    """``(action, actor)`` of ``key``'s entries in ``/__flags/api/audit``, newest first."""
+    response = http_client().get(
+        f"{base_url}/__flags/api/audit", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 200, response.text
+    return [(e["action"], e["actor"]) for e in response.json()["entries"] if e["flag"] == key]

@@ -136,7 +136,8 @@ class ChatRuntime:
         if slack.announce_webhook_url:
             self.outbox.post(slack.announce_webhook_url, {"text": mrkdwn_escape(text)}, "Slack announcement")
         if telegram.announce_chat_id and telegram.bot_token:
-            payload = {"chat_id": telegram.announce_chat_id, "text": text}
+            chat = telegram.announce_chat_id  # a numeric id, or "@channelusername"
+            payload = {"chat_id": int(chat) if chat.lstrip("-").isdigit() else chat, "text": text}
             self.outbox.post(self.telegram_url("sendMessage"), payload, "Telegram announcement")
 
     async def close(self) -> None:
