@@ -275,6 +275,9 @@ def test_stats_is_the_experiments_table(proxy: ProxyProcess, origin: RawOrigin) 
     reply = wait_for(table, timeout=10, what="the experiment's results")
     assert "Variant" in reply and "Conversion Rate" in reply and "treatment_b" in reply
     assert "(control)" in reply
+    changed = flag(proxy, "set signal-confidence-threshold treatment_b 40")
+    assert "control 40 / treatment_a 20 / treatment_b 40" in changed and "sample-ratio check" in changed
+    assert "MISMATCH" in flag(proxy, "stats signal-confidence-threshold trade")  # exposed at 50/25/25
     assert "has no goal 'signup'" in flag(proxy, "stats signal-confidence-threshold signup")
     assert "no experiment flag 'dark-mode'" in flag(proxy, "stats dark-mode")
 

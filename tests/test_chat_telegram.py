@@ -176,3 +176,19 @@ def test_without_a_secret_token_the_endpoint_is_absent(
     assert response.status_code == 404
     assert response.json()["error"] == "not_found"
     assert served_flags(proxy, origin)["t6"] is True
+
+
+def test_a_change_made_in_the_announce_chat_is_told_there_once(
+    proxy: ProxyProcess, origin: RawOrigin, bot_api: RawOrigin
+) -> None:
+    update = telegram_update("/flag@flagproxy_bot off t7", user=ADMIN, chat=ANNOUNCE, chat_type="supergroup")
+    send(proxy, update)
+    wait_for(lambda: replies_to(bot_api, ANNOUNCE, "done: turned t7 off"), what="the reply")
+    send(proxy, telegram_update("/flag on t7", user=ADMIN))  # from elsewhere: announced there
+    wait_for(lambda: replies_to(bot_api, ANNOUNCE, "turned t7 on"), what="the announcement")
+    told = [p["text"] for p in replies_to(bot_api, ANNOUNCE, "t7")]
+    assert len(told) == 2, (
+        told
+    )  # the reply, and the later change's announcement: no announcement of the first
+    assert told[0].startswith("done: turned t7 off") and told[1] == f"@user{ADMIN} (Telegram) turned t7 on"
+    assert served_flags(proxy, origin)["t7"] is True

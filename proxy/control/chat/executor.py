@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import fnmatch
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ class Actor:
     id: str  # the audit's actor: "slack:U012AB3CD", "telegram:42"
     name: str  # how announcements name them: "@alice"
     via: str  # "Slack", "Telegram"
+    telegram_chat: int | None = None  # the Telegram chat the command came from (sees the reply already)
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ def get_text(deps: ControlDeps, key: str) -> str:
             if definition.get(field):
                 lines.append(f"{field}: {len(definition[field])}")
         if "experiment" in definition:
-            lines.append(f"experiment: {definition['experiment']}")
+            lines.append(f"experiment: {json.dumps(definition['experiment'], ensure_ascii=False)}")
     return "\n".join(lines)
 
 
@@ -223,5 +225,11 @@ async def change(deps: ControlDeps, command: Command, actor: Actor) -> Reply:
     if result.status != "applied":
         return Reply(f"not done: the store answered {result.status}")
     if deps.chat is not None:
-        deps.chat.announce(f"{actor.name} ({actor.via}) {done}")
-    return Reply(f"done: {done} (store version {result.version})")
+        deps.chat.announce(f"{actor.name} ({actor.via}) {done}", skip_telegram_chat=actor.telegram_chat)
+    note = ""
+    if command.name == "set" and deps.store.snapshot.flags[command.key].experiment is not None:
+        note = (
+            "\nnote: it is an experiment: its sample-ratio check now expects the new weights, so users "
+            "exposed before this change count as a mismatch (/flag stats shows it)"
+        )
+    return Reply(f"done: {done} (store version {result.version}){note}")

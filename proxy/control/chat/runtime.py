@@ -130,14 +130,16 @@ class ChatRuntime:
         tg = self.settings.telegram
         return f"{tg.api_url.rstrip('/')}/bot{tg.bot_token}/{method}"
 
-    def announce(self, text: str) -> None:
-        """A change, told in every configured channel (Slack incoming webhook, Telegram chat)."""
+    def announce(self, text: str, skip_telegram_chat: int | None = None) -> None:
+        """A change, told in every configured channel (Slack incoming webhook, Telegram chat); not in
+        the Telegram chat the command came from (everyone there sees the reply)."""
         slack, telegram = self.settings.slack, self.settings.telegram
         if slack.announce_webhook_url:
             self.outbox.post(slack.announce_webhook_url, {"text": mrkdwn_escape(text)}, "Slack announcement")
-        if telegram.announce_chat_id and telegram.bot_token:
-            chat = telegram.announce_chat_id  # a numeric id, or "@channelusername"
-            payload = {"chat_id": int(chat) if chat.lstrip("-").isdigit() else chat, "text": text}
+        chat_id = telegram.announce_chat_id  # a numeric id, or "@channelusername"
+        chat: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
+        if chat_id and telegram.bot_token and chat != skip_telegram_chat:
+            payload = {"chat_id": chat, "text": text}
             self.outbox.post(self.telegram_url("sendMessage"), payload, "Telegram announcement")
 
     async def close(self) -> None:

@@ -67,7 +67,9 @@ async def answer(
         if command.changes and (not user or user not in settings.allowed_users):
             reply = Reply("not allowed: you may not change flags ([chat.telegram] allowed_users)")
         else:
-            reply = await run(deps, command, Actor(id=f"telegram:{user}", name=name, via="Telegram"))
+            chat = message["chat"]["id"]
+            actor = Actor(id=f"telegram:{user}", name=name, via="Telegram", telegram_chat=chat)
+            reply = await run(deps, command, actor)
     payload: dict[str, Any] = {"chat_id": message["chat"]["id"], **rendered(reply)}
     if isinstance(message.get("message_id"), int):
         payload["reply_parameters"] = {
