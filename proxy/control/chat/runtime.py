@@ -78,10 +78,14 @@ class Outbox:
                 "chat: %d posts pending; dropped %s (%d so far)", len(self._tasks), what, self.dropped
             )
             return False
-        task = asyncio.create_task(self._guarded(work, what), name=f"flagproxy-chat {what}")
+        self.keep(asyncio.create_task(self._guarded(work, what), name=f"flagproxy-chat {what}"))
+        return True
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a task started elsewhere until it ends (the loop keeps only weak references), so a
+        command whose request went away still finishes, and shutdown waits for it."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
 
     def post(self, url: str, payload: dict[str, Any], what: str) -> bool:
         return self.spawn(self.send(url, payload, what), what)

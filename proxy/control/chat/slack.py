@@ -113,6 +113,7 @@ async def slash_command(request: Request) -> Response:
         )
     actor = Actor(id=f"slack:{user}", name=f"@{field.get('user_name') or user}", via="Slack")
     task = asyncio.create_task(run(deps, command, actor), name="flagproxy-chat slack command")
+    runtime.outbox.keep(task)
     response_url = field.get("response_url", "")
     can_defer = urlsplit(response_url).scheme in ("http", "https")
     done, _ = await asyncio.wait({task}, timeout=settings.reply_within_s if can_defer else None)
