@@ -288,3 +288,32 @@ def test_malformed_commands_get_help_and_change_nothing(proxy: ProxyProcess, ori
         assert "/flag help" in reply, (text, reply)
     assert set(served(proxy, origin, "dark-mode")) == {True}
     assert [a for a in audit(proxy, "dark-mode") if a[0] == "off"] == [("off", f"slack:{ADMIN}")]
+
+
+def test_flags_of_another_source_take_overrides_only(
+    origin: RawOrigin, proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    from test_split_e2e import FakeSplitApi, split_flag  # a fake Split API on a real local socket
+
+    split = FakeSplitApi()
+    split.thread.start()
+    try:
+        split.publish(split_flag("split-checkout", 100))
+        env = {
+            "FLAGPROXY_ADMIN_TOKEN": TOKEN,
+            "FLAGPROXY_CHAT_SLACK_SIGNING_SECRET": SECRET,
+            "FLAGPROXY_CHAT_SLACK_ALLOWED_USERS": ADMIN,
+            "FLAGPROXY_SPLIT_SDK_KEY": "sdk-key-e2e",  # the key the fake accepts
+            "FLAGPROXY_SPLIT_API_URL": split.url,
+            "FLAGPROXY_SPLIT_INTERVAL_S": "3600",
+        }
+        proxy = proxy_factory([origin.url], env=env)
+        wait_for(lambda: served_flags(proxy, origin).get("split-checkout") == "on", what="the Split pull")
+        for text in ("off split-checkout", "set split-checkout on 50"):
+            assert "comes from split: change it there" in flag(proxy, text), text
+        assert "split-checkout [split]" in flag(proxy, "list split-")
+        assert flag(proxy, "promote split-checkout off").startswith("done: promoted split-checkout")
+        assert served_flags(proxy, origin)["split-checkout"] == "off"
+        assert audit(proxy, "split-checkout")[0] == ("promote", f"slack:{ADMIN}")  # after the sync's upsert
+    finally:
+        split.server.shutdown()
