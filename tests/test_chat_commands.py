@@ -11,12 +11,14 @@ import pytest
 from support import (
     ProxyProcess,
     RawOrigin,
+    RedisServer,
     audited,
     http_client,
     json_posts,
     post_slack,
     served_flags,
     slack_form,
+    unique_namespace,
     wait_for,
 )
 
@@ -317,3 +319,21 @@ def test_flags_of_another_source_take_overrides_only(
         assert audit(proxy, "split-checkout")[0] == ("promote", f"slack:{ADMIN}")  # after the sync's upsert
     finally:
         split.server.shutdown()
+
+
+def test_with_the_redis_store(
+    origin: RawOrigin, redis_server: RedisServer, proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    env = {
+        "FLAGPROXY_ADMIN_TOKEN": TOKEN,
+        "FLAGPROXY_CHAT_SLACK_SIGNING_SECRET": SECRET,
+        "FLAGPROXY_CHAT_SLACK_ALLOWED_USERS": ADMIN,
+        "FLAGPROXY_STORE_ENVIRONMENT": unique_namespace("chat"),
+    }
+    proxy = proxy_factory([origin.url], flags=FLAGS, env=env, args=["--redis-url", redis_server.url])
+    wait_for(lambda: http_client().get(f"{proxy.base_url}/__flags/readyz").status_code == 200)
+    assert flag(proxy, "off dark-mode").startswith("done: turned dark-mode off")
+    assert flag(proxy, "set weights-flag treatment_a 100").startswith("done: set weights-flag")
+    assert served_flags(proxy, origin)["dark-mode"] is False
+    assert set(served(proxy, origin, "weights-flag")) == {"treatment_a"}
+    assert audit(proxy, "weights-flag") == [("set_weights", f"slack:{ADMIN}")]
