@@ -11,12 +11,15 @@ import pytest
 from support import (
     ProxyProcess,
     RawOrigin,
+    RedisServer,
     audited,
+    http_client,
     http_response,
     json_posts,
     post_telegram,
     served_flags,
     telegram_update,
+    unique_namespace,
     wait_for,
 )
 
@@ -192,3 +195,37 @@ def test_a_change_made_in_the_announce_chat_is_told_there_once(
     )  # the reply, and the later change's announcement: no announcement of the first
     assert told[0].startswith("done: turned t7 off") and told[1] == f"@user{ADMIN} (Telegram) turned t7 on"
     assert served_flags(proxy, origin)["t7"] is True
+
+
+def test_a_retry_to_another_instance_applies_nothing(
+    origin: RawOrigin,
+    bot_api: RawOrigin,
+    redis_server: RedisServer,
+    proxy_factory: Callable[..., ProxyProcess],
+) -> None:
+    """Two instances on one Redis: the update_id rides with the change into the store, so a retry that a
+    load balancer sends to the other instance is a duplicate there too."""
+    env = {
+        "FLAGPROXY_ADMIN_TOKEN": TOKEN,
+        "FLAGPROXY_CHAT_TELEGRAM_SECRET_TOKEN": SECRET,
+        "FLAGPROXY_CHAT_TELEGRAM_BOT_TOKEN": BOT_TOKEN,
+        "FLAGPROXY_CHAT_TELEGRAM_API_URL": bot_api.url,
+        "FLAGPROXY_CHAT_TELEGRAM_ALLOWED_USERS": str(ADMIN),
+        "FLAGPROXY_STORE_ENVIRONMENT": unique_namespace("chat-telegram"),
+    }
+    one, two = (
+        proxy_factory([origin.url], flags=FLAGS, env=env, args=["--redis-url", redis_server.url])
+        for _ in range(2)
+    )
+    for proxy in (one, two):
+        wait_for(lambda p=proxy: http_client().get(f"{p.base_url}/__flags/readyz").status_code == 200)
+    kill = telegram_update("/flag kill layout", user=ADMIN, chat=5151)
+    send(one, kill)
+    wait_for(lambda: replies_to(bot_api, 5151, "done: killed layout"), what="the first delivery's reply")
+    send(one, telegram_update("/flag restore layout", user=ADMIN, chat=5151))
+    wait_for(lambda: replies_to(bot_api, 5151, "done: restored layout"), what="the restore's reply")
+    assert send(two, kill)["status"] == "accepted"  # this instance has not seen it
+    reply = wait_for(lambda: replies_to(bot_api, 5151, "already done"), what="the retry's reply")
+    assert "applied before" in reply[0]["text"]
+    assert len({served_flags(two, origin, user=f"u{i}")["layout"] for i in range(12)}) == 2  # restored
+    assert audit(one, "layout") == [("restore", f"telegram:{ADMIN}"), ("kill", f"telegram:{ADMIN}")]

@@ -40,6 +40,10 @@ class Actor:
     name: str  # how announcements name them: "@alice"
     via: str  # "Slack", "Telegram"
     telegram_chat: int | None = None  # the Telegram chat the command came from (sees the reply already)
+    # the request's id for the store ("telegram:<update_id>"): a change carrying it applies once across
+    # every instance sharing the store (a Telegram retry that reached another instance), for delivery_ttl_s
+    delivery: str = ""
+    delivery_ttl_s: int = 0
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,10 @@ def _planned(deps: ControlDeps, command: Command, actor: Actor) -> tuple[Change,
 
 async def change(deps: ControlDeps, command: Command, actor: Actor) -> Reply:
     planned, done = _planned(deps, command, actor)
+    planned.delivery, planned.delivery_ttl_s = actor.delivery, actor.delivery_ttl_s
     result: ApplyResult = await apply(deps.store, planned)
+    if result.status == "duplicate":
+        return Reply(f"already done: this request was applied before ({command.name} {command.key})")
     if result.status == "unchanged":
         return Reply(f"nothing to change: {command.key} is already like that")
     if result.status != "applied":

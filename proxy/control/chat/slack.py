@@ -111,7 +111,13 @@ async def slash_command(request: Request) -> Response:
         return JSONResponse(
             ephemeral(f"not allowed: you may not change flags{where} ([chat.slack] allowed_users)")
         )
-    actor = Actor(id=f"slack:{user}", name=f"@{field.get('user_name') or user}", via="Slack")
+    actor = Actor(
+        id=f"slack:{user}",
+        name=f"@{field.get('user_name') or user}",
+        via="Slack",
+        delivery=f"slack:{signature.removeprefix('v0=')}",  # a replay to another instance applies nothing
+        delivery_ttl_s=2 * REPLAY_WINDOW_S,  # the timestamp may be up to 300 s either side of now
+    )
     task = asyncio.create_task(run(deps, command, actor), name="flagproxy-chat slack command")
     runtime.outbox.keep(task)
     response_url = field.get("response_url", "")

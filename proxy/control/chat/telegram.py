@@ -27,6 +27,7 @@ from proxy.control.problems import HTTPProblem
 
 MAX_BODY = 1_048_576
 MAX_TEXT = 4000  # Telegram's limit is 4096 characters a message
+DELIVERY_TTL_S = 86_400  # a change's update_id is kept in the store this long (Telegram retries for less)
 
 
 def rendered(reply: Reply) -> dict[str, Any]:
@@ -54,6 +55,7 @@ async def answer(
     deps: ControlDeps,
     runtime: ChatRuntime,
     settings: TelegramChatSettings,
+    update_id: int,
     message: dict[str, Any],
     text: str,
 ) -> None:
@@ -68,7 +70,14 @@ async def answer(
             reply = Reply("not allowed: you may not change flags ([chat.telegram] allowed_users)")
         else:
             chat = message["chat"]["id"]
-            actor = Actor(id=f"telegram:{user}", name=name, via="Telegram", telegram_chat=chat)
+            actor = Actor(
+                id=f"telegram:{user}",
+                name=name,
+                via="Telegram",
+                telegram_chat=chat,
+                delivery=f"telegram:{update_id}",
+                delivery_ttl_s=DELIVERY_TTL_S,
+            )
             reply = await run(deps, command, actor)
     payload: dict[str, Any] = {"chat_id": message["chat"]["id"], **rendered(reply)}
     if isinstance(message.get("message_id"), int):
@@ -101,7 +110,7 @@ async def webhook(request: Request) -> Response:
     if args is None or not isinstance(chat, dict) or not isinstance(chat.get("id"), int):
         return JSONResponse({"status": "ignored", "update_id": update_id})  # not a /flag command for us
     assert isinstance(message, dict)
-    runtime.outbox.spawn(answer(deps, runtime, settings, message, args), "Telegram command")
+    runtime.outbox.spawn(answer(deps, runtime, settings, update_id, message, args), "Telegram command")
     return JSONResponse({"status": "accepted", "update_id": update_id})
 
 
