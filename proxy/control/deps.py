@@ -17,6 +17,7 @@ from proxy.store.base import FlagStore
 if TYPE_CHECKING:
     from proxy.experiments.analytics import Analytics
     from proxy.experiments.recorder import Recorder
+    from proxy.lifecycle.service import Lifecycle
     from proxy.sources.base import Sync
 
 
@@ -31,6 +32,7 @@ class ControlDeps:
     syncs: Mapping[str, Sync] = field(default_factory=dict)  # sources' background syncs, by source
     recorder: Recorder | None = None  # exposures and conversions; None when experiments are disabled
     analytics: Mapping[str, Analytics] = field(default_factory=dict)  # sources' own (Split's events)
+    lifecycle: Lifecycle | None = None  # potentially stale flags (GET /api/stale)
 
 
 def deps_of(request: Request) -> ControlDeps:
