@@ -8,8 +8,9 @@ since (two at most). Memory is bounded by the flags of the current snapshot.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
+from proxy.engine.flag import Flag, Served
 from proxy.store.base import Snapshot
 from proxy.store.ledger import MAX_VALUES, UsageDelta
 from proxy.store.state import OVERRIDES
@@ -35,42 +36,53 @@ class UsageCounter:
         self._fp: dict[str, str] = {}
         self._since: dict[str, float] = {}
         self._last: dict[str, float] = {}
-        self._values: dict[str, set[str]] = {}
-        self._dirty: set[str] = set()
+        self._values: dict[str, set[bool | str]] = {}
+        self._drained: dict[str, tuple[float, int]] = {}  # key → (last, outcomes) as last drained
 
     def use(self, prints: Mapping[str, str], now: float) -> None:
         """A new snapshot: flags whose fingerprint moved start counting outcomes afresh."""
         for key in [k for k in self._fp if k not in prints]:
-            for table in (self._fp, self._since, self._last, self._values):
+            for table in (self._fp, self._since, self._last, self._values, self._drained):
                 table.pop(key, None)
-            self._dirty.discard(key)
         for key, fp in prints.items():
             if self._fp.get(key) != fp:
                 self._fp[key] = fp
                 self._since[key] = now
                 self._values[key] = set()
-                self._dirty.add(key)
+                self._drained.pop(key, None)
 
     def seen(self, key: str, value: bool | str, now: float) -> None:
-        """``key`` was evaluated and served ``value`` (on the event loop: O(1))."""
+        """``key`` was evaluated and served ``value``."""
         values = self._values.get(key)
-        if values is None:
-            return
-        self._last[key] = now
-        if len(values) < MAX_VALUES:
-            values.add(value if value.__class__ is str else ("true" if value else "false"))
-        self._dirty.add(key)
+        if values is not None:
+            self._last[key] = now
+            if len(values) < MAX_VALUES:
+                values.add(value)
+
+    def seen_all(self, resolved: Iterable[tuple[Flag, Served]], now: float) -> None:
+        """One request's resolved flags (on the event loop: a few dict operations per flag)."""
+        last, outcomes = self._last, self._values
+        for flag, served in resolved:
+            key = flag.key
+            values = outcomes.get(key)
+            if values is not None:
+                last[key] = now
+                if len(values) < MAX_VALUES:
+                    values.add(served.value)
 
     def drain(self) -> list[UsageDelta]:
-        """What moved since the last drain, as store deltas."""
-        out: list[UsageDelta] = [
-            (key, self._fp[key], self._since[key], self._last.get(key, 0.0), sorted(self._values[key]))
-            for key in sorted(self._dirty)
-            if key in self._fp
-        ]
-        self._dirty.clear()
+        """What moved since the last drain (new definitions, evaluations), as store deltas."""
+        out: list[UsageDelta] = []
+        for key in sorted(self._fp):
+            state = (self._last.get(key, 0.0), len(self._values[key]))
+            if self._drained.get(key) == state:
+                continue
+            self._drained[key] = state
+            names = sorted(v if v.__class__ is str else ("true" if v else "false") for v in self._values[key])
+            out.append((key, self._fp[key], self._since[key], state[0], names))
         return out
 
     def restore(self, deltas: list[UsageDelta]) -> None:
-        """A flush failed: count these again at the next one."""
-        self._dirty.update(d[0] for d in deltas)
+        """A flush failed: send these again at the next one."""
+        for delta in deltas:
+            self._drained.pop(delta[0], None)

@@ -20,7 +20,4 @@ class UsageObserver:
         resolved = exchange.resolved
         if exchange.control or not resolved:
             return
-        now = time.time()
-        seen = self.counter.seen
-        for flag, served in resolved:
-            seen(flag.key, served.value, now)
+        self.counter.seen_all(resolved, time.time())
