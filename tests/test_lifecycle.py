@@ -16,7 +16,7 @@ import pytest
 from support import RawOrigin
 
 from proxy.alerts import Alerter
-from proxy.config import AlertSettings, LifecycleSettings, Settings
+from proxy.config import AlertSettings, ConfigError, LifecycleSettings, Settings, load_settings
 from proxy.engine import FlagError
 from proxy.engine.native import compile_flag
 from proxy.lifecycle.notify import Notifiers
@@ -369,3 +369,28 @@ async def test_no_change_channel_no_notice(origin_factory: Callable[..., RawOrig
     await store.apply(Change(source="native", upsert={"x": stored_text({})}, actor="admin"))
     await alerter.close()
     assert slack.requests_to("/hook") == []
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"FLAGPROXY_LIFECYCLE_DIGEST_HOUR": "24"}, "[lifecycle] digest_hour"),
+        ({"FLAGPROXY_LIFECYCLE_DEFAULT_TYPE": "temporary"}, "[lifecycle] default_type"),
+        ({"FLAGPROXY_LIFECYCLE_RELEASE_DAYS": "-1"}, "[lifecycle] release_days"),
+        ({"FLAGPROXY_LIFECYCLE_STALE_AFTER_DAYS": "0"}, "[lifecycle] stale_after_days"),
+        ({"FLAGPROXY_ALERTS_CHANGE_CHANNEL": "#flags"}, "[alerts] change_channel"),
+        ({"FLAGPROXY_LIFECYCLE_DIGEST_CHANNEL": "ftp://x"}, "[lifecycle] digest_channel"),
+    ],
+)
+def test_bad_lifecycle_settings_name_the_field(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env=env)
+    assert needle in str(caught.value)
+
+
+def test_lifecycle_settings_load() -> None:
+    settings = load_settings(
+        env={"FLAGPROXY_LIFECYCLE_DIGEST_HOUR": "9", "FLAGPROXY_ALERTS_CHANGE_CHANNEL": "telegram:-100123"}
+    )
+    assert settings.lifecycle.digest_hour == 9 and settings.alerts.change_channel == "telegram:-100123"
+    assert settings.lifecycle.lifetimes()["operational"] == 7.0

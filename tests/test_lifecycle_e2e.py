@@ -195,3 +195,39 @@ def test_digest_once_a_day_across_instances_and_restarts(
     claims = redis_server.client().hgetall(f"flagproxy:{redis_namespace}:lifecycle:digest:{today}")
     assert set(claims) == {"expired", "old-release"}
     second.stop()
+
+
+def test_one_notice_per_change_across_instances(
+    proxy_factory: Callable[..., ProxyProcess],
+    origin_factory: Callable[..., RawOrigin],
+    origin: RawOrigin,
+    redis_server: RedisServer,
+    redis_namespace: str,
+) -> None:
+    slack = origin_factory()
+    env = redis_env(redis_server, redis_namespace, FLAGPROXY_ALERTS_CHANGE_CHANNEL=f"{slack.url}/changes")
+    writer = proxy_factory([origin.url], flags=FLAGS, env=env, log_level="info")
+    reader = proxy_factory([origin.url], flags=FLAGS, env=env, log_level="info")
+    response = http_client().put(
+        f"{writer.base_url}/__flags/api/flags/current", json={"percentage": 10}, headers=AUTH
+    )
+    assert response.is_success, response.text
+    version = response.json()["version"]
+    wait_for(
+        lambda: (
+            get_stale(reader)
+            and http_client()
+            .get(f"{reader.base_url}/__flags/api/flags/current", headers=AUTH)
+            .json()["version"]
+            == version
+        ),
+        what="the reader serving the change",
+    )
+    assert slack.wait_until(lambda o: len(o.requests_to("/changes")) >= 1, timeout=10)
+    assert not slack.wait_until(lambda o: len(o.requests_to("/changes")) >= 2, timeout=1.5)
+    [notice] = slack.requests_to("/changes")
+    assert json.loads(notice.body or b"{}")["text"] == (
+        f"flagproxy: admin: `current` changed percentage, type (version {version})"
+    )
+    assert "change: actor=admin flag=current" in writer.stderr()
+    assert "change: actor=admin" not in reader.stderr()
