@@ -211,8 +211,8 @@ async def test_digest_claims_are_once_per_day_per_flag() -> None:
     assert await ledger.claim_digest("2026-06-15", ["a", "b"]) == ["a", "b"]
     assert await ledger.claim_digest("2026-06-15", ["a", "b", "c"]) == ["c"]
     assert await ledger.claim_digest("2026-06-16", ["a"]) == ["a"]
-    assert await ledger.first_seen(["a"], 1.0) == {"a": 1.0}
-    assert await ledger.first_seen(["a", "b"], 2.0) == {"a": 1.0, "b": 2.0}
+    assert await ledger.first_seen({"a": 1.0}) == {"a": 1.0}
+    assert await ledger.first_seen({"a": 2.0, "b": 2.0}) == {"a": 1.0, "b": 2.0}
 
 
 # --- the service: digest and change notices ------------------------------------------------------------

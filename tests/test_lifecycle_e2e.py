@@ -231,3 +231,27 @@ def test_one_notice_per_change_across_instances(
     )
     assert "change: actor=admin flag=current" in writer.stderr()
     assert "change: actor=admin" not in reader.stderr()
+
+
+def test_redis_down_stale_is_503_and_requests_still_flow(
+    proxy_factory: Callable[..., ProxyProcess], origin: RawOrigin, fresh_redis: RedisServer
+) -> None:
+    proxy = proxy_factory([origin.url], flags=FLAGS, env=redis_env(fresh_redis, "down"))
+    assert get_stale(proxy)["stale"]
+    wait_for(lambda: len(fresh_redis.client().hgetall("flagproxy:down:lifecycle:first_seen")) == 4)
+    fresh_redis.stop()
+    response = http_client().get(f"{proxy.base_url}/__flags/api/stale", headers=AUTH)
+    assert response.status_code == 503 and response.json()["error"] == "store_unavailable"
+    for i in range(20):  # counting goes on in memory; nothing waits on the store
+        assert (
+            http_client().get(f"{proxy.base_url}/down/{i}", headers={"X-User-Id": f"u{i}"}).status_code == 200
+        )
+    fresh_redis.restart()
+    assert wait_for(
+        lambda: http_client().get(f"{proxy.base_url}/__flags/api/stale", headers=AUTH).is_success, 10
+    )
+    usage = fresh_redis.client().hgetall("flagproxy:down:lifecycle:usage")
+    assert (
+        wait_for(lambda: fresh_redis.client().hgetall("flagproxy:down:lifecycle:usage"), 10, what="usage")
+        or usage
+    )

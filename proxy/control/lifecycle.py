@@ -19,7 +19,7 @@ async def stale(request: Request) -> Response:
     now = lifecycle.clock()
     try:
         found = await lifecycle.report(now)
-    except (StoreUnavailable, OSError, TimeoutError) as exc:
+    except StoreUnavailable as exc:
         raise HTTPProblem(503, "store_unavailable", str(exc)) from None
     return JSONResponse({"stale": found, "checked_at": iso(now)})
 

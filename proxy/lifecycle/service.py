@@ -22,7 +22,7 @@ from proxy.config import Settings
 from proxy.lifecycle.notify import Notifier, Notifiers
 from proxy.lifecycle.stale import Policy, Usage, iso, stale_flags
 from proxy.lifecycle.usage import UsageCounter, fingerprints
-from proxy.store.base import FlagStore, Snapshot
+from proxy.store.base import FlagStore, Snapshot, StoreUnavailable
 from proxy.store.change import Change
 from proxy.store.ledger import Ledger, MemoryLedger
 from proxy.store.state import OVERRIDES, ApplyResult
@@ -97,8 +97,8 @@ class Lifecycle:
         self.clock = clock
         self.counter = UsageCounter()
         self.first_seen: dict[str, float] = {}  # as the store last answered
+        self._known: dict[str, float] = {}  # every first-seen time learnt (written back after data loss)
         self.last_report: dict[str, list[str]] = {}  # flag → reasons, as last computed (the console)
-        self._unrecorded: set[str] = set()  # keys whose first-seen time is not in the store yet
         self._task: asyncio.Task[None] | None = None
         self.digests_sent = 0
         store.on_change(self.on_snapshot)
@@ -111,17 +111,16 @@ class Lifecycle:
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
         self.counter.use(fingerprints(snapshot), self.clock())
-        self._unrecorded.update(k for k in snapshot.flags if k not in self.first_seen)
 
     async def flush(self) -> None:
         """First-seen times of new flags and the usage counted since the last flush, to the store."""
         now = self.clock()
-        keys = sorted(self._unrecorded)
-        self._unrecorded.clear()
+        # flags the store did not answer for last time: new, or lost with the store's data
+        missing = {k: self._known.get(k, now) for k in self.store.snapshot.flags if k not in self.first_seen}
         try:
-            self.first_seen = await self.ledger.first_seen(keys, now)
+            self.first_seen = await self.ledger.first_seen(missing)
+            self._known.update(self.first_seen)
         except Exception as exc:
-            self._unrecorded.update(keys)
             log.warning("lifecycle: could not record first-seen times: %s", exc)
         deltas = self.counter.drain()
         try:
@@ -146,7 +145,8 @@ class Lifecycle:
                     last_evaluated=last if last > 0 else None,
                     values=frozenset(str(v) for v in r.get("values", [])),
                 )
-        stale = stale_flags(definitions_of(self.store.snapshot), self.first_seen, usage, at, self.policy)
+        first_seen = {**self._known, **self.first_seen}
+        stale = stale_flags(definitions_of(self.store.snapshot), first_seen, usage, at, self.policy)
         self.last_report = {s["flag"]: s["reasons"] for s in stale}
         return stale
 
@@ -236,6 +236,8 @@ class Lifecycle:
                 if now - last_digest >= 60.0:
                     last_digest = now
                     await self.digest_tick()
+            except StoreUnavailable as exc:
+                log.warning("lifecycle: store unavailable (%s); retrying", exc)
             except Exception:
                 log.exception("lifecycle task failed; retrying")
             await asyncio.sleep(tick_s)

@@ -23,8 +23,8 @@ UsageDelta = tuple[str, str, float, float, Sequence[str]]
 
 
 class Ledger(Protocol):
-    async def first_seen(self, keys: Sequence[str], now: float) -> dict[str, float]:
-        """Record ``now`` for each key not seen before; every key's first-seen time."""
+    async def first_seen(self, times: Mapping[str, float]) -> dict[str, float]:
+        """Record each key's time unless the key was seen before; every key's first-seen time."""
         ...
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...
@@ -69,9 +69,9 @@ class MemoryLedger:
         self._usage: dict[str, dict[str, Any]] = {}
         self._digests: dict[str, set[str]] = {}
 
-    async def first_seen(self, keys: Sequence[str], now: float) -> dict[str, float]:
-        for key in keys:
-            self._first_seen.setdefault(key, now)
+    async def first_seen(self, times: Mapping[str, float]) -> dict[str, float]:
+        for key, at in times.items():
+            self._first_seen.setdefault(key, at)
         return dict(self._first_seen)
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:

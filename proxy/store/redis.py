@@ -54,7 +54,7 @@ import re
 import secrets
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +327,15 @@ class RedisKeys:
         return f"{self.base}:delivery:{source}:{delivery}"
 
 
+@contextlib.contextmanager
+def unavailable_on_error() -> Iterator[None]:
+    """Redis errors as the store's own ``StoreUnavailable``."""
+    try:
+        yield
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise StoreUnavailable(str(exc)) from None
+
+
 class RedisLedger:
     """The lifecycle ledger (``proxy.store.ledger``) in Redis: shared by every instance."""
 
@@ -337,12 +346,13 @@ class RedisLedger:
         self.digest_prefix = f"{base}:lifecycle:digest:"
         self._usage_script = redis.register_script(USAGE_LUA)
 
-    async def first_seen(self, keys: Sequence[str], now: float) -> dict[str, float]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hsetnx(self.first_seen_key, key, repr(now))
-            pipe.hgetall(self.first_seen_key)
-            replies = await pipe.execute()
+    async def first_seen(self, times: Mapping[str, float]) -> dict[str, float]:
+        with unavailable_on_error():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, at in times.items():
+                    pipe.hsetnx(self.first_seen_key, key, repr(at))
+                pipe.hgetall(self.first_seen_key)
+                replies = await pipe.execute()
         out: dict[str, float] = {}
         for key, value in (replies[-1] or {}).items():
             with contextlib.suppress(ValueError):
@@ -352,11 +362,14 @@ class RedisLedger:
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         if deltas:
             batch = [[k, fp, changed, last, list(values)] for k, fp, changed, last, values in deltas]
-            await self._usage_script(keys=[self.usage_key], args=[json.dumps(batch)])
+            with unavailable_on_error():
+                await self._usage_script(keys=[self.usage_key], args=[json.dumps(batch)])
 
     async def usage(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        for key, text in (await self.redis.hgetall(self.usage_key)).items():
+        with unavailable_on_error():
+            stored = await self.redis.hgetall(self.usage_key)
+        for key, text in stored.items():
             with contextlib.suppress(ValueError):
                 record = json.loads(text)
                 if isinstance(record, dict):
@@ -369,11 +382,12 @@ class RedisLedger:
         if not keys:
             return []
         name = self.digest_prefix + day
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for key in keys:
-                pipe.hsetnx(name, key, "1")
-            pipe.expire(name, 3 * 86400)
-            replies = await pipe.execute()
+        with unavailable_on_error():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for key in keys:
+                    pipe.hsetnx(name, key, "1")
+                pipe.expire(name, 3 * 86400)
+                replies = await pipe.execute()
         return [key for key, won in zip(keys, replies, strict=False) if won]
 
 
