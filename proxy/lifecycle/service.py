@@ -224,8 +224,9 @@ class Lifecycle:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), timeout=2.0)
 
-    async def _run(self, tick_s: float = 1.0) -> None:
+    async def _run(self) -> None:
         interval = self.settings.lifecycle.flush_interval_s
+        tick_s = min(1.0, interval)
         last_flush = last_digest = float("-inf")
         while True:
             now = time.monotonic()
