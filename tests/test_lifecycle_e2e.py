@@ -255,3 +255,32 @@ def test_redis_down_stale_is_503_and_requests_still_flow(
         wait_for(lambda: fresh_redis.client().hgetall("flagproxy:down:lifecycle:usage"), 10, what="usage")
         or usage
     )
+
+
+def test_a_vendor_sync_posts_a_change_notice(
+    proxy_factory: Callable[..., ProxyProcess], origin_factory: Callable[..., RawOrigin], origin: RawOrigin
+) -> None:
+    from test_split_e2e import FakeSplitApi, split_flag  # the fake Split API of the Split tests
+
+    split_api = FakeSplitApi()
+    split_api.thread.start()
+    try:
+        split_api.publish(split_flag("split-checkout", 100))
+        slack = origin_factory()
+        proxy = proxy_factory(
+            [origin.url],
+            log_level="info",
+            env={
+                "FLAGPROXY_SPLIT_SDK_KEY": "sdk-key-e2e",
+                "FLAGPROXY_SPLIT_API_URL": split_api.url,
+                "FLAGPROXY_SPLIT_ENVIRONMENTS": "Production",
+                "FLAGPROXY_SPLIT_INTERVAL_S": "3600",
+                "FLAGPROXY_ALERTS_CHANGE_CHANNEL": f"{slack.url}/changes",
+            },
+        )
+        assert slack.wait_until(lambda o: len(o.requests_to("/changes")) >= 1, timeout=10)
+        texts = [json.loads(r.body or b"{}")["text"] for r in slack.requests_to("/changes")]
+        assert any(t.startswith("flagproxy: split: `split-checkout` created") for t in texts), texts
+        assert "change: actor=split flag=split-checkout summary=created" in proxy.stderr()
+    finally:
+        split_api.server.shutdown()
