@@ -28,7 +28,11 @@ FLAGS = {
 
 
 def get_stale(proxy: ProxyProcess) -> dict[str, Any]:
-    response = http_client().get(f"{proxy.base_url}/__flags/api/stale", headers=AUTH)
+    """GET /api/stale, once the instance is in sync with its store (503 until then with Redis)."""
+    url = f"{proxy.base_url}/__flags/api/stale"
+    response = wait_for(
+        lambda: (r := http_client().get(url, headers=AUTH)).status_code != 503 and r, 10, what="stale"
+    )
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body

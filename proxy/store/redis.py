@@ -328,8 +328,10 @@ class RedisKeys:
 
 
 @contextlib.contextmanager
-def unavailable_on_error() -> Iterator[None]:
-    """Redis errors as the store's own ``StoreUnavailable``."""
+def unavailable_on_error(usable: Callable[[], bool]) -> Iterator[None]:
+    """Redis errors as the store's own ``StoreUnavailable``; so is a store not in sync (``usable``)."""
+    if not usable():
+        raise StoreUnavailable("the store is not in sync with Redis")
     try:
         yield
     except (RedisError, OSError, TimeoutError) as exc:
@@ -337,17 +339,20 @@ def unavailable_on_error() -> Iterator[None]:
 
 
 class RedisLedger:
-    """The lifecycle ledger (``proxy.store.ledger``) in Redis: shared by every instance."""
+    """The lifecycle ledger (``proxy.store.ledger``) in Redis: shared by every instance. Used only
+    while the store is in sync with Redis (``usable``): nothing is written into a Redis whose flag
+    data this instance cannot read, or has not read yet; counters wait in memory meanwhile."""
 
-    def __init__(self, redis: Redis, base: str) -> None:
+    def __init__(self, redis: Redis, base: str, usable: Callable[[], bool] = lambda: True) -> None:
         self.redis = redis
+        self.usable = usable
         self.first_seen_key = f"{base}:lifecycle:first_seen"
         self.usage_key = f"{base}:lifecycle:usage"
         self.digest_prefix = f"{base}:lifecycle:digest:"
         self._usage_script = redis.register_script(USAGE_LUA)
 
     async def first_seen(self, times: Mapping[str, float]) -> dict[str, float]:
-        with unavailable_on_error():
+        with unavailable_on_error(self.usable):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key, at in times.items():
                     pipe.hsetnx(self.first_seen_key, key, repr(at))
@@ -362,12 +367,12 @@ class RedisLedger:
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         if deltas:
             batch = [[k, fp, changed, last, list(values)] for k, fp, changed, last, values in deltas]
-            with unavailable_on_error():
+            with unavailable_on_error(self.usable):
                 await self._usage_script(keys=[self.usage_key], args=[json.dumps(batch)])
 
     async def usage(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        with unavailable_on_error():
+        with unavailable_on_error(self.usable):
             stored = await self.redis.hgetall(self.usage_key)
         for key, text in stored.items():
             with contextlib.suppress(ValueError):
@@ -382,7 +387,7 @@ class RedisLedger:
         if not keys:
             return []
         name = self.digest_prefix + day
-        with unavailable_on_error():
+        with unavailable_on_error(self.usable):
             async with self.redis.pipeline(transaction=True) as pipe:
                 for key in keys:
                     pipe.hsetnx(name, key, "1")
@@ -439,7 +444,7 @@ class RedisStore(SnapshotHolder):
         )
         self._apply_script = self.redis.register_script(APPLY_LUA)
         self._reseed_script = self.redis.register_script(RESEED_LUA)
-        self.ledger = RedisLedger(self.redis, self.keys.base)
+        self.ledger = RedisLedger(self.redis, self.keys.base, usable=lambda: self.connected)
         self._fallback = fallback
         self._ready = False
         self._redis_version: int | None = None  # version of the last state read from Redis
