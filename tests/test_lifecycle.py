@@ -394,3 +394,28 @@ def test_lifecycle_settings_load() -> None:
     )
     assert settings.lifecycle.digest_hour == 9 and settings.alerts.change_channel == "telegram:-100123"
     assert settings.lifecycle.lifetimes()["operational"] == 7.0
+
+
+def test_the_observer_samples_requests_at_most_every_interval() -> None:
+    from proxy.dataplane.exchange import Exchange
+    from proxy.observers.usage import SAMPLE_INTERVAL_S, UsageObserver
+
+    flag = compile_flag("f", {"variants": {"a": {"weight": 1}, "b": {"weight": 1}}})
+    a, b = flag.served
+    clock = Clock(100.0)
+    counter = UsageCounter()
+    counter.use({"f": "fp"}, 0.0)
+    observer = UsageObserver(counter, clock=clock)
+
+    def request(served: Any) -> None:
+        exchange = Exchange.__new__(Exchange)
+        exchange.control, exchange.resolved = False, ((flag, served),)
+        observer.observe(exchange)
+
+    request(a)
+    clock.at += SAMPLE_INTERVAL_S / 2
+    request(b)  # skipped: too soon after the last sampled request
+    assert counter.drain() == [("f", "fp", 0.0, 100.0, ["a"])]
+    clock.at += SAMPLE_INTERVAL_S
+    request(b)
+    assert counter.drain() == [("f", "fp", 0.0, clock.at, ["a", "b"])]
