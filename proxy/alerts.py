@@ -1,4 +1,5 @@
-"""Slack alerts for the header budget, sent in the background.
+"""Slack alerts for the header budget, and notices (flag changes, the stale digest), sent in the
+background.
 
 ``notify`` is synchronous and cheap: it deduplicates per (origin, route pattern, condition) with a
 cooldown and puts the message on a bounded queue (full → dropped and counted). A single sender
@@ -90,6 +91,19 @@ class Alert:
 
 
 @dataclass
+class Notice:
+    """One plain message (a flag change, the stale digest) for a Slack incoming webhook: ``url``, or
+    ``[alerts] slack_webhook_url`` when empty. ``text`` is Slack mrkdwn, already escaped."""
+
+    condition: str  # the metric's label: "change" | "digest"
+    text: str
+    url: str = ""
+
+    def message(self) -> dict[str, Any]:
+        return {"text": self.text}
+
+
+@dataclass
 class AlertStats:
     sent: int = 0
     failed: int = 0
@@ -106,7 +120,7 @@ class Alerter:
         self.metrics = metrics or Metrics()
         self._client = client
         self._own_client = client is None
-        self._queue: asyncio.Queue[Alert] = asyncio.Queue(maxsize=settings.queue_size)
+        self._queue: asyncio.Queue[Alert | Notice] = asyncio.Queue(maxsize=settings.queue_size)
         self._last: dict[tuple[str, str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         self._drop_logged = float("-inf")
@@ -174,6 +188,19 @@ class Alerter:
             return False
         return True
 
+    def post(self, notice: Notice) -> bool:
+        """Queue ``notice`` (no cooldown: the caller deduplicates); False when it cannot be sent."""
+        if not (notice.url or self.settings.slack_webhook_url):
+            return False
+        try:
+            self._queue.put_nowait(notice)
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            self.metrics.alert(notice.condition, "dropped")
+            log.warning("alert queue full: %s notice dropped", notice.condition)
+            return False
+        return True
+
     async def _send_forever(self) -> None:
         interval = 1.0 / self.settings.max_per_second
         last_post = float("-inf")
@@ -193,9 +220,10 @@ class Alerter:
             finally:
                 self._queue.task_done()
 
-    async def _send(self, alert: Alert) -> None:
+    async def _send(self, alert: Alert | Notice) -> None:
         assert self._client is not None
-        outcome = await post_json(self._client, self.settings.slack_webhook_url, alert.message())
+        url = (alert.url if isinstance(alert, Notice) else "") or self.settings.slack_webhook_url
+        outcome = await post_json(self._client, url, alert.message())
         if isinstance(outcome, httpx.Response) and outcome.status_code == 200:
             self.stats.sent += 1
             self.metrics.alert(alert.condition, "sent")

@@ -31,6 +31,8 @@ from proxy.experiments.analytics import Analytics
 from proxy.experiments.backend import open_backend
 from proxy.experiments.goals import Goals
 from proxy.experiments.recorder import Recorder
+from proxy.lifecycle.notify import Notifiers
+from proxy.lifecycle.service import Lifecycle
 from proxy.logs import without_credentials
 from proxy.metrics import Metrics, forget_dead_workers, process_exiting
 from proxy.observers.access_log import AccessLog
@@ -38,6 +40,7 @@ from proxy.observers.base import Observer, Observers
 from proxy.observers.budget_alerts import BudgetWatch
 from proxy.observers.exposures import ExposureObserver
 from proxy.observers.origin_metrics import OriginMetricsObserver
+from proxy.observers.usage import UsageObserver
 from proxy.sources.base import Sync, SyncContext, analytics_of
 from proxy.sources.native.document import initial_state
 from proxy.sources.registry import DEFAULT, Registry, UnknownSource
@@ -153,6 +156,9 @@ class FlagProxy:
         self.recorder = self._recorder(settings)
         self.alerter = Alerter(settings.alerts, metrics=self.metrics)
         self.budget = BudgetWatch(settings, self.alerter, self.flag_headers)
+        # change notices and the stale digest; the chat integration registers "telegram" here
+        self.notifiers = Notifiers(self.alerter)
+        self.lifecycle = Lifecycle(settings, self.store, self.notifiers)
         self.store.on_change(self.budget.preflight)
         self.store.on_change(self._snapshot_metrics)
         self.store.on_change(freeze_heap)  # the process's one heap: one freezer for every app
@@ -161,6 +167,7 @@ class FlagProxy:
         chain: list[Observer] = [
             OriginMetricsObserver(self.metrics, [o.label for o in self.forwarder.router.origins]),
             self.budget,
+            UsageObserver(self.lifecycle.counter),
         ]
         recorder = self.recorder
         if recorder is not None:
@@ -190,6 +197,7 @@ class FlagProxy:
             recorder=self.recorder,
             analytics=self.analytics,
             chat=self.chat,
+            lifecycle=self.lifecycle,
         )
         webhooks = [route for source in self.registry.sources for route in source.webhook_routes()]
         self.control = build_control_app(deps, webhooks)
@@ -252,6 +260,7 @@ class FlagProxy:
         for sink in self.analytics.values():
             await sink.start()
         self.budget.preflight(self.store.snapshot)
+        await self.lifecycle.start()
         freeze_heap.collect()
         log.info(
             "flagproxy ready: %d flags (store version %d), origins: %s",
@@ -270,6 +279,7 @@ class FlagProxy:
         if self.recorder is not None:
             await asyncio.to_thread(self.recorder.close)
         await self.chat.close()  # pending chat replies and announcements, bounded
+        await self.lifecycle.close()
         await self.store.close()
         await self.alerter.close()
         process_exiting()

@@ -140,6 +140,34 @@ class AlertSettings:
     queue_size: int = 100
     timeout_s: float = 5.0
     max_per_second: float = 1.0
+    # where change notices go (docs/lifecycle.md): a Slack incoming-webhook URL, or
+    # "telegram:<chat id>" when a Telegram notifier is registered; "" = off (the INFO log line stays)
+    change_channel: str = ""
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    """Flag lifecycle (docs/lifecycle.md): expected lifetimes per type in days (0 = never stale by age)."""
+
+    release_days: float = 40.0
+    experiment_days: float = 40.0
+    operational_days: float = 7.0
+    kill_switch_days: float = 0.0
+    permission_days: float = 0.0
+    default_type: str = ""  # the type of flags that declare none ("" = no lifetime)
+    stale_after_days: float = 7.0  # unused, or one outcome for everyone without a change, this long
+    digest_hour: int = -1  # UTC hour of the daily stale digest (-1 = off)
+    digest_channel: str = ""  # where the digest goes ("" = [alerts] slack_webhook_url)
+    flush_interval_s: float = 60.0  # how often usage counters go to the store
+
+    def lifetimes(self) -> dict[str, float]:
+        return {
+            "release": self.release_days,
+            "experiment": self.experiment_days,
+            "operational": self.operational_days,
+            "kill-switch": self.kill_switch_days,
+            "permission": self.permission_days,
+        }
 
 
 @dataclass(frozen=True)
@@ -263,6 +291,7 @@ class Settings:
     webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     experiments: ExperimentsSettings = field(default_factory=ExperimentsSettings)
@@ -667,6 +696,27 @@ def validate(settings: Settings) -> None:
     if al.slack_webhook_url:
         scheme = urlsplit(al.slack_webhook_url).scheme
         _check(scheme in ("http", "https"), "[alerts] slack_webhook_url: must be an http(s) URL")
+    for name, channel in (
+        ("[alerts] change_channel", al.change_channel),
+        ("[lifecycle] digest_channel", settings.lifecycle.digest_channel),
+    ):
+        if channel and not channel.startswith("telegram:"):
+            scheme = urlsplit(channel).scheme
+            _check(
+                scheme in ("http", "https"),
+                f"{name}: must be a Slack incoming-webhook URL or telegram:<chat id>",
+            )
+    lc = settings.lifecycle
+    for name, days in lc.lifetimes().items():
+        _check(days >= 0, f"[lifecycle] {name.replace('-', '_')}_days: must not be negative")
+    _check(
+        lc.default_type in ("", *lc.lifetimes()),
+        f"[lifecycle] default_type: expected one of {', '.join(lc.lifetimes())} or an empty string, "
+        f"got {lc.default_type!r}",
+    )
+    _check(lc.stale_after_days > 0, "[lifecycle] stale_after_days: must be positive")
+    _check(-1 <= lc.digest_hour <= 23, "[lifecycle] digest_hour: expected 0..23, or -1 (off)")
+    _check(lc.flush_interval_s > 0, "[lifecycle] flush_interval_s: must be positive")
     _check(h.typical_request_bytes >= 0, "[header] typical_request_bytes: must not be negative")
 
     lg = settings.log

@@ -21,6 +21,10 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     flags.add_argument("--prefix", default="/__flags", help="control-plane prefix (default /__flags)")
     actions = flags.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="every flag with its source and definition")
+    stale = actions.add_parser(
+        "stale", help="potentially stale flags: owner, type, reasons (docs/lifecycle.md)"
+    )
+    stale.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
     for name, text in (
         ("get", "one flag"),
         ("delete", "delete a native flag"),
@@ -43,6 +47,8 @@ def _request(args: argparse.Namespace) -> tuple[str, str, Any]:
     if key is not None:
         path += "/" + httpx.URL(path="/" + key).raw_path.decode()[1:]
     action = args.action
+    if action == "stale":
+        return "GET", f"{args.prefix}/api/stale", None
     if action == "list" or action == "get":
         return "GET", path, None
     if action == "delete":
@@ -74,5 +80,31 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         payload = {"status": response.status_code, "body": response.text}
     out = sys.stdout if response.is_success else sys.stderr
+    if args.action == "stale" and response.is_success and not args.json and isinstance(payload, dict):
+        print(stale_table(payload), file=out)
+        return 0
     print(json.dumps(payload, indent=2, ensure_ascii=False), file=out)
     return 0 if response.is_success else 1
+
+
+def stale_table(payload: dict[str, Any]) -> str:
+    """``GET /api/stale`` as a table: flag, owner, type, reasons, since."""
+    rows = [
+        (
+            str(s.get("flag", "")),
+            str(s.get("owner") or "-"),
+            str(s.get("type") or "-"),
+            ",".join(s.get("reasons", [])),
+            str(s.get("since", "")),
+        )
+        for s in payload.get("stale", [])
+    ]
+    if not rows:
+        return f"no potentially stale flags (checked {payload.get('checked_at', '')})"
+    header = ("FLAG", "OWNER", "TYPE", "REASONS", "SINCE")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)
+    ]
+    lines.append(f"{len(rows)} potentially stale (checked {payload.get('checked_at', '')})")
+    return "\n".join(lines)

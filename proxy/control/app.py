@@ -6,6 +6,7 @@
     /api/flags...          flags.py      read and change flags, kill / promote / restore
     /api/evaluate          evaluate.py   a caller's flags and why, through the data plane's fitter
     /api/audit             audit.py      who changed what
+    /api/stale             lifecycle.py  potentially stale flags
     /api/experiments...    experiments.py  experiment results and resets; /api/track takes conversions
     /chat/slack            chat/slack.py     the /flag slash command (only with [chat.slack] signing_secret)
     /chat/telegram         chat/telegram.py  the /flag bot webhook (only with [chat.telegram] secret_token)
@@ -22,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Router
 
-from proxy.control import audit, evaluate, experiments, flags, metrics, probes
+from proxy.control import audit, evaluate, experiments, flags, lifecycle, metrics, probes
 from proxy.control.auth import BearerAuth
 from proxy.control.chat import slack, telegram
 from proxy.control.deps import ControlDeps
@@ -30,7 +31,7 @@ from proxy.control.problems import HANDLERS
 
 
 def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = ()) -> Starlette:
-    api_routes = [*flags.ROUTES, *evaluate.ROUTES, *audit.ROUTES, *experiments.ROUTES]
+    api_routes = [*flags.ROUTES, *evaluate.ROUTES, *audit.ROUTES, *lifecycle.ROUTES, *experiments.ROUTES]
     api = Mount(
         "/api",  # /api/track checks its own token ([experiments] track_token, or the admin token)
         app=Router([*api_routes, *experiments.TRACK_ROUTES], redirect_slashes=False),

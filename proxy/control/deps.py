@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from proxy.control.chat.runtime import ChatRuntime
     from proxy.experiments.analytics import Analytics
     from proxy.experiments.recorder import Recorder
+    from proxy.lifecycle.service import Lifecycle
     from proxy.sources.base import Sync
 
 
@@ -33,6 +34,7 @@ class ControlDeps:
     recorder: Recorder | None = None  # exposures and conversions; None when experiments are disabled
     analytics: Mapping[str, Analytics] = field(default_factory=dict)  # sources' own (Split's events)
     chat: ChatRuntime | None = None  # the chat endpoints' state and background poster
+    lifecycle: Lifecycle | None = None  # potentially stale flags (GET /api/stale)
 
 
 def deps_of(request: Request) -> ControlDeps:

@@ -39,6 +39,9 @@ def describe(deps: ControlDeps, key: str) -> dict[str, Any] | None:
             override = raw.items(OVERRIDES).get(key)
             if override is not None:
                 out["override"] = _parsed(override)
+            stale = deps.lifecycle.marker(key) if deps.lifecycle is not None else None
+            if stale is not None:
+                out["stale"] = stale  # potentially stale, and why (as last checked: docs/lifecycle.md)
             return out
     return None
 

@@ -32,9 +32,14 @@ FLAG_FIELDS = frozenset(
         "note",
         "updatedAt",
         "expiresAt",
+        "createdAt",
+        "type",
+        "owner",
         "experiment",
     }
 )
+# Lifecycle types (Unleash's): their default lifetimes are settings ([lifecycle], docs/lifecycle.md)
+FLAG_TYPES = ("release", "experiment", "operational", "kill-switch", "permission")
 EXPERIMENT_FIELDS = frozenset({"control", "goals", "window_hours"})
 DEFAULT_WINDOW_HOURS = 72
 MAX_GOAL_LENGTH = 128
@@ -115,10 +120,14 @@ def compile_flag(key: str, definition: Any) -> Flag:
     required = definition.get("required", False)
     if not isinstance(required, bool):
         raise FlagError(f"{where}.required", "expected true or false")
-    for name in ("note",):
+    for name in ("note", "owner"):
         if name in definition and not isinstance(definition[name], str):
             raise FlagError(f"{where}.{name}", "expected a string")
-    for name in ("updatedAt", "expiresAt"):
+    if "type" in definition and definition["type"] not in FLAG_TYPES:
+        raise FlagError(
+            f"{where}.type", f"expected one of {', '.join(FLAG_TYPES)}, got {definition['type']!r}"
+        )
+    for name in ("updatedAt", "expiresAt", "createdAt"):
         if name in definition:
             _check_timestamp(f"{where}.{name}", definition[name])
     routes: tuple[str, ...] | None = None

@@ -100,6 +100,8 @@ class StoreTimeout(Exception):
 
 EMPTY = Snapshot.build(0, {}, RawState())
 Listener = Callable[[Snapshot], None]
+# an applied change, its result and the snapshot served before it (change notices)
+ApplyListener = Callable[[Change, ApplyResult, Snapshot], None]
 
 
 class FlagStore(Protocol):
@@ -145,6 +147,7 @@ class SnapshotHolder:
         self.compiler: Compiler = compiler or NoSources()
         self._builder = SnapshotBuilder(self.compiler)
         self._listeners: list[Listener] = []
+        self._apply_listeners: list[ApplyListener] = []
         self._compile_lock = threading.Lock()  # one compile at a time, whichever thread runs it
         self._compile_thread: ThreadPoolExecutor | None = None
         self._tickets = itertools.count(1)
@@ -156,6 +159,18 @@ class SnapshotHolder:
 
     def on_change(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def on_apply(self, listener: ApplyListener) -> None:
+        """Call ``listener`` for each change applied through this instance (once per change, whichever
+        instance serves it: the one that wrote it)."""
+        self._apply_listeners.append(listener)
+
+    def applied(self, change: Change, result: ApplyResult, before: Snapshot) -> None:
+        for listener in self._apply_listeners:
+            try:
+                listener(change, result, before)
+            except Exception:
+                log.exception("apply listener failed")
 
     def install_now(self, state: RawState) -> Snapshot:
         """Compile ``state`` on this thread and make it current: for constructors, before a loop runs."""

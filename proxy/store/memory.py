@@ -9,6 +9,7 @@ from typing import Any
 
 from proxy.store.base import SnapshotHolder
 from proxy.store.change import Change, now_iso
+from proxy.store.ledger import MemoryLedger
 from proxy.store.state import ApplyResult, Compiler, RawState, apply_change, audit_entries
 
 log = logging.getLogger("flagproxy.store")
@@ -22,6 +23,7 @@ class MemoryStore(SnapshotHolder):
         self._state = state or RawState()
         self._audit: deque[dict[str, Any]] = deque(maxlen=audit_max)
         self._deliveries: dict[tuple[str, str], float] = {}  # (source, delivery id) → forget at (monotonic)
+        self.ledger = MemoryLedger()  # lifecycle: first seen, usage, digest claims (this process)
         self.install_now(self._state)
 
     @property
@@ -45,6 +47,7 @@ class MemoryStore(SnapshotHolder):
     async def apply(self, change: Change) -> ApplyResult:
         if change.delivery and self._seen(change):
             return ApplyResult("duplicate", self._state.version)
+        before = self.snapshot
         state = self._state.copy()
         result = apply_change(state, change)
         if result.status in ("stale", "version_required"):
@@ -60,6 +63,7 @@ class MemoryStore(SnapshotHolder):
             actions = {k: ("upsert" if k in items else "delete") for k in result.changed}
             for entry in audit_entries(change, result, actions):
                 self._audit.appendleft(entry)
+            self.applied(change, result, before)
         return result
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:

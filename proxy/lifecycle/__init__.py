@@ -1,0 +1,1 @@
+"""Flag lifecycle: which flags are potentially stale, usage counting, the digest, change notices."""
