@@ -186,6 +186,7 @@ class FlagProxy:
         )
 
         self.chat = ChatRuntime(settings.chat)
+        self.notifiers.register("telegram", self.chat.telegram_notifier)  # telegram:<chat id> channels
         deps = ControlDeps(
             settings=settings,
             store=self.store,

@@ -229,3 +229,23 @@ def test_a_retry_to_another_instance_applies_nothing(
     assert "applied before" in reply[0]["text"]
     assert len({served_flags(two, origin, user=f"u{i}")["layout"] for i in range(12)}) == 2  # restored
     assert audit(one, "layout") == [("restore", f"telegram:{ADMIN}"), ("kill", f"telegram:{ADMIN}")]
+
+
+def test_change_notices_on_a_telegram_channel_are_sent_by_the_bot(
+    origin: RawOrigin, bot_api: RawOrigin, proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    """``[alerts] change_channel = "telegram:<chat id>"``: an admin change reaches that chat."""
+    notices = -100555
+    env = {
+        "FLAGPROXY_ADMIN_TOKEN": TOKEN,
+        "FLAGPROXY_CHAT_TELEGRAM_BOT_TOKEN": BOT_TOKEN,
+        "FLAGPROXY_CHAT_TELEGRAM_API_URL": bot_api.url,
+        "FLAGPROXY_ALERTS_CHANGE_CHANNEL": f"telegram:{notices}",
+    }
+    noticed = proxy_factory([origin.url], flags=FLAGS, env=env)
+    response = http_client().post(
+        f"{noticed.base_url}/__flags/api/flags/layout/kill", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.status_code == 200, response.text
+    sent = wait_for(lambda: replies_to(bot_api, notices, "layout"), timeout=10, what="the change notice")
+    assert len(sent) == 1

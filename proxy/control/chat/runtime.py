@@ -146,5 +146,26 @@ class ChatRuntime:
             payload = {"chat_id": chat, "text": text}
             self.outbox.post(self.telegram_url("sendMessage"), payload, "Telegram announcement")
 
+    def telegram_notifier(self, chat_id: str) -> TelegramNotifier:
+        """For lifecycle notices on ``telegram:<chat id>`` channels (change notices, the digest)."""
+        return TelegramNotifier(self, chat_id)
+
     async def close(self) -> None:
         await self.outbox.close()
+
+
+class TelegramNotifier:
+    """A change notice or digest, sent to one Telegram chat through the bot (needs ``bot_token``)."""
+
+    def __init__(self, runtime: ChatRuntime, chat_id: str) -> None:
+        self.runtime = runtime
+        self.chat: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
+
+    def post(self, condition: str, text: str) -> bool:
+        if not self.runtime.settings.telegram.bot_token:
+            log.warning("chat: a %s notice for Telegram, but [chat.telegram] bot_token is not set", condition)
+            return False
+        payload = {"chat_id": self.chat, "text": text}
+        return self.runtime.outbox.post(
+            self.runtime.telegram_url("sendMessage"), payload, f"Telegram {condition}"
+        )
