@@ -107,7 +107,7 @@ class Recorder:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_error_log = -ERROR_LOG_INTERVAL_S
-        self.failing = False  # the last write failed (readiness may report it)
+        self.failing = False  # the last write failed (logged once it works again)
 
     # --- configuration (the event loop) -----------------------------------------------------------
 
@@ -123,9 +123,6 @@ class Recorder:
         self._goals = {goal: tuple(pairs) for goal, pairs in goals.items()}
         self._labelled = frozenset(goals) | configured_goals
         self.active = bool(goals)  # some experiment is running (every experiment has a goal)
-
-    def judged(self, goal: str) -> bool:
-        return goal in self._goals
 
     def forget(self) -> None:
         """An experiment was reset: write every exposure again (none is a repeat of the lost data)."""

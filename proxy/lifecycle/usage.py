@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 
-from proxy.engine.flag import Flag, Served
+from proxy.engine.flag import Flag, Served, variant_name
 from proxy.store.base import Snapshot
 from proxy.store.ledger import MAX_VALUES, UsageDelta
 from proxy.store.state import OVERRIDES
@@ -78,7 +78,7 @@ class UsageCounter:
             if self._drained.get(key) == state:
                 continue
             self._drained[key] = state
-            names = sorted(v if v.__class__ is str else ("true" if v else "false") for v in self._values[key])
+            names = sorted(variant_name(v) for v in self._values[key])
             out.append((key, self._fp[key], self._since[key], state[0], names))
         return out
 

@@ -43,6 +43,7 @@ class ExposureObserver:
                 if flag.experiment is not None:
                     if flag.overridden is None:
                         value = served.value
+                        # engine.variant_name, inlined: this runs for every experiment flag of every request
                         variant = value if value.__class__ is str else ("true" if value else "false")
                         recorder.exposed(flag.key, variant, unit, at)
                 elif analytics:

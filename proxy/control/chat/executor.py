@@ -21,7 +21,7 @@ from proxy.control.experiments import known_experiment
 from proxy.control.flags import choices, describe, override_change, promotable
 from proxy.control.problems import HTTPProblem
 from proxy.control.webhooks import apply
-from proxy.engine import FlagError
+from proxy.engine import FlagError, variant_name
 from proxy.experiments.report import render_results
 from proxy.experiments.results import results
 from proxy.sources.native.document import SOURCE as NATIVE
@@ -136,7 +136,7 @@ def get_text(deps: ControlDeps, key: str) -> str:
     flag = deps.store.snapshot.flags[key]
     definition = found.get("definition")
     lines = [f"{key} [{found['source']}] {_state(found)}".rstrip()]
-    lines.append("serves: " + choices(flag) + f"; default {choices_of(flag.default.value)}")
+    lines.append("serves: " + choices(flag) + f"; default {variant_name(flag.default.value)}")
     if isinstance(definition, dict) and found["source"] == NATIVE:
         for field in ("rules", "routes"):
             if definition.get(field):
@@ -144,10 +144,6 @@ def get_text(deps: ControlDeps, key: str) -> str:
         if "experiment" in definition:
             lines.append(f"experiment: {json.dumps(definition['experiment'], ensure_ascii=False)}")
     return "\n".join(lines)
-
-
-def choices_of(value: bool | str) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else value
 
 
 async def stats_text(deps: ControlDeps, key: str, goal: str) -> str:
