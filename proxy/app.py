@@ -185,7 +185,7 @@ class FlagProxy:
             chain, on_error=self.metrics.observer_failed, on_drop=self.metrics.observer_dropped
         )
 
-        self.chat = ChatRuntime(settings.chat)
+        self.chat = ChatRuntime(settings.chat, settings.alerts.change_channel)
         self.notifiers.register("telegram", self.chat.telegram_notifier)  # telegram:<chat id> channels
         deps = ControlDeps(
             settings=settings,

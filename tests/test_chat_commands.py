@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import (
     ProxyProcess,
     RawOrigin,
@@ -22,7 +24,9 @@ from support import (
     wait_for,
 )
 
+from proxy.config import ChatSettings, SlackChatSettings, TelegramChatSettings
 from proxy.control.chat.commands import Command, Usage, command_text, parse, reweighted
+from proxy.control.chat.runtime import ChatRuntime, mrkdwn_as_html
 
 SECRET = "slack-signing-secret-for-tests"
 TOKEN = "chat-admin-token"
@@ -49,6 +53,8 @@ FLAGS = {
         "list-alpha-one": {"enabled": True},
         "list-alpha-two": {"enabled": False},
         "list-beta": {"enabled": True},
+        "rollout": {"enabled": True, "percentage": 100},
+        "fish&chips": {"enabled": True},
     }
 }
 CONFIG = """
@@ -127,7 +133,11 @@ def test_command_text_is_for_this_bot_only() -> None:
          [("control", 40), ("treatment_a", 20), ("treatment_b", 40)]),
         ([("control", 50), ("treatment_a", 25), ("treatment_b", 25)], "control", 0,
          [("control", 0), ("treatment_a", 50), ("treatment_b", 50)]),
-        ([("a", 1), ("b", 1), ("c", 1)], "a", 50, [("a", 2), ("b", 1), ("c", 0)]),  # total stays 3
+        # a total under 100 (or not a multiple of it) becomes the next multiple: every percent exact
+        ([("a", 1), ("b", 1), ("c", 1)], "a", 50, [("a", 50), ("b", 25), ("c", 25)]),
+        ([("a", 1), ("b", 1)], "a", 25, [("a", 25), ("b", 75)]),
+        ([("a", 1), ("b", 1)], "a", 75, [("a", 75), ("b", 25)]),
+        ([("a", 100), ("b", 50)], "b", 10, [("a", 180), ("b", 20)]),
         ([("a", 0), ("b", 0), ("c", 0)], "a", 50, [("a", 50), ("b", 25), ("c", 25)]),  # all 0: of 100
         ([("a", 70), ("b", 30)], "b", 100, [("a", 0), ("b", 100)]),
         ([("a", 10), ("b", 20), ("c", 70)], "a", 33, [("a", 33), ("b", 15), ("c", 52)]),
@@ -136,9 +146,30 @@ def test_command_text_is_for_this_bot_only() -> None:
 def test_reweighted(
     weights: list[tuple[str, int]], variant: str, percent: int, expected: list[tuple[str, int]]
 ) -> None:
-    got = reweighted(weights, variant, percent)
-    assert got == expected
-    assert sum(w for _, w in got) == (sum(w for _, w in weights) or 100)
+    assert reweighted(weights, variant, percent) == expected
+
+
+@given(
+    st.lists(st.integers(0, 10_000), min_size=2, max_size=6),
+    st.data(),
+    st.integers(0, 100),
+)
+def test_reweighted_gives_exactly_the_percent_and_keeps_the_others_ratios(
+    raw: list[int], data: st.DataObject, percent: int
+) -> None:
+    weights = [(f"v{i}", w) for i, w in enumerate(raw)]
+    variant = data.draw(st.sampled_from([name for name, _ in weights]))
+    got = dict(reweighted(weights, variant, percent))
+    total = sum(got.values())
+    assert total % 100 == 0 and total >= sum(raw)  # the same total when it was a multiple of 100
+    assert total - sum(raw) < 100 or sum(raw) == 0  # all 0: of 100
+    assert got[variant] * 100 == percent * total  # exactly PERCENT % of the traffic
+    others = {name: w for name, w in weights if name != variant}
+    base = sum(others.values())
+    rest = total - got[variant]
+    for name, w in others.items():  # each other variant within one unit of its proportional share
+        share = rest * w / base if base else rest / len(others)
+        assert abs(got[name] - share) < 1
 
 
 def test_reweighted_refuses_what_cannot_be() -> None:
@@ -183,6 +214,15 @@ def flag(proxy: ProxyProcess, text: str, user: str = ADMIN) -> str:
 
 def served(proxy: ProxyProcess, origin: RawOrigin, key: str) -> list[Any]:
     return [served_flags(proxy, origin, user=u).get(key) for u in USERS]
+
+
+def native_definition(proxy: ProxyProcess, key: str) -> dict[str, Any]:
+    response = http_client().get(
+        f"{proxy.base_url}/__flags/api/flags/{key}", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.status_code == 200, response.text
+    definition: dict[str, Any] = response.json()["definition"]
+    return definition
 
 
 def audit(proxy: ProxyProcess, key: str) -> list[tuple[str, str]]:
@@ -230,8 +270,30 @@ def test_set_weights(proxy: ProxyProcess, origin: RawOrigin) -> None:
     reply = flag(proxy, "set weights-flag control 100")
     assert set(served(proxy, origin, "weights-flag")) == {"control"}
     assert "no variant 'treatment_z'" in flag(proxy, "set weights-flag treatment_z 10")
-    assert "has no variants" in flag(proxy, "set dark-mode on 10")
+    assert "is a boolean flag: /flag set dark-mode true|false PERCENT" in flag(proxy, "set dark-mode on 10")
     assert set(served(proxy, origin, "weights-flag")) == {"control"}  # the refusals changed nothing
+
+
+def test_set_a_boolean_flags_percentage(proxy: ProxyProcess, origin: RawOrigin) -> None:
+    assert flag(proxy, "set rollout true 30").startswith("done: set rollout: true for 30%")
+    assert native_definition(proxy, "rollout")["percentage"] == 30
+    assert set(served(proxy, origin, "rollout")) == {True, False}
+    assert flag(proxy, "set rollout false 100").startswith("done: set rollout: true for 0%")
+    assert set(served(proxy, origin, "rollout")) == {False}
+    assert audit(proxy, "rollout")[0] == ("set_percentage", f"slack:{ADMIN}")
+    assert flag(proxy, "set rollout true 100").startswith("done")
+    assert set(served(proxy, origin, "rollout")) == {True}
+
+
+def test_a_promoted_boolean_reads_true(proxy: ProxyProcess) -> None:
+    assert flag(proxy, "promote rollout true").startswith("done: promoted rollout to true")
+    assert "PROMOTED true" in flag(proxy, "get rollout")
+    assert flag(proxy, "restore rollout").startswith("done: restored rollout")
+
+
+def test_slack_escaped_characters_name_the_key(proxy: ProxyProcess) -> None:
+    """Slack sends ``&`` in a command's text as ``&amp;``."""
+    assert "fish&amp;chips [native] on" in flag(proxy, "get fish&amp;chips")  # the reply is escaped again
 
 
 def test_kill_and_restore(proxy: ProxyProcess, origin: RawOrigin) -> None:
@@ -337,3 +399,38 @@ def test_with_the_redis_store(
     assert served_flags(proxy, origin)["dark-mode"] is False
     assert set(served(proxy, origin, "weights-flag")) == {"treatment_a"}
     assert audit(proxy, "weights-flag") == [("set_weights", f"slack:{ADMIN}")]
+
+
+# --- one line per change in one channel -------------------------------------------------------------
+
+
+def announcements(change_channel: str) -> list[tuple[str, dict[str, Any]]]:
+    """Where ``ChatRuntime.announce`` posts, with a Slack webhook and a Telegram chat configured."""
+    settings = ChatSettings(
+        slack=SlackChatSettings(announce_webhook_url="https://hooks.example/T1/B1/x"),
+        telegram=TelegramChatSettings(bot_token="1:abc", announce_chat_id="-100777", api_url="http://tg"),
+    )
+    runtime = ChatRuntime(settings, change_channel)
+    posted: list[tuple[str, dict[str, Any]]] = []
+    runtime.outbox.post = lambda url, payload, what: posted.append((url, payload)) is None  # type: ignore[method-assign]
+    runtime.announce("@alice (Slack) turned dark-mode off")
+    return posted
+
+
+def test_announcements_skip_the_change_channel_which_tells_every_change() -> None:
+    assert [url for url, _ in announcements("")] == [
+        "https://hooks.example/T1/B1/x",
+        "http://tg/bot1:abc/sendMessage",
+    ]
+    assert [url for url, _ in announcements("https://hooks.example/T1/B1/x")] == [
+        "http://tg/bot1:abc/sendMessage"
+    ]
+    assert [url for url, _ in announcements("telegram:-100777")] == ["https://hooks.example/T1/B1/x"]
+    assert len(announcements("telegram:-100888")) == 2  # another chat: both still told
+
+
+def test_notices_become_telegram_html() -> None:
+    text = "*flagproxy: 1 potentially stale flag*\n• `fish&amp;chips` (ops): not evaluated"
+    assert mrkdwn_as_html(text) == (
+        "<b>flagproxy: 1 potentially stale flag</b>\n• <code>fish&amp;chips</code> (ops): not evaluated"
+    )

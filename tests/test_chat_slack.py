@@ -20,6 +20,7 @@ from support import (
     wait_for,
 )
 
+from proxy.control.chat.runtime import SeenSignatures
 from proxy.control.chat.slack import expected_signature
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -188,3 +189,13 @@ def test_only_post(proxy: ProxyProcess) -> None:
     response = http_client().get(f"{proxy.base_url}/__flags/chat/slack")
     assert response.status_code == 405
     assert response.json()["error"] == "method_not_allowed"
+
+
+def test_a_future_dated_signature_is_remembered_until_its_timestamp_expires() -> None:
+    """A timestamp up to 300 s ahead is accepted, and stays acceptable until 300 s after it: the
+    signature must be remembered for 600 s, or it can be replayed once the first 300 s pass."""
+    seen = SeenSignatures()
+    assert seen.first_time("v0=abc", now=1000.0)
+    assert not seen.first_time("v0=abc", now=1305.0)
+    assert not seen.first_time("v0=abc", now=1599.0)
+    assert seen.first_time("v0=abc", now=1601.0)  # by now its timestamp is out of the window

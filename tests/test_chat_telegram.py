@@ -16,6 +16,7 @@ from support import (
     http_client,
     http_response,
     json_posts,
+    never_reply,
     post_telegram,
     served_flags,
     telegram_update,
@@ -249,3 +250,31 @@ def test_change_notices_on_a_telegram_channel_are_sent_by_the_bot(
     assert response.status_code == 200, response.text
     sent = wait_for(lambda: replies_to(bot_api, notices, "layout"), timeout=10, what="the change notice")
     assert len(sent) == 1
+    assert sent[0]["parse_mode"] == "HTML"  # the notice's `code` span as a tag, not literal backticks
+    assert "<code>layout</code>" in sent[0]["text"] and "`" not in sent[0]["text"]
+
+
+def test_no_room_to_run_a_command_is_503_and_its_retry_runs(
+    origin: RawOrigin, origin_factory: Callable[..., RawOrigin], proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    """With ``[chat] max_pending`` posts waiting, an update is not recorded as seen: Telegram's retry
+    (it retries a non-2xx) must not be answered "duplicate" and dropped."""
+    stuck = origin_factory()
+    stuck.default = never_reply()  # the Bot API never answers: the first reply holds the one slot
+    env = {
+        "FLAGPROXY_CHAT_TELEGRAM_SECRET_TOKEN": SECRET,
+        "FLAGPROXY_CHAT_TELEGRAM_BOT_TOKEN": BOT_TOKEN,
+        "FLAGPROXY_CHAT_TELEGRAM_API_URL": stuck.url,
+        "FLAGPROXY_CHAT_TELEGRAM_ALLOWED_USERS": str(ADMIN),
+        "FLAGPROXY_CHAT_MAX_PENDING": "1",
+        "FLAGPROXY_CHAT_TIMEOUT_S": "60",
+    }
+    busy = proxy_factory([origin.url], flags=FLAGS, env=env)
+    assert send(busy, telegram_update("/flag get layout", user=ADMIN))["status"] == "accepted"
+    wait_for(lambda: stuck.requests_to(SEND), what="the first reply, never answered")
+    change = telegram_update("/flag kill layout", user=ADMIN)
+    for _ in range(2):  # the retry is refused the same way, not answered "duplicate"
+        response = post_telegram(busy.base_url, change, SECRET)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "busy" and response.headers["retry-after"] == "5"
+    assert len({served_flags(busy, origin, user=f"u{i}")["layout"] for i in range(12)}) == 2  # not killed

@@ -279,7 +279,7 @@ async def test_digest_is_sent_once_per_day_per_flag(origin_factory: Callable[...
     texts = [json.loads(r.body or b"{}")["text"] for r in slack.requests_to("/hook")]
     assert "`old-release` (checkout-team): older than its type's lifetime" in texts[0]
     assert "fresh" not in texts[0] and "kill" not in texts[0]
-    assert "`kill` (ops): not evaluated" in texts[2]
+    assert "`kill` (ops): not evaluated (stale since " in texts[2]  # when it became stale, not a use
     assert lifecycle.digests_sent == 3
 
 

@@ -175,7 +175,7 @@ class Lifecycle:
         for s in named:
             reasons = ", ".join(REASON_TEXT.get(r, r) for r in s["reasons"])
             owner = mrkdwn_escape(s["owner"]) if s["owner"] else "no owner"
-            lines.append(f"• `{mrkdwn_escape(s['flag'])}` ({owner}): {reasons} since {s['since']}")
+            lines.append(f"• `{mrkdwn_escape(s['flag'])}` ({owner}): {reasons} (stale since {s['since']})")
         text = "\n".join(lines)
         log.info("stale digest: %s", ", ".join(s["flag"] for s in named))
         notifier = self.digest_channel()

@@ -113,19 +113,20 @@ def parse(text: str) -> Command:
 def reweighted(weights: list[tuple[str, int]], variant: str, percent: int) -> list[tuple[str, int]]:
     """The weights with ``variant`` at ``percent`` % of their total and the others sharing the rest
     in their present ratios (equally when they are all 0): integers, in the same order, summing to
-    the same total (100 when it was 0). The largest remainders get the leftover units, ties in
+    the same total when it is a multiple of 100, else to the next one (so every whole percent is
+    exact: 1/1 becomes 25/75, not 1/1). The largest remainders get the leftover units, ties in
     declared order. ValueError when the variant is unknown or nothing can take the rest."""
     names = [name for name, _ in weights]
     if variant not in names:
         raise ValueError(f"no variant {variant!r}; the variants are {', '.join(names)}")
-    total = sum(w for _, w in weights) or 100
+    total = -(-sum(w for _, w in weights) // 100) * 100 or 100
     target = (total * percent + 50) // 100  # round half up
     rest = total - target
     others = [(name, w) for name, w in weights if name != variant]
     if not others:
-        if rest:
+        if percent != 100:
             raise ValueError(f"{variant!r} is the only variant: it always has 100 %")
-        return [(variant, total)]
+        return list(weights)
     shares = [w for _, w in others] if any(w for _, w in others) else [1] * len(others)
     base = sum(shares)
     floors = [rest * s // base for s in shares]

@@ -101,7 +101,9 @@ def _state(found: dict[str, Any]) -> str:
             parts.append(f"true for {definition['percentage']}%")
     override = found.get("override")
     if isinstance(override, dict):
-        parts.append("KILLED" if override.get("kill") else f"PROMOTED {override.get('promote')}")
+        promoted = override.get("promote")
+        shown = variant_name(promoted) if isinstance(promoted, bool | str) else promoted
+        parts.append("KILLED" if override.get("kill") else f"PROMOTED {shown}")
     if "invalid" in found:
         parts.append("INVALID stored definition (serving its last good one)")
     return ", ".join(parts)
@@ -196,8 +198,12 @@ def _planned(deps: ControlDeps, command: Command, actor: Actor) -> tuple[Change,
     if command.name == "set":
         definition = _native(deps, key)
         weights = _weights(definition)
-        if weights is None:
-            raise Refused(f"{key!r} has no variants: use /flag on|off")
+        if weights is None:  # a boolean flag: its percentage is the share that gets true
+            if command.variant not in ("true", "false"):
+                raise Refused(f"{key!r} is a boolean flag: /flag set {key} true|false PERCENT")
+            share = command.percent if command.variant == "true" else 100 - command.percent
+            definition["percentage"] = share
+            return _upsert(key, definition, actor, "set_percentage"), f"set {key}: true for {share}%"
         try:
             new = reweighted(weights, command.variant, command.percent)
         except ValueError as exc:

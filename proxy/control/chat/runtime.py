@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
@@ -22,14 +23,15 @@ from proxy.config import ChatSettings
 
 log = logging.getLogger("flagproxy.chat")
 
-REPLAY_WINDOW_S = 300  # Slack's: a request's timestamp may be this old; its signature is kept so long
+REPLAY_WINDOW_S = 300  # Slack's: a request's timestamp may be this far from now, either side
 MAX_SIGNATURES = 100_000
 
 
 class SeenSignatures:
     """Slack request signatures accepted within the replay window: a second one is a replay."""
 
-    def __init__(self, window_s: float = REPLAY_WINDOW_S, limit: int = MAX_SIGNATURES) -> None:
+    # a timestamp up to 300 s ahead is accepted and stays acceptable for 300 s after it: 600 s in all
+    def __init__(self, window_s: float = 2 * REPLAY_WINDOW_S, limit: int = MAX_SIGNATURES) -> None:
         self.window_s, self.limit = window_s, limit
         self._until: OrderedDict[str, float] = OrderedDict()  # signature → when it may be forgotten
 
@@ -57,6 +59,10 @@ class SeenUpdates:
         if len(self._ids) > self.limit:
             self._ids.popitem(last=False)
         return True
+
+    def forget(self, update_id: int) -> None:
+        """The update was not taken after all (no room to run it): its retry must run."""
+        self._ids.pop(update_id, None)
 
 
 class Outbox:
@@ -124,8 +130,11 @@ class Outbox:
 
 
 class ChatRuntime:
-    def __init__(self, settings: ChatSettings) -> None:
+    def __init__(self, settings: ChatSettings, change_channel: str = "") -> None:
         self.settings = settings
+        # [alerts] change_channel: every change is posted there already, chat changes included, so an
+        # announcement to the same destination would be a second line for one change
+        self.change_channel = change_channel
         self.outbox = Outbox(settings.timeout_s, settings.max_pending)
         self.slack_seen = SeenSignatures()
         self.telegram_seen = SeenUpdates(settings.telegram.dedupe_size)
@@ -138,11 +147,12 @@ class ChatRuntime:
         """A change, told in every configured channel (Slack incoming webhook, Telegram chat); not in
         the Telegram chat the command came from (everyone there sees the reply)."""
         slack, telegram = self.settings.slack, self.settings.telegram
-        if slack.announce_webhook_url:
+        if slack.announce_webhook_url and slack.announce_webhook_url != self.change_channel:
             self.outbox.post(slack.announce_webhook_url, {"text": mrkdwn_escape(text)}, "Slack announcement")
         chat_id = telegram.announce_chat_id  # a numeric id, or "@channelusername"
         chat: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
-        if chat_id and telegram.bot_token and chat != skip_telegram_chat:
+        noticed = self.change_channel == f"telegram:{chat_id}"
+        if chat_id and telegram.bot_token and chat != skip_telegram_chat and not noticed:
             payload = {"chat_id": chat, "text": text}
             self.outbox.post(self.telegram_url("sendMessage"), payload, "Telegram announcement")
 
@@ -152,6 +162,16 @@ class ChatRuntime:
 
     async def close(self) -> None:
         await self.outbox.close()
+
+
+CODE_SPAN = re.compile(r"`([^`\n]*)`")
+BOLD_LINE = re.compile(r"^\*([^*\n]+)\*$", re.MULTILINE)
+
+
+def mrkdwn_as_html(text: str) -> str:
+    """A notice written in Slack mrkdwn as Telegram HTML. Slack's escaping (``&amp;``, ``&lt;``,
+    ``&gt;``) is HTML's, so the text stays escaped; `code` spans and whole *bold* lines become tags."""
+    return BOLD_LINE.sub(r"<b>\1</b>", CODE_SPAN.sub(r"<code>\1</code>", text))
 
 
 class TelegramNotifier:
@@ -165,7 +185,7 @@ class TelegramNotifier:
         if not self.runtime.settings.telegram.bot_token:
             log.warning("chat: a %s notice for Telegram, but [chat.telegram] bot_token is not set", condition)
             return False
-        payload = {"chat_id": self.chat, "text": text}
+        payload = {"chat_id": self.chat, "text": mrkdwn_as_html(text), "parse_mode": "HTML"}
         return self.runtime.outbox.post(
             self.runtime.telegram_url("sendMessage"), payload, f"Telegram {condition}"
         )

@@ -67,6 +67,11 @@ def rendered(reply: Reply) -> str:
     return f"```\n{text}\n```" if reply.code else text
 
 
+def slack_unescape(text: str) -> str:
+    """Slack sends ``&``, ``<`` and ``>`` in a command's text as ``&amp;``, ``&lt;`` and ``&gt;``."""
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
 def ephemeral(text: str) -> dict[str, Any]:
     return {"response_type": "ephemeral", "text": text}
 
@@ -103,13 +108,14 @@ async def slash_command(request: Request) -> Response:
     field = {name: values[0] for name, values in form.items()}
     user, channel = field.get("user_id", ""), field.get("channel_id", "")
     try:
-        command: Command = parse(field.get("text", ""))
+        command: Command = parse(slack_unescape(field.get("text", "")))
     except Usage as exc:
         return JSONResponse(ephemeral(rendered(Reply(f"{exc}\n\n{HELP}", code=True))))
     if command.changes and not allowed(settings, user, channel):
         where = " in this channel" if user in settings.allowed_users else ""
+        setting = "allowed_channels" if where else "allowed_users"
         return JSONResponse(
-            ephemeral(f"not allowed: you may not change flags{where} ([chat.slack] allowed_users)")
+            ephemeral(f"not allowed: you may not change flags{where} ([chat.slack] {setting})")
         )
     actor = Actor(
         id=f"slack:{user}",

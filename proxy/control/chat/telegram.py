@@ -110,7 +110,16 @@ async def webhook(request: Request) -> Response:
     if args is None or not isinstance(chat, dict) or not isinstance(chat.get("id"), int):
         return JSONResponse({"status": "ignored", "update_id": update_id})  # not a /flag command for us
     assert isinstance(message, dict)
-    runtime.outbox.spawn(answer(deps, runtime, settings, update_id, message, args), "Telegram command")
+    if not runtime.outbox.spawn(
+        answer(deps, runtime, settings, update_id, message, args), "Telegram command"
+    ):
+        # no room to run it, nor to reply: not recorded, so Telegram's retry (it retries non-2xx) runs it
+        runtime.telegram_seen.forget(update_id)
+        return JSONResponse(
+            {"error": "busy", "detail": "too many chat posts pending ([chat] max_pending); retry later"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
     return JSONResponse({"status": "accepted", "update_id": update_id})
 
 
