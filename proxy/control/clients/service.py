@@ -48,6 +48,7 @@ class ClientAPI:
         self.limiter = RateLimiter(self.settings.rate_limit_per_s, self.settings.rate_limit_burst)
         self.hub = StreamHub(store, self.settings.max_streams, metrics)
         self._over_budget: set[tuple[str, tuple[str, ...]]] = set()
+        self._stream_uris: dict[str, tuple[int, str]] = {}  # key name → (expiry, uri): one HMAC per step
 
     @property
     def enabled(self) -> bool:
@@ -142,5 +143,9 @@ class ClientAPI:
         step = max(1, ttl // 2)
         now = time.time() if now is None else now
         expiry = (int(now) // step + 2) * step
-        token = self.ring.mint(key, expiry)
-        return f"{self.prefix}/client/v1/stream?token={token}"
+        known = self._stream_uris.get(key.name)
+        if known is not None and known[0] == expiry:
+            return known[1]
+        uri = f"{self.prefix}/client/v1/stream?token={self.ring.mint(key, expiry)}"
+        self._stream_uris[key.name] = (expiry, uri)
+        return uri
