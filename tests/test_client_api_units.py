@@ -3,6 +3,7 @@ touches."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -194,3 +195,30 @@ def _overrides(items: dict[str, str]) -> RawState:
     raw = RawState()
     raw.data[OVERRIDES] = {"flags": items}
     return raw
+
+
+def test_answers_are_encoded_once_and_odd_explanations_are_still_answered() -> None:
+    from proxy.control.clients.values import Encoded
+    from proxy.engine import Flag, Served, encode_json
+
+    on = Served.make("on", {"x": 1}, True)
+    calls = {"n": 0}
+
+    def explain(ctx: Any) -> tuple[Served, dict[str, Any]]:
+        calls["n"] += 1
+        return on, {"reason": "odd", "changeNumber": {"not": "hashable"}, "bucket": calls["n"]}
+
+    flag = Flag("f", encode_json("f"), lambda ctx: on, explain, (on,), on, reason_of=lambda why: "STATIC")
+    encoded = Encoded()
+    served, item, reason, own = encoded.item(flag, {"key": "u"})
+    assert served is on and reason == "STATIC" and own == "odd"
+    assert json.loads(item) == {
+        "key": "f",
+        "value": {"x": 1},
+        "variant": "on",
+        "reason": "STATIC",
+        "metadata": {"flagReason": "odd"},
+    }
+    plain = compile_document({"flags": {"ab": {"variants": {"a": {"weight": 1}, "b": {"weight": 1}}}}})["ab"]
+    first = {encoded.item(plain, {"key": f"u{i}"})[1] for i in range(50)}
+    assert len(first) == 2 and len(encoded.items) == 2  # two answers, whatever the buckets

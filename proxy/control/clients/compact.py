@@ -56,7 +56,7 @@ class CompactFlags:
             if name == "key":
                 unit = value or None
             elif name == "flags":
-                wanted = [part for part in value.split(",") if part]
+                wanted = [part for part in value.split(",") if part] or None  # "flags=": all of them
             else:
                 attributes[name] = value
         context = make_context(unit, attributes)

@@ -101,8 +101,17 @@ class Encoded:
         served, why = flag.explain(context)
         why.pop("bucket", None)  # a fresh dict per call; the unit's bucket is not part of the answer
         value = served.value
-        cache_key = (flag.key, value.__class__, value, served.config_json, *why.values())
-        found = self.items.get(cache_key)
+        cache_key: tuple[Any, ...] | None = (
+            flag.key,
+            value.__class__,
+            value,
+            served.config_json,
+            *why.items(),
+        )
+        try:
+            found = self.items.get(cache_key)  # type: ignore[arg-type]
+        except TypeError:  # an explanation holding a list or an object (a source's raw data)
+            found = cache_key = None
         if found is None:
             body = {
                 "key": flag.key,
@@ -112,7 +121,7 @@ class Encoded:
                 "metadata": metadata_of(why),
             }
             found = (_encode(body), body["reason"], why.get("reason"))
-            if len(self.items) < MAX_ENCODED:
+            if cache_key is not None and len(self.items) < MAX_ENCODED:
                 self.items[cache_key] = found
         return served, *found
 
