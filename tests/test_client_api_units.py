@@ -14,8 +14,8 @@ from proxy.control.clients.keys import KeyRing, presented_key
 from proxy.control.clients.rate_limit import RateLimiter
 from proxy.control.clients.responses import etag_matches, gzip_etag, strong_etag
 from proxy.control.clients.stream_hub import touched
-from proxy.control.clients.values import STANDARD_REASONS, evaluation
-from proxy.engine import compile_document, with_override
+from proxy.control.clients.values import STANDARD_REASONS, Encoded, evaluation
+from proxy.engine import Flag, Served, compile_document, encode_json, with_override
 from proxy.sources.split.evaluator import compile_split
 from proxy.store.base import Snapshot
 from proxy.store.state import OVERRIDES, RawState
@@ -198,9 +198,6 @@ def _overrides(items: dict[str, str]) -> RawState:
 
 
 def test_answers_are_encoded_once_and_odd_explanations_are_still_answered() -> None:
-    from proxy.control.clients.values import Encoded
-    from proxy.engine import Flag, Served, encode_json
-
     on = Served.make("on", {"x": 1}, True)
     calls = {"n": 0}
 
