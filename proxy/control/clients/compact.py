@@ -70,12 +70,16 @@ class CompactFlags:
         encoded = view.encoded
         values: list[str] = []
         variants: list[str] = []
+        used = api.usage_due(now)
         for flag in flags:
             served = flag.evaluate(context)
+            if used is not None:
+                used.append((flag, served))
             value, variant = encoded.entry(flag, served)
             values.append(value)
             variants.append(variant)
             api.expose(flag, served, context, now)
+        api.counted(used, now)
         # {"flags": {key: value}, "variants": {key: variant}}, from entries encoded once per snapshot
         body = ('{"flags":{' + ",".join(values) + '},"variants":{' + ",".join(variants) + "}}").encode()
         if len(body) > api.settings.max_payload_bytes:

@@ -94,7 +94,10 @@ class SingleFlag(Evaluation):
         if needs_unit(has_unit, result["reason"], result["metadata"].get("flagReason")):
             await self.answer(send, 400, ofrep_error("TARGETING_KEY_MISSING", MISSING, flag_key), key.name)
             return
-        self.api.expose(flag, served, context, time.time())
+        now = time.time()
+        self.api.expose(flag, served, context, now)
+        if self.api.usage_due(now) is not None:
+            self.api.counted([(flag, served)], now)
         await self.answer(send, 200, dumps(result), key.name)
 
 
@@ -111,14 +114,18 @@ class BulkFlags(Evaluation):
         view = api.view(key)
         encoded = view.encoded
         items = []
+        used = api.usage_due(now)
         for flag in view.flags:
             served, item, reason, own_reason = encoded.item(flag, context)
+            if used is not None:
+                used.append((flag, served))
             if needs_unit(has_unit, reason, own_reason):
                 missing = {"key": flag.key, "errorCode": "TARGETING_KEY_MISSING", "errorDetails": MISSING}
                 items.append(dumps(missing).decode())
                 continue
             api.expose(flag, served, context, now)
             items.append(item)
+        api.counted(used, now)
         streams = ""
         origin = api.stream_origin(scope)
         if origin is not None:

@@ -22,9 +22,11 @@ if TYPE_CHECKING:
     from proxy.asgi import Scope, Send
     from proxy.experiments.analytics import Analytics
     from proxy.experiments.recorder import Recorder
+    from proxy.lifecycle.usage import UsageCounter
 
 log = logging.getLogger("flagproxy.clients")
 HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+USAGE_SAMPLE_S = 0.01  # answers counted for the lifecycle's usage: as proxied requests, one per 10 ms
 OVER_BUDGET_REMEMBERED = 10_000  # (key, flag set) pairs already logged as over the payload budget
 
 
@@ -36,6 +38,7 @@ class ClientAPI:
         metrics: Metrics,
         recorder: Recorder | None = None,
         analytics: Mapping[str, Analytics] | None = None,
+        usage: UsageCounter | None = None,
     ) -> None:
         self.settings = settings.client_api
         self.prefix = settings.server.control_prefix
@@ -43,6 +46,8 @@ class ClientAPI:
         self.metrics = metrics
         self.recorder = recorder
         self.analytics = analytics or {}
+        self.usage = usage  # the lifecycle's "last evaluated" and outcomes (potentially stale flags)
+        self._next_usage = float("-inf")
         self.ring = KeyRing(settings.client_keys)
         self.views = Views()
         self.limiter = RateLimiter(self.settings.rate_limit_per_s, self.settings.rate_limit_burst)
@@ -110,6 +115,18 @@ class ClientAPI:
             sink = self.analytics.get(flag.source)
             if sink is not None:
                 sink.exposed(flag, served, context, int(now * 1000))
+
+    def usage_due(self, now: float) -> list[tuple[Flag, Served]] | None:
+        """A list to collect this answer's flags in when it is sampled for the usage counters (at most
+        one answer every ``USAGE_SAMPLE_S``, as proxied requests are), else None."""
+        if self.usage is None or now < self._next_usage:
+            return None
+        self._next_usage = now + USAGE_SAMPLE_S
+        return []
+
+    def counted(self, used: list[tuple[Flag, Served]] | None, now: float) -> None:
+        if used and self.usage is not None:
+            self.usage.seen_all(used, now)
 
     def over_budget(self, key: ClientKey, flags: tuple[str, ...], size: int) -> None:
         """A compact response above ``max_payload_bytes``: counted each time, logged once per key and
