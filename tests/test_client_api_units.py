@@ -256,3 +256,30 @@ async def test_answers_count_as_usage_for_the_lifecycle() -> None:
     deltas = {delta[0]: delta for delta in counter.drain()}
     assert deltas["seen"][3] > 0 and list(deltas["seen"][4]) == ["true"]
     assert deltas["also"][3] > 0 and list(deltas["also"][4]) == ["a"]
+
+
+@pytest.mark.anyio
+async def test_split_flags_served_to_a_unit_go_to_the_sources_analytics() -> None:
+    exposed: list[tuple[str, Any, Any]] = []
+
+    class Sink:
+        def exposed(self, flag: Any, served: Any, context: Any, at_ms: int) -> None:
+            exposed.append((flag.key, served.value, context.get("key")))
+
+    flags = {"s": split_flag(), **compile_document({"flags": {"plain": {}}})}
+    snap = Snapshot.build(1, flags, RawState())
+    settings = Settings(client_keys=(ClientKeySettings(name="k", key=KEY),))
+    store: Any = _Store(snap)
+    api = ClientAPI(settings, store, Metrics(), analytics={"split": Sink()})  # type: ignore[dict-item]
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    for query in (b"key=vip", b""):  # without a unit nothing is exposed
+        scope = {"type": "http", "headers": [(b"x-api-key", KEY.encode())], "query_string": query}
+        await CompactFlags(api)(scope, receive, send)
+    assert exposed == [("s", "on", "vip")]
