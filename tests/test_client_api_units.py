@@ -3,9 +3,11 @@ touches."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import httpx
 import pytest
 
 from proxy.config import ClientKeySettings, Settings
@@ -283,3 +285,32 @@ async def test_split_flags_served_to_a_unit_go_to_the_sources_analytics() -> Non
         scope = {"type": "http", "headers": [(b"x-api-key", KEY.encode())], "query_string": query}
         await CompactFlags(api)(scope, receive, send)
     assert exposed == [("s", "on", "vip")]
+
+
+def test_a_preflight_with_cors_off_is_told_so() -> None:
+    """No ``cors_origins``: a browser's preflight gets a 403 naming the setting, not a bare 405."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from proxy.control.clients.cors import ClientCors
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/x", ok, methods=["POST"])])
+    preflight = {"Origin": "http://app.test", "Access-Control-Request-Method": "POST"}
+
+    async def ask(origins: list[str], method: str, headers: dict[str, str]) -> httpx.Response:
+        transport = httpx.ASGITransport(app=ClientCors(inner, origins))
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy.test") as client:
+            return await client.request(method, "/x", headers=headers)
+
+    response = asyncio.run(ask([], "OPTIONS", preflight))
+    assert response.status_code == 403
+    assert response.json()["detail"] == "CORS is off: [client_api] cors_origins is empty"
+    plain = asyncio.run(ask([], "POST", {"Origin": "http://app.test"}))
+    assert plain.text == "ok" and "access-control-allow-origin" not in plain.headers
+    stranger = asyncio.run(ask(["http://other.test"], "OPTIONS", preflight))
+    assert stranger.json()["detail"] == "this origin is not in [client_api] cors_origins"

@@ -4,7 +4,8 @@ A preflight (``OPTIONS`` with ``Access-Control-Request-Method``) from an allowed
 here, 204, before any key is checked (browsers send no credentials on it); one from another origin
 gets 403. Every other response to an allowed origin — errors included, so a page can read a 401 or
 429 — carries ``Access-Control-Allow-Origin`` (the origin itself with ``Vary: Origin``, or ``*``)
-and exposes ``ETag`` and ``Retry-After``. With no origins configured nothing is added.
+and exposes ``ETag`` and ``Retry-After``. With no origins configured nothing is added, and a
+preflight gets a 403 saying CORS is off (rather than a bare 405 for ``OPTIONS``).
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ class ClientCors:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        origin = header(scope, b"origin") if scope["type"] == "http" and self.origins else ""
+        origin = header(scope, b"origin") if scope["type"] == "http" else ""
         if not origin:
             await self.app(scope, receive, send)
             return
         allow = self.allowed(origin)
         if scope["method"] == "OPTIONS" and header(scope, b"access-control-request-method"):
             if allow is None:
-                body = plain_error("origin_not_allowed", "this origin is not in [client_api] cors_origins")
+                detail = (
+                    "this origin is not in [client_api] cors_origins"
+                    if self.origins
+                    else "CORS is off: [client_api] cors_origins is empty"
+                )
+                body = plain_error("origin_not_allowed", detail)
                 await respond(send, 403, body, [JSON])
                 return
             await respond(
