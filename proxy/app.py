@@ -19,6 +19,7 @@ from proxy.asgi import Message, Receive, Scope, Send
 from proxy.config import ConfigError, Settings, StoreSettings, flag_header_names
 from proxy.control.app import build_control_app
 from proxy.control.chat.runtime import ChatRuntime
+from proxy.control.clients import ClientAPI
 from proxy.control.deps import ControlDeps
 from proxy.dataplane.context import ContextBuilder
 from proxy.dataplane.exchange import Exchange
@@ -185,6 +186,7 @@ class FlagProxy:
             chain, on_error=self.metrics.observer_failed, on_drop=self.metrics.observer_dropped
         )
 
+        self.clients = ClientAPI(settings, self.store, self.metrics, self.recorder, self.analytics)
         self.chat = ChatRuntime(settings.chat)
         self.notifiers.register("telegram", self.chat.telegram_notifier)  # telegram:<chat id> channels
         deps = ControlDeps(
@@ -199,6 +201,7 @@ class FlagProxy:
             analytics=self.analytics,
             chat=self.chat,
             lifecycle=self.lifecycle,
+            clients=self.clients,
         )
         webhooks = [route for source in self.registry.sources for route in source.webhook_routes()]
         self.control = build_control_app(deps, webhooks)
@@ -247,6 +250,11 @@ class FlagProxy:
     async def control_exchange(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         """One control-plane request; the connection hands the exchange to the observers after it."""
         await self.control(scope, receive, with_request_id(send, exchange.request_id, exchange))
+
+    def draining(self) -> None:
+        """uvicorn began its graceful shutdown (the connections are told): live-update streams end
+        their responses now instead of holding the shutdown for its whole grace period."""
+        self.clients.hub.close_all()
 
     async def startup(self) -> None:
         forget_dead_workers()

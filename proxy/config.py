@@ -233,6 +233,34 @@ class ChatSettings:
 
 
 @dataclass(frozen=True)
+class ClientAPISettings:
+    """``[client_api]``: the client flags API (OFREP, the compact endpoint, live updates; docs/clients.md)."""
+
+    rate_limit_per_s: float = 0.0  # requests per second per client key (a token bucket); 0 = no limit
+    rate_limit_burst: int = 0  # the bucket's size; 0 = one second's worth (at least 1)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call ("https://app.example"), or "*"
+    max_age_s: int = 30  # Cache-Control max-age of the compact endpoint
+    max_payload_bytes: int = 2048  # a compact response above this is still sent, logged once and counted
+    max_body_bytes: int = 65536  # an OFREP request body above this is refused (413)
+    max_streams: int = 1000  # live-update (SSE) connections per worker; beyond it 503
+    heartbeat_s: float = 15.0  # a comment line on every idle stream this often
+    stream_token_ttl_s: int = 3600  # how long the stream token advertised in bulk responses is good for
+    public_url: str = (
+        ""  # "https://flags.example.com": the origin advertised for the stream ("" = the request's Host)
+    )
+
+
+@dataclass(frozen=True)
+class ClientKeySettings:
+    """A ``[[client_keys]]`` table: a key that may read flags through the client flags API."""
+
+    name: str = ""  # for logs and metrics (default "key-<n>"); never the secret
+    key: str = ""
+    key_env: str = ""  # the environment variable holding the key (instead of ``key``)
+    flags: tuple[str, ...] = ("*",)  # globs of the flag keys this key may see
+
+
+@dataclass(frozen=True)
 class GoalSettings:
     """A ``[[goals]]`` table: proxied requests that count as reaching the goal ``name``."""
 
@@ -296,9 +324,11 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     experiments: ExperimentsSettings = field(default_factory=ExperimentsSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
+    client_api: ClientAPISettings = field(default_factory=ClientAPISettings)
     origins: tuple[OriginSettings, ...] = ()
     routes: tuple[RouteSettings, ...] = ()
     goals: tuple[GoalSettings, ...] = ()
+    client_keys: tuple[ClientKeySettings, ...] = ()
     # [name] sections the flag sources own; Settings() alone gets each source's defaults
     sources: Mapping[str, Any] = field(default_factory=lambda: {n: t() for n, t in source_sections().items()})
 
@@ -310,7 +340,7 @@ class Settings:
 SECTIONS: dict[str, type] = {
     f.name: typing.get_type_hints(Settings)[f.name]
     for f in dataclasses.fields(Settings)
-    if f.name not in ("origins", "routes", "goals", "sources")
+    if f.name not in ("origins", "routes", "goals", "client_keys", "sources")
 }
 
 
@@ -479,6 +509,24 @@ def _goal_from_table(index: int, table: Any) -> GoalSettings:
     return goal
 
 
+def _client_key_from_table(index: int, table: Any, env: Mapping[str, str]) -> ClientKeySettings:
+    """A ``[[client_keys]]`` table, its secret read from ``key_env`` when that is given."""
+    where = f"[[client_keys]] #{index + 1}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    entry: ClientKeySettings = _apply(where, ClientKeySettings(), table, from_text=False)
+    if entry.key and entry.key_env:
+        raise ConfigError(f"{where}: give key or key_env, not both")
+    if entry.key_env:
+        secret = env.get(entry.key_env, "")
+        if not secret:
+            raise ConfigError(f"{where} key_env: the environment variable {entry.key_env} is not set")
+        entry = dataclasses.replace(entry, key=secret)
+    if not entry.key:
+        raise ConfigError(f"{where} key: missing (give key or key_env)")
+    return dataclasses.replace(entry, name=entry.name or f"key-{index + 1}")
+
+
 # --- loading --------------------------------------------------------------------------------------
 
 
@@ -511,7 +559,7 @@ def load_settings(
     sections = {name: getattr(settings, name) for name in SECTIONS}
     sections.update({name: kind() for name, kind in plugins.items()})
     for name, value in file_data.items():
-        if name in ("origins", "routes", "goals"):
+        if name in ("origins", "routes", "goals", "client_keys"):
             continue
         if name not in sections:
             raise ConfigError(f"[{name}]: unknown section")
@@ -552,10 +600,16 @@ def load_settings(
     if not isinstance(raw_goals, list):
         raise ConfigError("[[goals]]: expected an array of tables")
     goal_list = tuple(_goal_from_table(i, t) for i, t in enumerate(raw_goals))
+    raw_keys = file_data.get("client_keys", [])
+    if not isinstance(raw_keys, list):
+        raise ConfigError("[[client_keys]]: expected an array of tables")
+    key_list = tuple(_client_key_from_table(i, t, env) for i, t in enumerate(raw_keys))
 
     core = {name: section for name, section in sections.items() if name in SECTIONS}
     own = {name: section for name, section in sections.items() if name not in SECTIONS}
-    settings = Settings(**core, origins=origin_list, routes=route_list, goals=goal_list, sources=own)
+    settings = Settings(
+        **core, origins=origin_list, routes=route_list, goals=goal_list, client_keys=key_list, sources=own
+    )
     validate(settings)
     for section in own.values():
         check = getattr(section, "validate", None)
@@ -728,6 +782,7 @@ def validate(settings: Settings) -> None:
 
     _validate_experiments(settings)
     _validate_chat(settings.chat)
+    _validate_client_api(settings)
 
     seen: set[str] = set()
     for i, origin in enumerate(settings.origins):
@@ -800,6 +855,51 @@ def _validate_experiments(settings: Settings) -> None:
 
 
 _TELEGRAM_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+_ORIGIN = re.compile(r"https?://[^/?#\s]+")
+
+
+def _validate_client_api(settings: Settings) -> None:
+    c = settings.client_api
+    _check(
+        c.rate_limit_per_s >= 0,
+        f"[client_api] rate_limit_per_s: must not be negative, got {c.rate_limit_per_s}",
+    )
+    _check(
+        c.rate_limit_burst >= 0,
+        f"[client_api] rate_limit_burst: must not be negative, got {c.rate_limit_burst}",
+    )
+    for name in ("max_age_s", "max_payload_bytes"):
+        _check(getattr(c, name) >= 0, f"[client_api] {name}: must not be negative, got {getattr(c, name)}")
+    for name in ("max_body_bytes", "max_streams", "heartbeat_s", "stream_token_ttl_s"):
+        _check(getattr(c, name) > 0, f"[client_api] {name}: must be positive, got {getattr(c, name)}")
+    for origin in c.cors_origins:
+        _check(
+            origin == "*" or bool(_ORIGIN.fullmatch(origin)),
+            f"[client_api] cors_origins: {origin!r} is not an origin (scheme://host[:port], no path) or '*'",
+        )
+    _check(
+        not c.public_url or bool(_ORIGIN.fullmatch(c.public_url)),
+        f"[client_api] public_url: {c.public_url!r} is not an origin (scheme://host[:port], no path)",
+    )
+    names: set[str] = set()
+    secrets: set[str] = set()
+    for i, entry in enumerate(settings.client_keys):
+        where = f"[[client_keys]] #{i + 1}"
+        _check(entry.name not in names, f"{where} name: {entry.name!r} is used twice")
+        _check(entry.key not in secrets, f"{where} key: the same key is configured twice")
+        _check(
+            0 < len(entry.name) <= 64 and all(ch.isalnum() or ch in "-_." for ch in entry.name),
+            f"{where} name: 1..64 characters of letters, digits, '-', '_' and '.', got {entry.name!r}",
+        )
+        _check(
+            len(entry.key) >= 16 and entry.key.isprintable() and entry.key.isascii() and " " not in entry.key,
+            f"{where} key: at least 16 printable ASCII characters without spaces",
+        )
+        _check(bool(entry.flags), f'{where} flags: at least one glob ("*" for every flag)')
+        names.add(entry.name)
+        secrets.add(entry.key)
 
 
 def _validate_chat(chat: ChatSettings) -> None:

@@ -231,6 +231,25 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.client_requests = Counter(
+            "flagproxy_client_requests",
+            "Client flags API requests by endpoint (ofrep_single, ofrep_bulk, compact, stream), status "
+            "and client key name ('none' before a key is known).",
+            ["endpoint", "status", "key"],
+            registry=r,
+        )
+        self.client_over_budget = Counter(
+            "flagproxy_client_payload_over_budget",
+            "Compact client responses larger than [client_api] max_payload_bytes (still sent), by key.",
+            ["key"],
+            registry=r,
+        )
+        self.client_streams = Gauge(
+            "flagproxy_client_streams",
+            "Open live-update (SSE) streams of the client flags API.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.store_invalid = Gauge(
             "flagproxy_store_invalid_definitions",
             "Stored definitions per source that do not compile (their flag keeps its last good "
@@ -299,6 +318,9 @@ class Metrics:
 
     def for_origin(self, label: str) -> OriginMetrics:
         return OriginMetrics(self, label)
+
+    def client_request(self, endpoint: str, status: int, key: str) -> None:
+        self.client_requests.labels(endpoint, str(status), key).inc()
 
     def rejected(self, error: str) -> None:
         self.rejections.labels(error).inc()

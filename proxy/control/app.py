@@ -10,7 +10,11 @@
     /api/experiments...    experiments.py  experiment results and resets; /api/track takes conversions
     /chat/slack            chat/slack.py     the /flag slash command (only with [chat.slack] signing_secret)
     /chat/telegram         chat/telegram.py  the /flag bot webhook (only with [chat.telegram] secret_token)
+    /ofrep/v1/evaluate/... clients/ofrep.py    OFREP evaluation for OpenFeature clients (client keys)
+    /client/v1/flags       clients/compact.py  the compact call for games and mobile (client keys)
+    /client/v1/stream      clients/stream.py   live updates, Server-Sent Events (client keys or a token)
 
+``/ofrep`` and ``/client`` exist only with ``[[client_keys]]`` (``proxy/control/clients/``).
 ``/api`` sits behind bearer-token middleware (``[admin] token``; without one it does not exist).
 Errors are raised as ``HTTPProblem`` and answered by one registered handler (``problems.py``).
 """
@@ -26,6 +30,7 @@ from starlette.routing import BaseRoute, Mount, Router
 from proxy.control import audit, evaluate, experiments, flags, lifecycle, metrics, probes
 from proxy.control.auth import BearerAuth
 from proxy.control.chat import slack, telegram
+from proxy.control.clients import client_mounts
 from proxy.control.deps import ControlDeps
 from proxy.control.problems import HANDLERS
 
@@ -45,7 +50,7 @@ def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = (
         if deps.settings.chat.telegram.secret_token:
             chat_routes += telegram.ROUTES
     chat = Mount("/chat", app=Router(chat_routes, redirect_slashes=False))
-    routes = [*probes.ROUTES, *metrics.ROUTES, webhooks, api, chat]
+    routes = [*probes.ROUTES, *metrics.ROUTES, webhooks, api, chat, *client_mounts(deps.clients)]
     app = Starlette(
         routes=[Mount(deps.settings.server.control_prefix, app=Router(routes, redirect_slashes=False))],
         exception_handlers=dict(HANDLERS),

@@ -16,6 +16,7 @@ from proxy.store.base import FlagStore
 
 if TYPE_CHECKING:
     from proxy.control.chat.runtime import ChatRuntime
+    from proxy.control.clients import ClientAPI
     from proxy.experiments.analytics import Analytics
     from proxy.experiments.recorder import Recorder
     from proxy.lifecycle.service import Lifecycle
@@ -35,6 +36,7 @@ class ControlDeps:
     analytics: Mapping[str, Analytics] = field(default_factory=dict)  # sources' own (Split's events)
     chat: ChatRuntime | None = None  # the chat endpoints' state and background poster
     lifecycle: Lifecycle | None = None  # potentially stale flags (GET /api/stale)
+    clients: ClientAPI | None = None  # the client flags API (/ofrep, /client); None: not served
 
 
 def deps_of(request: Request) -> ControlDeps:

@@ -90,6 +90,8 @@ class ProxyApp(Protocol):
 
     async def control_exchange(self, scope: Any, receive: Any, send: Any, exchange: Exchange) -> None: ...
 
+    def draining(self) -> None: ...
+
 
 def find_proxy(app: Any) -> ProxyApp:
     """The flagproxy app inside whatever uvicorn wrapped around it (its middlewares keep ``.app``)."""
@@ -239,6 +241,7 @@ class ClientConnection(asyncio.Protocol):
     def shutdown(self) -> None:
         """uvicorn is shutting down: finish what runs (within the grace period), start nothing new."""
         self.closing = True
+        self.app.draining()  # long-lived control responses (live-update streams) end now
         if not self.queue:
             self.close()
             return

@@ -93,6 +93,9 @@ class Flag:
     source: str = "native"
     experiment: Experiment | None = None  # only experiment flags produce exposures
     overridden: str | None = None  # "killed" or "promoted": everyone gets one outcome (no experiment runs)
+    # a source whose explanations use its own words maps them (``explain``'s dict) to one of
+    # OpenFeature's standard reasons; None: the engine's own words (docs/clients.md maps those)
+    reason_of: Callable[[Mapping[str, Any]], str] | None = None
 
     @property
     def experimenting(self) -> bool:

@@ -378,6 +378,18 @@ def _valid_key(value: Any) -> str | None:
     return text
 
 
+def standard_reason(why: Mapping[str, Any]) -> str:
+    """An explanation's Split label as one of OpenFeature's standard reasons (the client flags API)."""
+    label = why.get("reason")
+    if label == LABEL_KILLED:
+        return "DISABLED"
+    if label in (LABEL_NO_CONDITION_MATCHED, LABEL_NOT_IN_SPLIT, LABEL_PREREQUISITES_NOT_MET):
+        return "DEFAULT"
+    if label in (LABEL_EXCEPTION, LABEL_NOT_FOUND, LABEL_UNSUPPORTED, REASON_INVALID_KEY):
+        return "ERROR"
+    return "TARGETING_MATCH"  # a condition's own label ("in segment beta", "whitelisted", ...)
+
+
 def _keys(ctx: Context) -> tuple[str, str] | None:
     """(matching key, bucketing key) as the SDK validates them, or None (→ control)."""
     mk = _valid_key(ctx.get("key"))
@@ -479,6 +491,7 @@ def compile_split(
             default=default,
             definition=raw,
             source="split",
+            reason_of=standard_reason,
         )
     if problems is None:
         for name, message in report.items():

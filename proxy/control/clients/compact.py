@@ -1,0 +1,95 @@
+"""``GET {prefix}/client/v1/flags?key=<unit>&<attribute>=<value>...&flags=a,b``: one small call.
+
+→ ``{"flags": {key: value}, "variants": {key: variant}}`` (values as in ``values.py``), with a strong
+ETag (304 on ``If-None-Match``), ``Cache-Control: private, max-age=<max_age_s>`` and gzip when the
+client accepts it. Every query parameter other than ``key`` and ``flags`` is an attribute, as header
+attributes are: the values are exactly what the origin would get in its flag header for that unit.
+"""
+
+from __future__ import annotations
+
+import gzip
+import time
+from typing import Any
+
+from proxy.asgi import Receive, Scope, Send
+from proxy.control.clients.responses import (
+    JSON,
+    dumps,
+    etag_matches,
+    gzip_etag,
+    header,
+    query,
+    respond,
+    strong_etag,
+)
+from proxy.control.clients.service import ClientAPI
+from proxy.control.clients.values import client_value, variant_of
+from proxy.dataplane.context import make_context
+
+VARY = (b"vary", b"Accept-Encoding")
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    for part in accept_encoding.lower().split(","):
+        coding, _, params = part.partition(";")
+        if coding.strip() in ("gzip", "*"):
+            q = params.strip()
+            return not (q.startswith("q=") and q[2:].strip().rstrip("0").rstrip(".") in ("0", ""))
+    return False
+
+
+class CompactFlags:
+    endpoint = "compact"
+
+    def __init__(self, api: ClientAPI) -> None:
+        self.api = api
+        self.cache_control = (b"cache-control", b"private, max-age=%d" % api.settings.max_age_s)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        api = self.api
+        key = await api.admit(scope, send, self.endpoint, ofrep=False)
+        if key is None:
+            return
+        unit = None
+        wanted: list[str] | None = None
+        attributes: dict[str, Any] = {}
+        for name, value in query(scope):
+            if name == "key":
+                unit = value or None
+            elif name == "flags":
+                wanted = [part for part in value.split(",") if part]
+            else:
+                attributes[name] = value
+        context = make_context(unit, attributes)
+        view = api.view(key)
+        if wanted is None:
+            flags = view.flags
+        else:
+            by_key = view.by_key
+            flags = tuple(by_key[k] for k in sorted(set(wanted)) if k in by_key)
+        now = time.time()
+        values: dict[str, Any] = {}
+        variants: dict[str, str] = {}
+        for flag in flags:
+            served = flag.evaluate(context)
+            values[flag.key] = client_value(served)
+            variants[flag.key] = variant_of(served)
+            api.expose(flag, served, context, now)
+        body = dumps({"flags": values, "variants": variants})
+        if len(body) > api.settings.max_payload_bytes:
+            api.over_budget(key, tuple(values), len(body))
+        etag = strong_etag(body)
+        zipped = accepts_gzip(header(scope, b"accept-encoding"))
+        if zipped:
+            etag = gzip_etag(etag)
+        headers = [self.cache_control, VARY, (b"etag", etag.encode())]
+        if etag_matches(header(scope, b"if-none-match"), etag):
+            api.metrics.client_request(self.endpoint, 304, key.name)
+            await respond(send, 304, b"", headers)
+            return
+        if zipped:
+            body = gzip.compress(body, compresslevel=6, mtime=0)
+            headers.append((b"content-encoding", b"gzip"))
+        api.metrics.client_request(self.endpoint, 200, key.name)
+        await respond(send, 200, body, [JSON, *headers])

@@ -1,0 +1,133 @@
+"""OFREP v0.3.0 (OpenFeature Remote Evaluation Protocol) under the control prefix:
+
+    POST {prefix}/ofrep/v1/evaluate/flags/{key}   one flag      → 200 evaluation, 404, 400
+    POST {prefix}/ofrep/v1/evaluate/flags         every flag    → 200 {"flags": [...], "eventStreams"}, 304
+
+Without a ``targetingKey`` the flags are still evaluated (rules on attributes work); a flag that
+needed the unit to bucket answers ``TARGETING_KEY_MISSING`` (400 for one flag, a failure item in
+bulk), so the application falls back to its code default. The bulk body's strong ETag is a hash of
+the body; ``If-None-Match`` naming it → 304.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from proxy.asgi import Receive, Scope, Send
+from proxy.control.clients.context import ContextError, ofrep_context
+from proxy.control.clients.responses import (
+    JSON,
+    BodyTooLarge,
+    dumps,
+    etag_matches,
+    header,
+    ofrep_error,
+    read_body,
+    respond,
+    strong_etag,
+)
+from proxy.control.clients.service import ClientAPI
+from proxy.control.clients.values import evaluation
+from proxy.engine import Context
+
+INACTIVITY_DELAY_S = 120  # OFREP's default: a hidden page closes its stream after this
+
+
+def needs_unit(has_unit: bool, result: dict[str, Any]) -> bool:
+    """Served the default only because there was no unit to bucket (the engine's ``default``
+    reason), or the source refused to evaluate without one (``ERROR``)."""
+    return not has_unit and (result["reason"] == "ERROR" or result["metadata"].get("flagReason") == "default")
+
+
+MISSING = "no targetingKey: this flag buckets on the unit key"
+
+
+class Evaluation:
+    """What both endpoints share: admit the key, read and parse the body."""
+
+    endpoint = ""
+
+    def __init__(self, api: ClientAPI) -> None:
+        self.api = api
+
+    async def context(self, scope: Scope, receive: Receive, send: Send) -> tuple[Any, Context, bool] | None:
+        api = self.api
+        key = await api.admit(scope, send, self.endpoint, ofrep=True)
+        if key is None:
+            return None
+        limit = api.settings.max_body_bytes
+        try:
+            body = await read_body(receive, limit)
+        except BodyTooLarge:
+            detail = f"the body exceeds [client_api] max_body_bytes ({limit})"
+            await self.answer(send, 413, ofrep_error("GENERAL", detail), key.name)
+            return None
+        try:
+            context, has_unit = ofrep_context(body)
+        except ContextError as exc:
+            flag_key = scope.get("path_params", {}).get("key")
+            await self.answer(send, 400, ofrep_error(exc.error_code, exc.detail, flag_key), key.name)
+            return None
+        return key, context, has_unit
+
+    async def answer(self, send: Send, status: int, body: bytes, key_name: str, *headers: Any) -> None:
+        self.api.metrics.client_request(self.endpoint, status, key_name)
+        await respond(send, status, body, [JSON, *headers])
+
+
+class SingleFlag(Evaluation):
+    endpoint = "ofrep_single"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        admitted = await self.context(scope, receive, send)
+        if admitted is None:
+            return
+        key, context, has_unit = admitted
+        flag_key: str = scope["path_params"]["key"]
+        flag = self.api.view(key).by_key.get(flag_key)
+        if flag is None:
+            body = ofrep_error("FLAG_NOT_FOUND", f"flag {flag_key!r} not found", flag_key)
+            await self.answer(send, 404, body, key.name)
+            return
+        served, result = evaluation(flag, context)
+        if needs_unit(has_unit, result):
+            await self.answer(send, 400, ofrep_error("TARGETING_KEY_MISSING", MISSING, flag_key), key.name)
+            return
+        self.api.expose(flag, served, context, time.time())
+        await self.answer(send, 200, dumps(result), key.name)
+
+
+class BulkFlags(Evaluation):
+    endpoint = "ofrep_bulk"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        admitted = await self.context(scope, receive, send)
+        if admitted is None:
+            return
+        key, context, has_unit = admitted
+        api = self.api
+        now = time.time()
+        flags = []
+        for flag in api.view(key).flags:
+            served, result = evaluation(flag, context)
+            if needs_unit(has_unit, result):
+                flags.append({"key": flag.key, "errorCode": "TARGETING_KEY_MISSING", "errorDetails": MISSING})
+                continue
+            api.expose(flag, served, context, now)
+            flags.append(result)
+        document: dict[str, Any] = {"flags": flags}
+        origin = api.stream_origin(scope)
+        if origin is not None:
+            endpoint = {"origin": origin, "requestUri": api.stream_request_uri(key, now)}
+            document["eventStreams"] = [
+                {"type": "sse", "endpoint": endpoint, "inactivityDelaySec": INACTIVITY_DELAY_S}
+            ]
+        body = dumps(document)
+        etag = strong_etag(body)
+        tag = (b"etag", etag.encode())
+        if etag_matches(header(scope, b"if-none-match"), etag):
+            api.metrics.client_request(self.endpoint, 304, key.name)
+            await respond(send, 304, b"", [tag])
+            return
+        await self.answer(send, 200, body, key.name, tag)
