@@ -55,6 +55,7 @@ from _harness import (
     Service,
     Services,
     clean_env,
+    cpu_seconds,
     ensure_tools,
     exit_on_sigterm,
     free_port,
@@ -213,6 +214,15 @@ def sanity(service: Service) -> dict[str, Any]:
     }
 
 
+def measured(wrk: str, script: Path, service: Service, args: argparse.Namespace) -> dict[str, Any]:
+    """One wrk run, plus ``cpu_us``: the proxy's CPU time per request (less noisy than req/s on a
+    machine where wrk and the proxy share the CPUs)."""
+    before = cpu_seconds(service.pid)
+    result = run_wrk(wrk, script, service.url + "/", args.connections, args.duration, 10)
+    result["cpu_us"] = (cpu_seconds(service.pid) - before) * 1e6 / max(1, result["requests"])
+    return result
+
+
 # --- 1. throughput ----------------------------------------------------------------------------------
 
 
@@ -232,7 +242,7 @@ def throughput(args: argparse.Namespace, wrk: str, service: Service, tmp: Path) 
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             print(f"bench: throughput round {r + 1} {name}", file=sys.stderr, flush=True)
-            samples[name].append(run_wrk(wrk, scripts[name], url, args.connections, args.duration, 10))
+            samples[name].append(measured(wrk, scripts[name], service, args))
     rows = {name: summarize(samples[name]) for name in names}
     base = rows["proxied"]["rps"]
     for name in names:
@@ -367,37 +377,48 @@ async def sse_delivery(service: Service, clients: int, changes: int) -> dict[str
 
 
 async def idle_streams(args: argparse.Namespace, wrk: str, service: Service, tmp: Path) -> dict[str, Any]:
+    """The proxied path without and with the idle streams, alternating (the first rotating) for
+    ``--rounds`` rounds; RSS before the first streams are opened, once they are, and after the load."""
     script = tmp / "proxied-idle.lua"
     script.write_text(PROXIED_LUA)
     loop = asyncio.get_running_loop()
-    url = service.url + "/"
 
     def proxied() -> dict[str, Any]:
-        runs = [run_wrk(wrk, script, url, args.connections, args.duration, 10) for _ in range(args.rounds)]
-        return summarize(runs)
+        return measured(wrk, script, service, args)
 
-    await loop.run_in_executor(None, proxied)  # warm, both sides of the comparison alike
+    if args.warmup > 0:
+        await loop.run_in_executor(
+            None, run_wrk, wrk, script, service.url + "/", args.connections, args.warmup, 10
+        )
     before_rss = rss_bytes(service.pid)
-    without = await loop.run_in_executor(None, proxied)
-    started = time.monotonic()
-    async with event_streams(service, args.idle_streams, lambda i, event, data: None) as readers:
-        connect_s = time.monotonic() - started
-        with_rss = rss_bytes(service.pid)
-        with_streams = await loop.run_in_executor(None, proxied)
-        after_rss = rss_bytes(service.pid)
-        still_open = sum(1 for t in readers if not t.done())
+    with_rss = after_rss = 0
+    connects: list[float] = []
+    closed_early = 0
+    samples: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
+    for r in range(args.rounds):
+        for kind in ("without", "with") if r % 2 == 0 else ("with", "without"):
+            if kind == "without":
+                samples[kind].append(await loop.run_in_executor(None, proxied))
+                continue
+            started = time.monotonic()
+            async with event_streams(service, args.idle_streams, lambda i, event, data: None) as readers:
+                connects.append(time.monotonic() - started)
+                with_rss = max(with_rss, rss_bytes(service.pid))
+                samples[kind].append(await loop.run_in_executor(None, proxied))
+                after_rss = max(after_rss, rss_bytes(service.pid))
+                closed_early += sum(1 for t in readers if t.done())
     added = max(with_rss, after_rss) - before_rss
     return {
         "streams": args.idle_streams,
-        "connect_s": connect_s,
-        "still_open": still_open,
+        "connect_s": max(connects),
+        "closed_early": closed_early,
         "rss_before_mb": before_rss / MIB,
         "rss_with_mb": with_rss / MIB,
         "rss_after_load_mb": after_rss / MIB,
         "rss_added_mb": added / MIB,
         "rss_per_stream_kb": added / 1024 / max(1, args.idle_streams),
-        "proxied_without": without,
-        "proxied_with": with_streams,
+        "proxied_without": summarize(samples["without"]),
+        "proxied_with": summarize(samples["with"]),
     }
 
 
@@ -410,7 +431,7 @@ def ms(us: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--duration", type=positive_float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--warmup", type=float, default=2.0, help="discarded seconds per system")
     parser.add_argument("--connections", type=positive_int, default=CONNECTIONS)
@@ -488,14 +509,15 @@ def run(args: argparse.Namespace, tools: dict[str, str], tmp: Path, services: Se
         f"\n### Throughput, one worker, c={args.connections}, "
         f"{args.rounds} x {args.duration:.0f} s (medians)\n"
     )
-    print("| endpoint | req/s | vs. proxied | p50 | p99 | errors | target |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| endpoint | req/s | vs. proxied | p50 | p99 | CPU µs/req | errors | runs (req/s) | target |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for name, row in rows.items():
         errors = sum(row["errors"].values())
         target = "" if name == "proxied" else f"≥ {TARGET_RPS:,} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms"
+        runs = ", ".join(f"{x:,}" for x in row["runs_rps"])
         print(
             f"| {name} | {row['rps']:,.0f} | {row['ratio_to_proxied']:.3f}x | {ms(row['p50_us'])} | "
-            f"{ms(row['p99_us'])} | {errors} | {target} |"
+            f"{ms(row['p99_us'])} | {row['cpu_us']:.0f} | {errors} | {runs} | {target} |"
         )
     print(
         f"\nSSE: {sse['clients']} clients x {sse['changes']} admin changes: {sse['deliveries']} deliveries, "
@@ -504,18 +526,19 @@ def run(args: argparse.Namespace, tools: dict[str, str], tmp: Path, services: Se
     )
     w, wo = idle["proxied_with"], idle["proxied_without"]
     print(
-        f"\nIdle streams: {idle['streams']} open ({idle['still_open']} still open at the end, connected in "
+        f"\nIdle streams: {idle['streams']} open ({idle['closed_early']} ended by the server, connected in "
         f"{idle['connect_s']:.1f} s): RSS {idle['rss_before_mb']:.1f} → {idle['rss_with_mb']:.1f} MB, "
         f"{idle['rss_after_load_mb']:.1f} MB after the wrk run "
         f"(+{idle['rss_added_mb']:.1f} MB, {idle['rss_per_stream_kb']:.1f} KB/stream; "
         f"target ≤ {TARGET_IDLE_MB:.0f} MB)"
     )
-    print("\n| proxied path | req/s | p50 | p99 |")
-    print("|---|---:|---:|---:|")
-    print(f"| without streams | {wo['rps']:,.0f} | {ms(wo['p50_us'])} | {ms(wo['p99_us'])} |")
-    print(
-        f"| with {idle['streams']} idle streams | {w['rps']:,.0f} | {ms(w['p50_us'])} | {ms(w['p99_us'])} |"
-    )
+    print("\n| proxied path | req/s | p50 | p99 | CPU µs/req |")
+    print("|---|---:|---:|---:|---:|")
+    for label, row in (("without streams", wo), (f"with {idle['streams']} idle streams", w)):
+        print(
+            f"| {label} | {row['rps']:,.0f} | {ms(row['p50_us'])} | {ms(row['p99_us'])} | "
+            f"{row['cpu_us']:.0f} |"
+        )
     print(f"\n{elapsed:.0f} s in all")
     if args.json:
         write_json(args.json, report)
