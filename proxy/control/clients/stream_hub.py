@@ -2,10 +2,11 @@
 
 Each stream is a ``Subscriber`` with one pending flag, not a queue: every event is the same "refetch"
 beacon, so notifications that arrive while a client is not reading coalesce into one. A change
-touches a flag when it was added or removed, or its compiled flag is a new one (its definition, or
-what it depends on, changed), or its kill/promotion changed. The touched keys are computed once by
-comparing the previous snapshot with the new one; then each distinct glob set with streams is
-checked against those keys only.
+touches a flag when it was added or removed, or its compiled flag is a new one (its definition,
+or what it depends on, changed), or its kill/promotion changed (a killed or promoted flag is
+built anew on every change: it counts as touched only when its outcomes changed). The touched
+keys are computed once by comparing the previous snapshot with the new one; then each distinct
+glob set with streams is checked against those keys only.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def touched(before: Snapshot, after: Snapshot) -> set[str]:
             continue
         if old is None or new is None or old_overrides.get(key) != new_overrides.get(key):
             changed.add(key)
-        elif new.overridden is None or old.definition != new.definition:
+        elif new.overridden is None or (old.default, old.served) != (new.default, new.served):
             changed.add(key)  # recompiled (a kill or promotion is a new flag on every build)
     return changed
 

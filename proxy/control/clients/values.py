@@ -23,7 +23,7 @@ NATIVE_REASONS = {
     "disabled": "DISABLED",  # "enabled": false: everyone gets the default
     "rule": "TARGETING_MATCH",  # a targeting rule matched
     "split": "SPLIT",  # the fallthrough's percentage split bucketed the unit
-    "fallthrough": "STATIC",  # the fallthrough's one variant (DEFAULT when the flag has rules)
+    "fallthrough": "STATIC",  # no rule decided: the fallthrough's one outcome
     "default": "DEFAULT",  # nothing to bucket by (no key, or no bucketBy attribute)
     "killed": "DISABLED",  # the admin API's kill
     "promoted": "STATIC",  # the admin API's promotion
@@ -48,8 +48,6 @@ def standard_reason(flag: Flag, why: dict[str, Any]) -> str:
     own = why.get("reason")
     if flag.overridden is None and flag.reason_of is not None:
         reason = flag.reason_of(why)
-    elif own == "fallthrough" and flag.definition.get("rules"):
-        reason = "DEFAULT"
     else:
         reason = NATIVE_REASONS.get(own, "UNKNOWN") if isinstance(own, str) else "UNKNOWN"
     return reason if reason in STANDARD_REASONS else "UNKNOWN"

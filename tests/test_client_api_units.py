@@ -1,0 +1,196 @@
+"""The client flags API's pure parts: reasons and values, ETags, tokens, rate limits, what a change
+touches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.config import ClientKeySettings
+from proxy.control.clients.compact import accepts_gzip
+from proxy.control.clients.keys import KeyRing, presented_key
+from proxy.control.clients.rate_limit import RateLimiter
+from proxy.control.clients.responses import etag_matches, gzip_etag, strong_etag
+from proxy.control.clients.stream_hub import touched
+from proxy.control.clients.values import STANDARD_REASONS, evaluation
+from proxy.engine import compile_document, with_override
+from proxy.sources.split.evaluator import compile_split
+from proxy.store.base import Snapshot
+from proxy.store.state import OVERRIDES, RawState
+
+KEY = "unit-key-0123456789abcd"
+
+
+def split_flag(**fields: Any) -> Any:
+    raw = {
+        "name": "s",
+        "status": "ACTIVE",
+        "killed": False,
+        "defaultTreatment": "off",
+        "trafficAllocation": 100,
+        "trafficAllocationSeed": 1,
+        "seed": 2,
+        "changeNumber": 7,
+        "algo": 2,
+        "configurations": {"on": '{"color": "blue"}'},
+        "conditions": [
+            {
+                "conditionType": "WHITELIST",
+                "matcherGroup": {
+                    "combiner": "AND",
+                    "matchers": [
+                        {
+                            "matcherType": "WHITELIST",
+                            "negate": False,
+                            "whitelistMatcherData": {"whitelist": ["vip"]},
+                        }
+                    ],
+                },
+                "partitions": [{"treatment": "on", "size": 100}],
+                "label": "whitelisted",
+            },
+            {
+                "conditionType": "ROLLOUT",
+                "matcherGroup": {
+                    "combiner": "AND",
+                    "matchers": [{"matcherType": "ALL_KEYS", "negate": False}],
+                },
+                "partitions": [{"treatment": "off", "size": 100}],
+                "label": "default rule",
+            },
+        ],
+        **fields,
+    }
+    return compile_split({"s": raw})["s"]
+
+
+def test_split_labels_map_to_standard_reasons_and_treatment_configs_are_values() -> None:
+    flag = split_flag()
+    _, vip = evaluation(flag, {"key": "vip"})
+    assert (vip["value"], vip["variant"], vip["reason"]) == ({"color": "blue"}, "on", "TARGETING_MATCH")
+    assert vip["metadata"] == {"flagReason": "whitelisted", "changeNumber": 7}
+    _, other = evaluation(flag, {"key": "someone"})
+    assert (other["value"], other["variant"], other["reason"]) == ("off", "off", "DEFAULT")
+    _, killed = evaluation(split_flag(killed=True), {"key": "vip"})
+    assert killed["reason"] == "DISABLED"
+    _, no_key = evaluation(flag, {})
+    assert no_key["reason"] == "ERROR"
+
+
+def test_native_reasons_kill_and_promotion() -> None:
+    flags = compile_document(
+        {
+            "flags": {
+                "plain": {},
+                "ruled": {"rules": [{"if": {"==": [{"var": "c"}, "x"]}, "value": False}]},
+                "ab": {"variants": {"a": {"weight": 1}, "b": {"weight": 1}}},
+            }
+        }
+    )
+    assert evaluation(flags["plain"], {"key": "u"})[1]["reason"] == "STATIC"
+    assert evaluation(flags["ruled"], {"key": "u"})[1]["reason"] == "STATIC"  # no rule matched
+    assert evaluation(flags["ruled"], {"key": "u", "c": "x"})[1]["reason"] == "TARGETING_MATCH"
+    assert evaluation(with_override(flags["ab"], {"kill": True}), {"key": "u"})[1]["reason"] == "DISABLED"
+    promoted = evaluation(with_override(flags["ab"], {"promote": "b"}), {"key": "u"})[1]
+    assert (promoted["reason"], promoted["variant"]) == ("STATIC", "b")
+    for flag in flags.values():
+        assert evaluation(flag, {"key": "u"})[1]["reason"] in STANDARD_REASONS
+
+
+@pytest.mark.parametrize(
+    ("header", "matches"),
+    [
+        ('"abc"', True),
+        ('W/"abc"', True),
+        ('"x", "abc"', True),
+        ('"x","y"', False),
+        ("*", True),
+        ("", False),
+        ('"abc-gzip"', True),  # the gzip representation of the same body
+        ('"ab"', False),
+    ],
+)
+def test_if_none_match(header: str, matches: bool) -> None:
+    assert etag_matches(header, '"abc"') is matches
+    assert etag_matches(header, gzip_etag('"abc"')) is matches
+
+
+def test_strong_etag_is_the_body_hash() -> None:
+    assert strong_etag(b"a") == strong_etag(b"a") != strong_etag(b"b")
+    assert strong_etag(b"a").startswith('"') and not strong_etag(b"a").startswith("W/")
+
+
+def test_keys_are_found_by_either_header_and_tokens_round_trip() -> None:
+    ring = KeyRing([ClientKeySettings(name="a.b", key=KEY), ClientKeySettings(name="c", key=KEY + "x")])
+    assert ring.find(presented_key("Bearer " + KEY, "")) is ring.by_name["a.b"]
+    assert ring.find(presented_key("", KEY + "x")) is ring.by_name["c"]
+    assert ring.find(presented_key("Basic " + KEY, "")) is None
+    assert ring.find("") is None and ring.find(KEY[:-1]) is None
+    token = ring.mint(ring.by_name["a.b"], 2_000_000_000)
+    assert KEY not in token
+    assert ring.redeem(token, now=1_999_999_999) is ring.by_name["a.b"]  # a name with dots
+    assert ring.redeem(token, now=2_000_000_001) is None  # expired
+    assert ring.redeem(token.replace("a.b.", "c.", 1), now=0) is None
+
+
+def test_rate_limiter_buckets_and_whole_second_retry_after() -> None:
+    limiter = RateLimiter(per_s=2, burst=2)
+    assert [limiter.retry_after("k", now=0.0) for _ in range(3)] == [0, 0, 1]
+    assert limiter.retry_after("other", now=0.0) == 0
+    assert limiter.retry_after("k", now=0.5) == 0
+    assert RateLimiter(per_s=0.1).retry_after("k", 0.0) == 0
+    assert RateLimiter(per_s=0.1).retry_after("k", 0.0) == 0
+    slow = RateLimiter(per_s=0.1)
+    slow.retry_after("k", 0.0)
+    assert slow.retry_after("k", 0.0) == 10
+    assert RateLimiter(per_s=0).retry_after("k") == 0
+
+
+@pytest.mark.parametrize(
+    ("header", "gzip"),
+    [
+        ("gzip", True),
+        ("br, gzip;q=0.5", True),
+        ("gzip;q=0", False),
+        ("identity", False),
+        ("", False),
+        ("*", True),
+    ],
+)
+def test_accept_encoding(header: str, gzip: bool) -> None:
+    assert accepts_gzip(header) is gzip
+
+
+def snapshot(version: int, document: dict[str, Any], overrides: dict[str, str] | None = None) -> Snapshot:
+    raw = RawState()
+    if overrides:
+        raw.data[OVERRIDES] = {"flags": overrides}
+    return Snapshot.build(version, compile_document(document), raw)
+
+
+def test_touched_flags() -> None:
+    doc: dict[str, Any] = {"flags": {"a": {}, "b": {}}}
+    before = snapshot(1, doc)
+    same = Snapshot.build(2, dict(before.flags), RawState())
+    assert touched(before, same) == set()
+    added = Snapshot.build(2, {**before.flags, **compile_document({"flags": {"c": {}}})}, RawState())
+    assert touched(before, added) == {"c"}
+    killed = Snapshot.build(
+        2,
+        {**before.flags, "a": with_override(before.flags["a"], {"kill": True})},
+        _overrides({"a": '{"kill":true}'}),
+    )
+    assert touched(before, killed) == {"a"}
+    rebuilt = Snapshot.build(
+        3,
+        {**killed.flags, "a": with_override(before.flags["a"], {"kill": True})},
+        _overrides({"a": '{"kill":true}'}),
+    )
+    assert touched(killed, rebuilt) == set()  # the same kill, compiled again
+
+
+def _overrides(items: dict[str, str]) -> RawState:
+    raw = RawState()
+    raw.data[OVERRIDES] = {"flags": items}
+    return raw
