@@ -38,7 +38,7 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from support import LOCALHOST, REPO, ProxyProcess, RawOrigin, http_client
+from support import LOCALHOST, REPO, ProxyProcess, RawOrigin, http_client, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -295,6 +295,17 @@ def admin(proxy: ProxyProcess, method: str, path: str) -> dict[str, Any]:
     return response.json()
 
 
+def open_streams(proxy: ProxyProcess) -> float:
+    """The proxy's ``flagproxy_client_streams`` gauge: live-update streams open now."""
+    response = http_client().get(
+        f"{proxy.base_url}/__flags/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    assert response.status_code == 200, response.text
+    lines = [line for line in response.text.splitlines() if line.startswith("flagproxy_client_streams ")]
+    assert len(lines) == 1, "no flagproxy_client_streams gauge in /__flags/metrics"
+    return float(lines[0].split()[-1])
+
+
 def expected_ofrep(proxy: ProxyProcess) -> dict[str, dict[str, Any]]:
     """What the page must read, from the proxy's own evaluation for the same unit and attributes
     (``/__flags/api/evaluate``), mapped as issue 17 says: booleans are the value with variant
@@ -427,6 +438,9 @@ def test_web_provider_reads_the_proxys_values_and_an_admin_kill_arrives_by_sse(
         assert shown(driver, "banner")["value"] == "gold"
         driver.save_screenshot(str(tmp_path / "ready.png"))
 
+        # the provider opens its event stream (the advertised URL with a token: EventSource sends no
+        # headers) once ready; a change made before the proxy counts it would not reach the page
+        wait_for(lambda: open_streams(proxy) == 1, timeout=READY_TIMEOUT_S, what="the page's event stream")
         renders = len(driver.execute_script("return window.renders"))
         killed_at = time.time()
         assert admin(proxy, "POST", "/flags/banner/kill")["changed"] == ["banner"]
