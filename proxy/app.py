@@ -186,7 +186,9 @@ class FlagProxy:
             chain, on_error=self.metrics.observer_failed, on_drop=self.metrics.observer_dropped
         )
 
-        self.clients = ClientAPI(settings, self.store, self.metrics, self.recorder, self.analytics)
+        self.clients = ClientAPI(
+            settings, self.store, self.metrics, self.recorder, self.analytics, self.lifecycle.counter
+        )
         self.chat = ChatRuntime(settings.chat)
         self.notifiers.register("telegram", self.chat.telegram_notifier)  # telegram:<chat id> channels
         deps = ControlDeps(

@@ -238,6 +238,7 @@ class Metrics:
             ["endpoint", "status", "key"],
             registry=r,
         )
+        self._client_children: dict[tuple[str, int, str], Any] = {}
         self.client_over_budget = Counter(
             "flagproxy_client_payload_over_budget",
             "Compact client responses larger than [client_api] max_payload_bytes (still sent), by key.",
@@ -320,7 +321,12 @@ class Metrics:
         return OriginMetrics(self, label)
 
     def client_request(self, endpoint: str, status: int, key: str) -> None:
-        self.client_requests.labels(endpoint, str(status), key).inc()
+        child = self._client_children.get((endpoint, status, key))
+        if child is None:  # a handful: endpoints x statuses x configured key names
+            child = self._client_children[(endpoint, status, key)] = self.client_requests.labels(
+                endpoint, str(status), key
+            )
+        child.inc()
 
     def rejected(self, error: str) -> None:
         self.rejections.labels(error).inc()

@@ -3,18 +3,22 @@ touches."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from proxy.config import ClientKeySettings
-from proxy.control.clients.compact import accepts_gzip
+from proxy.config import ClientKeySettings, Settings
+from proxy.control.clients.compact import CompactFlags, accepts_gzip
 from proxy.control.clients.keys import KeyRing, presented_key
 from proxy.control.clients.rate_limit import RateLimiter
 from proxy.control.clients.responses import etag_matches, gzip_etag, strong_etag
+from proxy.control.clients.service import ClientAPI
 from proxy.control.clients.stream_hub import touched
-from proxy.control.clients.values import STANDARD_REASONS, evaluation
-from proxy.engine import compile_document, with_override
+from proxy.control.clients.values import STANDARD_REASONS, Encoded, evaluation
+from proxy.engine import Flag, Served, compile_document, encode_json, with_override
+from proxy.lifecycle.usage import UsageCounter, fingerprints
+from proxy.metrics import Metrics
 from proxy.sources.split.evaluator import compile_split
 from proxy.store.base import Snapshot
 from proxy.store.state import OVERRIDES, RawState
@@ -194,3 +198,88 @@ def _overrides(items: dict[str, str]) -> RawState:
     raw = RawState()
     raw.data[OVERRIDES] = {"flags": items}
     return raw
+
+
+def test_answers_are_encoded_once_and_odd_explanations_are_still_answered() -> None:
+    on = Served.make("on", {"x": 1}, True)
+    calls = {"n": 0}
+
+    def explain(ctx: Any) -> tuple[Served, dict[str, Any]]:
+        calls["n"] += 1
+        return on, {"reason": "odd", "changeNumber": {"not": "hashable"}, "bucket": calls["n"]}
+
+    flag = Flag("f", encode_json("f"), lambda ctx: on, explain, (on,), on, reason_of=lambda why: "STATIC")
+    encoded = Encoded()
+    served, item, reason, own = encoded.item(flag, {"key": "u"})
+    assert served is on and reason == "STATIC" and own == "odd"
+    assert json.loads(item) == {
+        "key": "f",
+        "value": {"x": 1},
+        "variant": "on",
+        "reason": "STATIC",
+        "metadata": {"flagReason": "odd"},
+    }
+    plain = compile_document({"flags": {"ab": {"variants": {"a": {"weight": 1}, "b": {"weight": 1}}}}})["ab"]
+    first = {encoded.item(plain, {"key": f"u{i}"})[1] for i in range(50)}
+    assert len(first) == 2 and len(encoded.items) == 2  # two answers, whatever the buckets
+
+
+class _Store:
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def on_change(self, listener: Any) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_answers_count_as_usage_for_the_lifecycle() -> None:
+    document = {"flags": {"seen": {}, "also": {"variants": {"a": {"weight": 1}}}}}
+    snap = Snapshot.build(1, compile_document(document), RawState())
+    counter = UsageCounter()
+    counter.use(fingerprints(snap), 0.0)
+    settings = Settings(client_keys=(ClientKeySettings(name="k", key=KEY),))
+    store: Any = _Store(snap)
+    api = ClientAPI(settings, store, Metrics(), usage=counter)
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "headers": [(b"x-api-key", KEY.encode())], "query_string": b"key=u1"}
+    await CompactFlags(api)(scope, receive, send)
+    assert sent[0]["status"] == 200
+    # (key, fingerprint, since, last evaluated, outcomes served)
+    deltas = {delta[0]: delta for delta in counter.drain()}
+    assert deltas["seen"][3] > 0 and list(deltas["seen"][4]) == ["true"]
+    assert deltas["also"][3] > 0 and list(deltas["also"][4]) == ["a"]
+
+
+@pytest.mark.anyio
+async def test_split_flags_served_to_a_unit_go_to_the_sources_analytics() -> None:
+    exposed: list[tuple[str, Any, Any]] = []
+
+    class Sink:
+        def exposed(self, flag: Any, served: Any, context: Any, at_ms: int) -> None:
+            exposed.append((flag.key, served.value, context.get("key")))
+
+    flags = {"s": split_flag(), **compile_document({"flags": {"plain": {}}})}
+    snap = Snapshot.build(1, flags, RawState())
+    settings = Settings(client_keys=(ClientKeySettings(name="k", key=KEY),))
+    store: Any = _Store(snap)
+    api = ClientAPI(settings, store, Metrics(), analytics={"split": Sink()})  # type: ignore[dict-item]
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    for query in (b"key=vip", b""):  # without a unit nothing is exposed
+        scope = {"type": "http", "headers": [(b"x-api-key", KEY.encode())], "query_string": query}
+        await CompactFlags(api)(scope, receive, send)
+    assert exposed == [("s", "on", "vip")]

@@ -50,7 +50,8 @@ def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = (
         if deps.settings.chat.telegram.secret_token:
             chat_routes += telegram.ROUTES
     chat = Mount("/chat", app=Router(chat_routes, redirect_slashes=False))
-    routes = [*probes.ROUTES, *metrics.ROUTES, webhooks, api, chat, *client_mounts(deps.clients)]
+    # the client API first: it takes the most requests (every route before it is tried in turn)
+    routes = [*client_mounts(deps.clients), *probes.ROUTES, *metrics.ROUTES, webhooks, api, chat]
     app = Starlette(
         routes=[Mount(deps.settings.server.control_prefix, app=Router(routes, redirect_slashes=False))],
         exception_handlers=dict(HANDLERS),

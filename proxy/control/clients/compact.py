@@ -15,7 +15,6 @@ from typing import Any
 from proxy.asgi import Receive, Scope, Send
 from proxy.control.clients.responses import (
     JSON,
-    dumps,
     etag_matches,
     gzip_etag,
     header,
@@ -24,7 +23,6 @@ from proxy.control.clients.responses import (
     strong_etag,
 )
 from proxy.control.clients.service import ClientAPI
-from proxy.control.clients.values import client_value, variant_of
 from proxy.dataplane.context import make_context
 
 VARY = (b"vary", b"Accept-Encoding")
@@ -58,7 +56,7 @@ class CompactFlags:
             if name == "key":
                 unit = value or None
             elif name == "flags":
-                wanted = [part for part in value.split(",") if part]
+                wanted = [part for part in value.split(",") if part] or None  # "flags=": all of them
             else:
                 attributes[name] = value
         context = make_context(unit, attributes)
@@ -69,16 +67,23 @@ class CompactFlags:
             by_key = view.by_key
             flags = tuple(by_key[k] for k in sorted(set(wanted)) if k in by_key)
         now = time.time()
-        values: dict[str, Any] = {}
-        variants: dict[str, str] = {}
+        encoded = view.encoded
+        values: list[str] = []
+        variants: list[str] = []
+        used = api.usage_due(now)
         for flag in flags:
             served = flag.evaluate(context)
-            values[flag.key] = client_value(served)
-            variants[flag.key] = variant_of(served)
+            if used is not None:
+                used.append((flag, served))
+            value, variant = encoded.entry(flag, served)
+            values.append(value)
+            variants.append(variant)
             api.expose(flag, served, context, now)
-        body = dumps({"flags": values, "variants": variants})
+        api.counted(used, now)
+        # {"flags": {key: value}, "variants": {key: variant}}, from entries encoded once per snapshot
+        body = ('{"flags":{' + ",".join(values) + '},"variants":{' + ",".join(variants) + "}}").encode()
         if len(body) > api.settings.max_payload_bytes:
-            api.over_budget(key, tuple(values), len(body))
+            api.over_budget(key, tuple(flag.key for flag in flags), len(body))
         etag = strong_etag(body)
         zipped = accepts_gzip(header(scope, b"accept-encoding"))
         if zipped:

@@ -32,7 +32,8 @@ def _no_constants(name: str) -> Any:
 def parse_body(body: bytes) -> dict[str, Any]:
     try:
         document = json.loads(body, parse_constant=_no_constants)
-        json.dumps(document, ensure_ascii=False).encode("utf-8")  # unpaired surrogates are no text
+        if b"\\u" in body:  # an escaped unpaired surrogate parses, but is no text
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
     except RecursionError:
         raise ContextError("PARSE_ERROR", "the body is nested too deeply") from None
     except (ValueError, UnicodeError) as exc:

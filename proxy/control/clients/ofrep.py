@@ -34,10 +34,10 @@ from proxy.engine import Context
 INACTIVITY_DELAY_S = 120  # OFREP's default: a hidden page closes its stream after this
 
 
-def needs_unit(has_unit: bool, result: dict[str, Any]) -> bool:
+def needs_unit(has_unit: bool, reason: str, own_reason: Any) -> bool:
     """Served the default only because there was no unit to bucket (the engine's ``default``
     reason), or the source refused to evaluate without one (``ERROR``)."""
-    return not has_unit and (result["reason"] == "ERROR" or result["metadata"].get("flagReason") == "default")
+    return not has_unit and (reason == "ERROR" or own_reason == "default")
 
 
 MISSING = "no targetingKey: this flag buckets on the unit key"
@@ -91,10 +91,13 @@ class SingleFlag(Evaluation):
             await self.answer(send, 404, body, key.name)
             return
         served, result = evaluation(flag, context)
-        if needs_unit(has_unit, result):
+        if needs_unit(has_unit, result["reason"], result["metadata"].get("flagReason")):
             await self.answer(send, 400, ofrep_error("TARGETING_KEY_MISSING", MISSING, flag_key), key.name)
             return
-        self.api.expose(flag, served, context, time.time())
+        now = time.time()
+        self.api.expose(flag, served, context, now)
+        if self.api.usage_due(now) is not None:
+            self.api.counted([(flag, served)], now)
         await self.answer(send, 200, dumps(result), key.name)
 
 
@@ -108,22 +111,29 @@ class BulkFlags(Evaluation):
         key, context, has_unit = admitted
         api = self.api
         now = time.time()
-        flags = []
-        for flag in api.view(key).flags:
-            served, result = evaluation(flag, context)
-            if needs_unit(has_unit, result):
-                flags.append({"key": flag.key, "errorCode": "TARGETING_KEY_MISSING", "errorDetails": MISSING})
+        view = api.view(key)
+        encoded = view.encoded
+        items = []
+        used = api.usage_due(now)
+        for flag in view.flags:
+            served, item, reason, own_reason = encoded.item(flag, context)
+            if used is not None:
+                used.append((flag, served))
+            if needs_unit(has_unit, reason, own_reason):
+                missing = {"key": flag.key, "errorCode": "TARGETING_KEY_MISSING", "errorDetails": MISSING}
+                items.append(dumps(missing).decode())
                 continue
             api.expose(flag, served, context, now)
-            flags.append(result)
-        document: dict[str, Any] = {"flags": flags}
+            items.append(item)
+        api.counted(used, now)
+        streams = ""
         origin = api.stream_origin(scope)
         if origin is not None:
             endpoint = {"origin": origin, "requestUri": api.stream_request_uri(key, now)}
-            document["eventStreams"] = [
-                {"type": "sse", "endpoint": endpoint, "inactivityDelaySec": INACTIVITY_DELAY_S}
-            ]
-        body = dumps(document)
+            sse = {"type": "sse", "endpoint": endpoint, "inactivityDelaySec": INACTIVITY_DELAY_S}
+            streams = ',"eventStreams":' + dumps([sse]).decode()
+        # {"flags": [...], "eventStreams": [...]}, from the items encoded once per snapshot
+        body = ('{"flags":[' + ",".join(items) + "]" + streams + "}").encode()
         etag = strong_etag(body)
         tag = (b"etag", etag.encode())
         if etag_matches(header(scope, b"if-none-match"), etag):

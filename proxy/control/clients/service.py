@@ -22,9 +22,11 @@ if TYPE_CHECKING:
     from proxy.asgi import Scope, Send
     from proxy.experiments.analytics import Analytics
     from proxy.experiments.recorder import Recorder
+    from proxy.lifecycle.usage import UsageCounter
 
 log = logging.getLogger("flagproxy.clients")
 HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+USAGE_SAMPLE_S = 0.01  # answers counted for the lifecycle's usage: as proxied requests, one per 10 ms
 OVER_BUDGET_REMEMBERED = 10_000  # (key, flag set) pairs already logged as over the payload budget
 
 
@@ -36,6 +38,7 @@ class ClientAPI:
         metrics: Metrics,
         recorder: Recorder | None = None,
         analytics: Mapping[str, Analytics] | None = None,
+        usage: UsageCounter | None = None,
     ) -> None:
         self.settings = settings.client_api
         self.prefix = settings.server.control_prefix
@@ -43,11 +46,14 @@ class ClientAPI:
         self.metrics = metrics
         self.recorder = recorder
         self.analytics = analytics or {}
+        self.usage = usage  # the lifecycle's "last evaluated" and outcomes (potentially stale flags)
+        self._next_usage = float("-inf")
         self.ring = KeyRing(settings.client_keys)
         self.views = Views()
         self.limiter = RateLimiter(self.settings.rate_limit_per_s, self.settings.rate_limit_burst)
         self.hub = StreamHub(store, self.settings.max_streams, metrics)
         self._over_budget: set[tuple[str, tuple[str, ...]]] = set()
+        self._stream_uris: dict[str, tuple[int, str]] = {}  # key name → (expiry, uri): one HMAC per step
 
     @property
     def enabled(self) -> bool:
@@ -110,6 +116,18 @@ class ClientAPI:
             if sink is not None:
                 sink.exposed(flag, served, context, int(now * 1000))
 
+    def usage_due(self, now: float) -> list[tuple[Flag, Served]] | None:
+        """A list to collect this answer's flags in when it is sampled for the usage counters (at most
+        one answer every ``USAGE_SAMPLE_S``, as proxied requests are), else None."""
+        if self.usage is None or now < self._next_usage:
+            return None
+        self._next_usage = now + USAGE_SAMPLE_S
+        return []
+
+    def counted(self, used: list[tuple[Flag, Served]] | None, now: float) -> None:
+        if used and self.usage is not None:
+            self.usage.seen_all(used, now)
+
     def over_budget(self, key: ClientKey, flags: tuple[str, ...], size: int) -> None:
         """A compact response above ``max_payload_bytes``: counted each time, logged once per key and
         flag set."""
@@ -142,5 +160,9 @@ class ClientAPI:
         step = max(1, ttl // 2)
         now = time.time() if now is None else now
         expiry = (int(now) // step + 2) * step
-        token = self.ring.mint(key, expiry)
-        return f"{self.prefix}/client/v1/stream?token={token}"
+        known = self._stream_uris.get(key.name)
+        if known is not None and known[0] == expiry:
+            return known[1]
+        uri = f"{self.prefix}/client/v1/stream?token={self.ring.mint(key, expiry)}"
+        self._stream_uris[key.name] = (expiry, uri)
+        return uri

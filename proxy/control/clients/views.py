@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.control.clients.keys import ClientKey
+from proxy.control.clients.values import Encoded
 from proxy.engine import Flag
 from proxy.store.base import Snapshot
 
@@ -13,6 +14,7 @@ from proxy.store.base import Snapshot
 class View:
     flags: tuple[Flag, ...]  # sorted by key (the snapshot's order)
     by_key: dict[str, Flag]
+    encoded: Encoded = field(default_factory=Encoded)  # this snapshot's answers, encoded once
 
 
 class Views:
