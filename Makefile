@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: run test check lint bench install install-test redis-server nginx clean
+.PHONY: run test check lint bench install install-test redis-server nginx chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flagproxy needs Python >= 3.11")'
@@ -35,8 +35,12 @@ redis-server:
 nginx:
 	@sh scripts/ensure-nginx.sh
 
+# tests/test_client_browser.py drives Debian's headless Chromium with chromedriver
+chromium:
+	@sh scripts/ensure-chromium.sh
+
 # The whole suite, with a coverage report of the code run in the test process.
-test: install-test redis-server nginx
+test: install-test redis-server nginx chromium
 	$(BIN)/pytest --cov --cov-report=term:skip-covered
 
 # The gate CI runs before the tests: lint, formatting, types.
@@ -51,4 +55,4 @@ bench: install
 	$(PY) bench/proxy.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .coverage .coverage.*
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .coverage .coverage.* .cache
