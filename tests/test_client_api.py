@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support import ProxyProcess, RawOrigin, run_serve, served_flags, wait_for
+from support import LOCALHOST, ProxyProcess, RawOrigin, run_serve, served_flags, wait_for
 
 WEB_KEY = "web-key-0123456789abcdef"
 GAME_KEY = "game-key-0123456789abcdef"
@@ -297,6 +299,103 @@ def test_over_budget_responses_are_sent_counted_each_time_and_logged_once(
     assert metric(proxy, "flagproxy_client_payload_over_budget_total") == before + 3
     line = "over [client_api] max_payload_bytes (60); flags: game-speed,layout"
     assert wait_for(lambda: proxy.stderr().count(line)) == 1  # once per key and flag set
+    etag = response.headers["etag"]
+    for _ in range(2):  # a 304 sends no body: nothing over the budget
+        again = http.get(
+            "/client/v1/flags",
+            params={"key": "p3", "flags": " game-speed , layout,"},  # spaces and a trailing comma
+            headers={"X-API-Key": GAME_KEY, "If-None-Match": etag},
+        )
+        assert again.status_code == 304
+    assert metric(proxy, "flagproxy_client_payload_over_budget_total") == before + 3
+
+
+def test_compact_call_refuses_a_flood_of_attributes(http: httpx.Client) -> None:
+    params = {f"a{i}": "x" for i in range(300)} | {"key": "p"}
+    response = http.get("/client/v1/flags", params=params, headers={"X-API-Key": GAME_KEY})
+    assert response.status_code == 400 and response.json()["error"] == "bad_context"
+
+
+def test_unknown_paths_and_methods_carry_cors_too(http: httpx.Client) -> None:
+    wrong_method = http.get("/ofrep/v1/evaluate/flags", headers={"Origin": "http://app.test"})
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"] == "method_not_allowed"
+    assert wrong_method.headers["access-control-allow-origin"] == "http://app.test"
+    assert "POST" in wrong_method.headers["allow"]
+    nowhere = http.get("/client/v1/nope", headers={"Origin": "http://app.test"})
+    assert nowhere.status_code == 404 and nowhere.json()["error"] == "not_found"
+    assert nowhere.headers["access-control-expose-headers"] == "ETag, Retry-After"
+
+
+def test_a_declared_body_over_the_limit_is_413_before_it_is_sent(proxy: ProxyProcess) -> None:
+    with socket.create_connection((LOCALHOST, proxy.port), timeout=5) as conn:
+        conn.sendall(
+            b"POST /__flags/ofrep/v1/evaluate/flags HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+            + WEB_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n{"
+        )
+        answer = conn.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:80]
+
+
+def test_a_rule_rollout_without_a_targeting_key_is_targeting_key_missing(
+    proxy_factory: Callable[..., ProxyProcess], origin: RawOrigin
+) -> None:
+    """A matching rule that splits by percentage has nothing to bucket by without a unit: the app
+    gets its code default (400), not an unbucketed value reported as a targeted match."""
+    flags = {
+        "flags": {
+            "rule-rollout": {
+                "variants": {"a": {"weight": 100}, "b": {"weight": 0}},
+                "defaultVariant": "a",
+                "rules": [{"if": {"==": [{"var": "country"}, "NZ"]}, "rollout": {"a": 50, "b": 50}}],
+            },
+            "rule-percentage": {
+                "percentage": 100,
+                "rules": [{"if": {"==": [{"var": "country"}, "NZ"]}, "percentage": 50}],
+            },
+            "rule-variant": {
+                "variants": {"a": {"weight": 1}, "b": {"weight": 1}},
+                "defaultVariant": "a",
+                "rules": [{"if": {"==": [{"var": "country"}, "NZ"]}, "variant": "b"}],
+            },
+        }
+    }
+    own = proxy_factory([origin.url], config=f'[[client_keys]]\nname = "w"\nkey = "{WEB_KEY}"\n', flags=flags)
+    with httpx.Client(base_url=f"{own.base_url}/__flags", timeout=10) as client:
+        for flag in ("rule-rollout", "rule-percentage"):
+            response = single(client, flag, {"context": {"country": "NZ"}})
+            assert response.status_code == 400 and response.json()["errorCode"] == "TARGETING_KEY_MISSING"
+            assert (
+                single(client, flag, {"context": {"country": "NZ", "targetingKey": "u"}}).status_code == 200
+            )
+        assert single(client, "rule-variant", {"context": {"country": "NZ"}}).json()["value"] == "b"
+        items = {i["key"]: i for i in bulk(client, {"country": "NZ"}).json()["flags"]}
+        assert items["rule-rollout"]["errorCode"] == "TARGETING_KEY_MISSING"
+        assert items["rule-percentage"]["errorCode"] == "TARGETING_KEY_MISSING"
+        assert items["rule-variant"]["reason"] == "TARGETING_MATCH"
+
+
+def test_a_stalled_body_is_408_after_body_idle_timeout(
+    proxy_factory: Callable[..., ProxyProcess], origin: RawOrigin
+) -> None:
+    own = proxy_factory(
+        [origin.url],
+        config=f'[[client_keys]]\nname = "w"\nkey = "{WEB_KEY}"\n',
+        flags=FLAGS,
+        env={"FLAGPROXY_SERVER_BODY_IDLE_TIMEOUT_S": "0.5"},
+    )
+    with socket.create_connection((LOCALHOST, own.port), timeout=10) as conn:
+        conn.sendall(
+            b"POST /__flags/ofrep/v1/evaluate/flags HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+            + WEB_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        started = time.monotonic()
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+    assert b'"body_timeout"' in answer and time.monotonic() - started < 5
 
 
 def test_cors_preflight_and_exposed_headers(http: httpx.Client) -> None:

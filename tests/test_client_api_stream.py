@@ -319,3 +319,37 @@ async def test_a_stream_whose_writes_block_holds_one_pending_beacon_however_many
     with pytest.raises(asyncio.CancelledError):
         await task
     assert clients.hub.count == 0
+
+
+@pytest.mark.anyio
+async def test_shutdown_cuts_a_stream_whose_write_is_stuck_on_a_client_not_reading() -> None:
+    """A write that never drains would hold the shutdown for its whole grace period: closing the
+    hub gives it up, and the stream ends unfinished (the connection is then cut)."""
+    settings = Settings(client_keys=(ClientKeySettings(name="web", key=KEY),))
+    store: Any = StubStore()
+    clients = ClientAPI(settings, store, Metrics())
+    stuck = asyncio.Event()
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if message.get("body", b"").startswith(b"event:"):
+            stuck.set()
+            await asyncio.Event().wait()  # never drains
+
+    async def receive() -> Any:
+        if len(sent) < 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the client never goes either
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "headers": [(b"x-api-key", KEY.encode())], "query_string": b""}
+    task = asyncio.create_task(FlagStream(clients)(scope, receive, send))
+    while clients.hub.count == 0:
+        await asyncio.sleep(0)
+    store.change()
+    await stuck.wait()
+    clients.hub.close_all()
+    await asyncio.wait_for(task, 2)  # returns: not stuck until the grace period's cancellation
+    assert not any(m.get("more_body") is False for m in sent)  # unfinished: cut, not ended
+    assert clients.hub.count == 0

@@ -162,6 +162,11 @@ def test_rate_limiter_buckets_and_whole_second_retry_after() -> None:
         ("identity", False),
         ("", False),
         ("*", True),
+        ("*;q=0, gzip", True),  # gzip's own entry decides, whatever the order
+        ("gzip;q=0, *", False),
+        ("*;q=0", False),
+        ("GZIP; Q=1.0", True),
+        ("gzip;q=zero", False),
     ],
 )
 def test_accept_encoding(header: str, gzip: bool) -> None:
@@ -213,7 +218,7 @@ def test_answers_are_encoded_once_and_odd_explanations_are_still_answered() -> N
     flag = Flag("f", encode_json("f"), lambda ctx: on, explain, (on,), on, reason_of=lambda why: "STATIC")
     encoded = Encoded()
     served, item, reason, own = encoded.item(flag, {"key": "u"})
-    assert served is on and reason == "STATIC" and own == "odd"
+    assert served is on and reason == "STATIC" and own == {"flagReason": "odd"}
     assert json.loads(item) == {
         "key": "f",
         "value": {"x": 1},

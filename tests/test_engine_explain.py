@@ -186,8 +186,8 @@ def check(key: str, definition: dict[str, Any], flag: Flag, ctx: Context) -> Non
         if "value" in rule or "variant" in rule:
             assert "bucket" not in why
             assert explained.value == rule.get("value", rule.get("variant"))
-        elif bucket is None:
-            assert "bucket" not in why and explained is flag.default
+        elif bucket is None:  # a rollout or percentage with nothing to bucket by: said so
+            assert "bucket" not in why and explained is flag.default and why["unbucketed"] is True
         else:
             assert why["bucket"] == bucket
             if "percentage" in rule:

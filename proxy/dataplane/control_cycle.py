@@ -4,6 +4,11 @@ The request body reaches ``receive`` as it arrives (reading pauses past 64 KiB u
 frames the response for the client — ``Content-Length`` when the app gives one, else chunked
 (HTTP/1.1) or close-delimited (HTTP/1.0) — and waits while the client is not reading. The task runs
 in uvicorn's task set, so shutdown waits for it and cancels it at the end of the grace period.
+
+The data plane's idle limits hold here too: a body that stalls for ``[server] body_idle_timeout_s``
+is answered 408 (or the connection cut, once a response started) and the app sees a disconnect; a
+client that keeps its receive window shut for ``[server] send_idle_timeout_s`` is cut, and every
+later ``send`` returns at once (an event stream to a client that stopped reading ends).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class ControlExchange:
         self.head_only = head.method == b"HEAD"
         self._wakeup: asyncio.Event = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        server = client.app.settings.server
+        self.body_idle = server.body_idle_timeout_s or None
+        self.send_idle = server.send_idle_timeout_s or None
 
     # --- what the client connection calls
     def start(self) -> None:
@@ -116,7 +124,13 @@ class ControlExchange:
                 self.end_delivered = True
                 return {"type": "http.request", "body": b"", "more_body": False}
             self._wakeup.clear()
-            await self._wakeup.wait()
+            if not self.more:
+                await self._wakeup.wait()
+                continue
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self.body_idle)
+            except TimeoutError:
+                self._stalled()
 
     async def send(self, message: Message) -> None:
         if self.gone or self.complete:
@@ -164,7 +178,15 @@ class ControlExchange:
                 self.complete = True
                 self._done(self.keep)
                 return
-            await client.drain()
+            try:
+                await asyncio.wait_for(client.drain(), self.send_idle)
+            except TimeoutError:
+                log.info(
+                    "control-plane client stopped reading for %g s (send_idle_timeout_s): cut", self.send_idle
+                )
+                self.gone = True
+                self.exchange.client_gone = True
+                client.abort()
 
     async def run(self) -> None:
         try:
@@ -194,6 +216,20 @@ class ControlExchange:
                 self.client.abort()  # the app returned before finishing its response
             self.complete = True
             self._done(False)
+
+    def _stalled(self) -> None:
+        """The request body went quiet for ``body_idle_timeout_s``: 408 (or a cut, once answering)."""
+        if not self.started:
+            detail = f"the request body stalled for {self.body_idle:g} s (body_idle_timeout_s)"
+            self.client.write(error_response_bytes(408, "body_timeout", detail, self.exchange.request_id))
+            self.exchange.status = 408
+            self.started = self.complete = True
+            self._done(False)
+            self.client.close()
+        else:
+            self.client.abort()
+        self.gone = True
+        self.exchange.client_gone = True
 
     def _done(self, keep: bool) -> None:
         if self.finished:

@@ -309,6 +309,8 @@ def _assemble(
                 detail: dict[str, Any] = {"reason": "rule", "rule": index}
                 if used is not None:
                     detail["bucket"] = used
+                elif b is None and outcome(0)[1] is not None:  # the rule's rollout had nothing to bucket by
+                    detail["unbucketed"] = True
                 return result, detail
         result, used = fallthrough(b)
         if used is None and pick is not None:

@@ -13,11 +13,13 @@ import time
 from typing import Any
 
 from proxy.asgi import Receive, Scope, Send
+from proxy.control.clients.context import MAX_ATTRIBUTES, MAX_TARGETING_KEY
 from proxy.control.clients.responses import (
     JSON,
     etag_matches,
     gzip_etag,
     header,
+    plain_error,
     query,
     respond,
     strong_etag,
@@ -29,12 +31,26 @@ VARY = (b"vary", b"Accept-Encoding")
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
+    """``Accept-Encoding`` allows gzip: its own entry's q-value decides, else that of ``*``."""
+    gzip_q: float | None = None
+    star_q: float | None = None
     for part in accept_encoding.lower().split(","):
-        coding, _, params = part.partition(";")
-        if coding.strip() in ("gzip", "*"):
-            q = params.strip()
-            return not (q.startswith("q=") and q[2:].strip().rstrip("0").rstrip(".") in ("0", ""))
-    return False
+        coding, *params = part.split(";")
+        q = 1.0
+        for param in params:
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        coding = coding.strip()
+        if coding in ("gzip", "x-gzip"):
+            gzip_q = q
+        elif coding == "*":
+            star_q = q
+    chosen = gzip_q if gzip_q is not None else star_q
+    return chosen is not None and chosen > 0
 
 
 class CompactFlags:
@@ -56,9 +72,14 @@ class CompactFlags:
             if name == "key":
                 unit = value or None
             elif name == "flags":
-                wanted = [part for part in value.split(",") if part] or None  # "flags=": all of them
+                wanted = [part.strip() for part in value.split(",") if part.strip()] or None  # "": all
             else:
                 attributes[name] = value
+        if len(attributes) > MAX_ATTRIBUTES or (unit is not None and len(unit) > MAX_TARGETING_KEY):
+            detail = f"at most {MAX_ATTRIBUTES} attributes and a key of {MAX_TARGETING_KEY} characters"
+            api.metrics.client_request(self.endpoint, 400, key.name)
+            await respond(send, 400, plain_error("bad_context", detail), [JSON])
+            return
         context = make_context(unit, attributes)
         view = api.view(key)
         if wanted is None:
@@ -82,8 +103,6 @@ class CompactFlags:
         api.counted(used, now)
         # {"flags": {key: value}, "variants": {key: variant}}, from entries encoded once per snapshot
         body = ('{"flags":{' + ",".join(values) + '},"variants":{' + ",".join(variants) + "}}").encode()
-        if len(body) > api.settings.max_payload_bytes:
-            api.over_budget(key, tuple(flag.key for flag in flags), len(body))
         etag = strong_etag(body)
         zipped = accepts_gzip(header(scope, b"accept-encoding"))
         if zipped:
@@ -93,6 +112,8 @@ class CompactFlags:
             api.metrics.client_request(self.endpoint, 304, key.name)
             await respond(send, 304, b"", headers)
             return
+        if len(body) > api.settings.max_payload_bytes:  # a body sent (not a 304) over the budget
+            api.over_budget(key, tuple(flag.key for flag in flags), len(body))
         if zipped:
             body = gzip.compress(body, compresslevel=6, mtime=0)
             headers.append((b"content-encoding", b"gzip"))

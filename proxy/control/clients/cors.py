@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from starlette.exceptions import HTTPException
+
 from proxy.asgi import App, Message, Receive, Scope, Send
 from proxy.control.clients.responses import JSON, header, plain_error, respond
 
@@ -67,9 +69,23 @@ class ClientCors:
             return
         extra = [*allow, (b"access-control-expose-headers", EXPOSE_HEADERS)]
 
+        started = False
+
         async def with_cors(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
-        await self.app(scope, receive, with_cors)
+        try:
+            await self.app(scope, receive, with_cors)
+        except HTTPException as exc:  # the router's 404 and 405: answered here, so they carry CORS too
+            if started:
+                raise
+            error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+            detail = (
+                f"no client API endpoint {scope.get('path', '')}" if exc.status_code == 404 else exc.detail
+            )
+            allow = [(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()]
+            await respond(with_cors, exc.status_code, plain_error(error, detail), [JSON, *allow])

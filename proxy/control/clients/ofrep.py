@@ -34,10 +34,13 @@ from proxy.engine import Context
 INACTIVITY_DELAY_S = 120  # OFREP's default: a hidden page closes its stream after this
 
 
-def needs_unit(has_unit: bool, reason: str, own_reason: Any) -> bool:
+def needs_unit(has_unit: bool, reason: str, metadata: dict[str, Any]) -> bool:
     """Served the default only because there was no unit to bucket (the engine's ``default``
-    reason), or the source refused to evaluate without one (``ERROR``)."""
-    return not has_unit and (reason == "ERROR" or own_reason == "default")
+    reason, or a matching rule's rollout marked ``unbucketed``), or the source refused to evaluate
+    without one (``ERROR``)."""
+    if has_unit:
+        return False
+    return reason == "ERROR" or metadata.get("flagReason") == "default" or metadata.get("unbucketed") is True
 
 
 MISSING = "no targetingKey: this flag buckets on the unit key"
@@ -57,7 +60,10 @@ class Evaluation:
         if key is None:
             return None
         limit = api.settings.max_body_bytes
+        declared = header(scope, b"content-length")
         try:
+            if declared.isdigit() and int(declared) > limit:  # refused before a byte of it is read
+                raise BodyTooLarge
             body = await read_body(receive, limit)
         except BodyTooLarge:
             detail = f"the body exceeds [client_api] max_body_bytes ({limit})"
@@ -91,7 +97,7 @@ class SingleFlag(Evaluation):
             await self.answer(send, 404, body, key.name)
             return
         served, result = evaluation(flag, context)
-        if needs_unit(has_unit, result["reason"], result["metadata"].get("flagReason")):
+        if needs_unit(has_unit, result["reason"], result["metadata"]):
             await self.answer(send, 400, ofrep_error("TARGETING_KEY_MISSING", MISSING, flag_key), key.name)
             return
         now = time.time()
@@ -116,10 +122,10 @@ class BulkFlags(Evaluation):
         items = []
         used = api.usage_due(now)
         for flag in view.flags:
-            served, item, reason, own_reason = encoded.item(flag, context)
+            served, item, reason, metadata = encoded.item(flag, context)
             if used is not None:
                 used.append((flag, served))
-            if needs_unit(has_unit, reason, own_reason):
+            if needs_unit(has_unit, reason, metadata):
                 missing = {"key": flag.key, "errorCode": "TARGETING_KEY_MISSING", "errorDetails": MISSING}
                 items.append(dumps(missing).decode())
                 continue

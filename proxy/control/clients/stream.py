@@ -8,8 +8,9 @@ Authenticated by the key header or by ``?token=`` (what bulk OFREP responses adv
 
 and a comment line every ``heartbeat_s`` while idle. A stream holds one pending beacon at most
 (``stream_hub.Subscriber``): a client that does not read makes the writer wait on the connection's
-flow control, and nothing piles up. At most ``max_streams`` per worker (503 beyond); on shutdown
-every stream ends its response at once.
+flow control, and nothing piles up; one that stops reading for ``[server] send_idle_timeout_s`` is
+cut. At most ``max_streams`` per worker (503 beyond); on shutdown every stream ends its response at
+once, and a stream whose client is not reading is cut there and then (it would hold the shutdown).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class FlagStream:
             await self.relay(subscriber, send)
             if not subscriber.gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except StreamCut:
+            pass  # the response stays unfinished: the connection is cut
         finally:
             hub.unsubscribe(subscriber)
             watcher.cancel()
@@ -106,9 +109,24 @@ class FlagStream:
                 beat[0] = False
                 timer.cancel()
                 timer = loop.call_later(heartbeat_s, due)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await write(subscriber, send, chunk)
         finally:
             timer.cancel()
+
+
+class StreamCut(Exception):
+    """Shutting down while the client is not reading: the stream is cut, not ended."""
+
+
+async def write(subscriber: Subscriber, send: Send, chunk: bytes) -> None:
+    """One chunk, unless shutdown comes first while the client is not reading (``StreamCut``)."""
+    sending = asyncio.ensure_future(send({"type": "http.response.body", "body": chunk, "more_body": True}))
+    if not sending.done():
+        await asyncio.wait({sending, subscriber.shut}, return_when=asyncio.FIRST_COMPLETED)
+    if not sending.done():
+        sending.cancel()
+        raise StreamCut
+    sending.result()
 
 
 async def _watch(receive: Receive, subscriber: Subscriber) -> None:

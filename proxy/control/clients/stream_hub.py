@@ -22,7 +22,7 @@ from proxy.store.state import OVERRIDES
 
 
 class Subscriber:
-    __slots__ = ("closing", "etag", "gone", "key", "pending", "wake")
+    __slots__ = ("closing", "etag", "gone", "key", "pending", "shut", "wake")
 
     def __init__(self, key: ClientKey, etag: str) -> None:
         self.key = key
@@ -31,6 +31,7 @@ class Subscriber:
         self.etag = etag
         self.gone = False  # the client disconnected
         self.closing = False  # the server is shutting down
+        self.shut: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set with closing
 
     def notify(self, etag: str) -> None:
         self.pending = True
@@ -99,6 +100,8 @@ class StreamHub:
             for subscriber in group:
                 subscriber.closing = True
                 subscriber.wake.set()
+                if not subscriber.shut.done():
+                    subscriber.shut.set_result(None)  # a write stuck on a client not reading gives up
 
 
 def touched(before: Snapshot, after: Snapshot) -> set[str]:

@@ -96,8 +96,8 @@ class Encoded:
         self.items: dict[tuple[Any, ...], tuple[str, str, Any]] = {}
         self.entries: dict[tuple[Any, ...], tuple[str, str]] = {}
 
-    def item(self, flag: Flag, context: Context) -> tuple[Served, str, str, Any]:
-        """(served, the OFREP item's JSON, its reason, the engine's own reason word)."""
+    def item(self, flag: Flag, context: Context) -> tuple[Served, str, str, dict[str, Any]]:
+        """(served, the OFREP item's JSON, its reason, its metadata)."""
         served, why = flag.explain(context)
         why.pop("bucket", None)  # a fresh dict per call; the unit's bucket is not part of the answer
         value = served.value
@@ -120,7 +120,7 @@ class Encoded:
                 "reason": standard_reason(flag, why),
                 "metadata": metadata_of(why),
             }
-            found = (_encode(body), body["reason"], why.get("reason"))
+            found = (_encode(body), body["reason"], body["metadata"])
             if cache_key is not None and len(self.items) < MAX_ENCODED:
                 self.items[cache_key] = found
         return served, *found
