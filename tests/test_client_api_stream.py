@@ -282,74 +282,63 @@ class StubStore:
             listener(self.snapshot)
 
 
-@pytest.mark.anyio
-async def test_a_stream_whose_writes_block_holds_one_pending_beacon_however_many_changes() -> None:
-    settings = Settings(client_keys=(ClientKeySettings(name="web", key=KEY),))
-    store: Any = StubStore()
-    clients = ClientAPI(settings, store, Metrics())
-    blocked = asyncio.Event()
-    sent: list[Any] = []
+class StuckStream:
+    """One stream served in process to a client that stops reading at the first event: that write
+    never drains. ``disconnected`` lets the client go."""
 
-    async def send(message: Any) -> None:
-        sent.append(message)
+    def __init__(self) -> None:
+        settings = Settings(client_keys=(ClientKeySettings(name="web", key=KEY),))
+        self.store: Any = StubStore()
+        self.clients = ClientAPI(settings, self.store, Metrics())
+        self.stuck = asyncio.Event()
+        self.disconnected = asyncio.Event()
+        self.sent: list[Any] = []
+
+    async def send(self, message: Any) -> None:
+        self.sent.append(message)
         if message.get("body", b"").startswith(b"event:"):
-            blocked.set()
+            self.stuck.set()
             await asyncio.Event().wait()  # the client stopped reading: this write never drains
 
-    disconnected = asyncio.Event()
-
-    async def receive() -> Any:
-        if not sent:
+    async def receive(self) -> Any:
+        if not self.sent:
             return {"type": "http.request", "body": b"", "more_body": False}
-        await disconnected.wait()
+        await self.disconnected.wait()
         return {"type": "http.disconnect"}
 
-    scope = {"type": "http", "headers": [(b"x-api-key", KEY.encode())], "query_string": b""}
-    task = asyncio.create_task(FlagStream(clients)(scope, receive, send))
-    while clients.hub.count == 0:
-        await asyncio.sleep(0)
-    store.change()
-    await blocked.wait()
+    async def start(self) -> asyncio.Task[None]:
+        """The stream, running, with its first event stuck in the write."""
+        scope = {"type": "http", "headers": [(b"x-api-key", KEY.encode())], "query_string": b""}
+        task = asyncio.create_task(FlagStream(self.clients)(scope, self.receive, self.send))
+        while self.clients.hub.count == 0:
+            await asyncio.sleep(0)
+        self.store.change()
+        await self.stuck.wait()
+        return task
+
+
+@pytest.mark.anyio
+async def test_a_stream_whose_writes_block_holds_one_pending_beacon_however_many_changes() -> None:
+    stream = StuckStream()
+    task = await stream.start()
     for _ in range(1000):
-        store.change()
-    assert clients.hub.pending() == 1  # a thousand changes, one beacon waiting
-    assert len(sent) == 3  # head, opening comment, the one event being written
-    disconnected.set()
+        stream.store.change()
+    assert stream.clients.hub.pending() == 1  # a thousand changes, one beacon waiting
+    assert len(stream.sent) == 3  # head, opening comment, the one event being written
+    stream.disconnected.set()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert clients.hub.count == 0
+    assert stream.clients.hub.count == 0
 
 
 @pytest.mark.anyio
 async def test_shutdown_cuts_a_stream_whose_write_is_stuck_on_a_client_not_reading() -> None:
     """A write that never drains would hold the shutdown for its whole grace period: closing the
     hub gives it up, and the stream ends unfinished (the connection is then cut)."""
-    settings = Settings(client_keys=(ClientKeySettings(name="web", key=KEY),))
-    store: Any = StubStore()
-    clients = ClientAPI(settings, store, Metrics())
-    stuck = asyncio.Event()
-    sent: list[Any] = []
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-        if message.get("body", b"").startswith(b"event:"):
-            stuck.set()
-            await asyncio.Event().wait()  # never drains
-
-    async def receive() -> Any:
-        if len(sent) < 1:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.Event().wait()  # the client never goes either
-        return {"type": "http.disconnect"}
-
-    scope = {"type": "http", "headers": [(b"x-api-key", KEY.encode())], "query_string": b""}
-    task = asyncio.create_task(FlagStream(clients)(scope, receive, send))
-    while clients.hub.count == 0:
-        await asyncio.sleep(0)
-    store.change()
-    await stuck.wait()
-    clients.hub.close_all()
+    stream = StuckStream()
+    task = await stream.start()
+    stream.clients.hub.close_all()
     await asyncio.wait_for(task, 2)  # returns: not stuck until the grace period's cancellation
-    assert not any(m.get("more_body") is False for m in sent)  # unfinished: cut, not ended
-    assert clients.hub.count == 0
+    assert not any(m.get("more_body") is False for m in stream.sent)  # unfinished: cut, not ended
+    assert stream.clients.hub.count == 0
