@@ -297,22 +297,26 @@ def _assemble(
     if not enabled:
         return (lambda ctx: default), (lambda ctx: (default, {"reason": "disabled"}))
 
+    # which rules split by bucket (a rollout or percentage: they report the bucket they were given);
+    # explain hashes the unit only for those and for a split fallthrough (the client API's hot path)
+    rule_buckets = tuple(outcome(0)[1] is not None for _, outcome in rules)
+
     def explain(ctx: Context) -> tuple[Served, dict[str, Any]]:
-        b = bucket_of(ctx)
         for index, (condition, outcome) in enumerate(rules):
             try:
                 matched = truthy(condition(ctx))
             except Exception:  # a condition must never break a request
                 matched = False
             if matched:
-                result, used = outcome(b)
+                buckets = rule_buckets[index]
+                result, used = outcome(bucket_of(ctx) if buckets else None)
                 detail: dict[str, Any] = {"reason": "rule", "rule": index}
                 if used is not None:
                     detail["bucket"] = used
-                elif b is None and outcome(0)[1] is not None:  # the rule's rollout had nothing to bucket by
+                elif buckets:  # the rule's rollout had nothing to bucket by
                     detail["unbucketed"] = True
                 return result, detail
-        result, used = fallthrough(b)
+        result, used = fallthrough(bucket_of(ctx) if pick is not None else None)
         if used is None and pick is not None:
             return result, {"reason": "default", "detail": f"no {bucket_by!r} to bucket by"}
         if used is None:
