@@ -178,6 +178,8 @@ class ControlExchange:
                 self.complete = True
                 self._done(self.keep)
                 return
+            if not client.writing_paused():
+                return  # the usual case: no waiting, no timer
             try:
                 await asyncio.wait_for(client.drain(), self.send_idle)
             except TimeoutError:
