@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: run test check lint bench install install-test redis-server nginx chromium clean
+.PHONY: run test test-slow check lint bench install install-test redis-server nginx chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flagproxy needs Python >= 3.11")'
@@ -43,6 +43,10 @@ chromium:
 # The whole suite, with a coverage report of the code run in the test process.
 test: install-test redis-server nginx chromium
 	$(BIN)/pytest --cov --cov-report=term:skip-covered
+
+# The long property and scale tests (about two minutes), left out of make test.
+test-slow: install-test redis-server nginx
+	$(BIN)/pytest -m slow
 
 # The gate CI runs before the tests: lint, formatting, types.
 check: install-test

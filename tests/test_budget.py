@@ -818,6 +818,7 @@ def random_proxy(random_origin: RawOrigin, proxy_factory: Callable[..., ProxyPro
     return proxy_factory(config=config, flags=RANDOM_FLAGS, env=env)
 
 
+@pytest.mark.slow  # make test-slow
 def test_ten_thousand_random_requests_never_exceed_the_budget(
     random_origin: RawOrigin, random_proxy: ProxyProcess
 ) -> None:

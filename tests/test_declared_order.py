@@ -269,6 +269,7 @@ def test_the_issue_example_gives_the_documented_variant_both_ways(
             assert through_proxy(proxy, origin, again) == expected
 
 
+@pytest.mark.slow  # make test-slow
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(document=documents, who=callers)
 def test_eval_equals_the_proxy_after_loading_the_flags_file(
@@ -278,6 +279,7 @@ def test_eval_equals_the_proxy_after_loading_the_flags_file(
         assert_agree(document, proxies, origin, who)
 
 
+@pytest.mark.slow  # make test-slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(document=documents, who=callers)
 def test_eval_equals_the_proxy_after_webhook_and_admin_writes(

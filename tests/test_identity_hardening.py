@@ -143,6 +143,7 @@ REQUESTS = 10_000
 GROWTH_BOUND = 2 * CACHE_BYTES + 8 * MiB  # both caches full, plus the proxy's own working set
 
 
+@pytest.mark.slow  # make test-slow
 def test_ten_thousand_hostile_identities_stay_within_the_cache_bounds(serve: Any, origin: RawOrigin) -> None:
     """A third each: distinct ~60 KB forged JWTs; distinct initData, half ~60 KB, half valid ~7 KB;
     distinct valid ~7 KB JWTs whose claims are large in memory (which the cache must hold and
