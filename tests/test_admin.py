@@ -141,7 +141,10 @@ def test_without_a_token_configured_every_api_route_is_404(
         )
         assert response.status_code == 404, response.text
         assert response.json()["error"] == "not_found"
-        assert response.json()["detail"]
+        assert response.json()["detail"] == (
+            "the admin API is disabled: set [admin] token (FLAGPROXY_ADMIN_TOKEN) to enable "
+            f"/__flags{path.partition('?')[0]}"
+        )
 
 
 def test_without_a_secret_the_webhook_is_404_and_probes_work(no_token_proxy: ProxyProcess) -> None:

@@ -182,7 +182,10 @@ def test_without_a_signing_secret_the_endpoint_is_absent(
     proxy = proxy_factory([origin.url], flags=FLAGS)
     response = post_slack(proxy.base_url, slack_form("off f0"), SECRET)
     assert response.status_code == 404
-    assert response.json()["error"] == "not_found"
+    assert response.json() == {
+        "error": "not_found",
+        "detail": "Slack commands are disabled: set [chat.slack] signing_secret",
+    }
 
 
 def test_only_post(proxy: ProxyProcess) -> None:

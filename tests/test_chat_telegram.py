@@ -178,7 +178,10 @@ def test_without_a_secret_token_the_endpoint_is_absent(
     proxy = proxy_factory([origin.url], flags=FLAGS, env={"FLAGPROXY_CHAT_TELEGRAM_BOT_TOKEN": BOT_TOKEN})
     response = post_telegram(proxy.base_url, telegram_update("/flag off t6", user=ADMIN), SECRET)
     assert response.status_code == 404
-    assert response.json()["error"] == "not_found"
+    assert response.json() == {
+        "error": "not_found",
+        "detail": "Telegram commands are disabled: set [chat.telegram] secret_token",
+    }
     assert served_flags(proxy, origin)["t6"] is True
 
 

@@ -476,7 +476,10 @@ def test_without_client_keys_the_endpoints_do_not_exist(
         ("GET", "/client/v1/stream"),
     ]:
         response = httpx.request(method, f"{bare.base_url}/__flags{path}", headers={"X-API-Key": WEB_KEY})
-        assert response.status_code == 404 and response.json()["error"] == "not_found"
+        assert response.status_code == 404 and response.json() == {
+            "error": "not_found",
+            "detail": "the client API is disabled: configure [[client_keys]] (docs/clients.md)",
+        }
 
 
 def test_rate_limit_is_429_with_integer_retry_after(

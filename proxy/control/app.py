@@ -25,14 +25,15 @@ from collections.abc import Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Mount, Router
+from starlette.routing import BaseRoute, Mount, Route, Router
 
 from proxy.control import audit, evaluate, experiments, flags, lifecycle, metrics, probes
 from proxy.control.auth import BearerAuth
 from proxy.control.chat import slack, telegram
 from proxy.control.clients import client_mounts
 from proxy.control.deps import ControlDeps
-from proxy.control.problems import HANDLERS
+from proxy.control.problems import EVERY_METHOD as ALL
+from proxy.control.problems import HANDLERS, disabled
 
 
 def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = ()) -> Starlette:
@@ -43,12 +44,22 @@ def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = (
         middleware=[Middleware(BearerAuth, token=deps.settings.admin.token, routes=api_routes)],
     )
     webhooks = Mount("/webhooks", app=Router(list(webhook_routes), redirect_slashes=False))
-    chat_routes: list[BaseRoute] = []
-    if deps.chat is not None:  # each chat exists only with its secret: without one its path is 404
+    # each chat exists only with its secret: without one its path is a 404 naming the setting
+    chat_routes: list[BaseRoute] = [
+        Route(
+            "/slack", disabled("Slack commands are disabled: set [chat.slack] signing_secret"), methods=ALL
+        ),
+        Route(
+            "/telegram",
+            disabled("Telegram commands are disabled: set [chat.telegram] secret_token"),
+            methods=ALL,
+        ),
+    ]
+    if deps.chat is not None:
         if deps.settings.chat.slack.signing_secret:
-            chat_routes += slack.ROUTES
+            chat_routes[0] = slack.ROUTES[0]
         if deps.settings.chat.telegram.secret_token:
-            chat_routes += telegram.ROUTES
+            chat_routes[1] = telegram.ROUTES[0]
     chat = Mount("/chat", app=Router(chat_routes, redirect_slashes=False))
     # the client API first: it takes the most requests (every route before it is tried in turn)
     routes = [*client_mounts(deps.clients), *probes.ROUTES, *metrics.ROUTES, webhooks, api, chat]

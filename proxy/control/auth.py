@@ -21,16 +21,24 @@ def bearer_matches(authorization: str, token: str) -> bool:
 class BearerAuth:
     """Lets a request for one of ``routes`` through with the right token; 401 otherwise.
 
-    With no token configured the routes behind it do not exist (404): a disabled API answers like an
-    absent one. Requests that match no route (404), or a route but not its method (405), go on to
-    the router untouched, as if the routes themselves checked the token.
+    With no token configured the routes behind it answer 404, saying the API is disabled and which
+    setting enables it. Requests that match no route (404), or a route but not its method (405), go
+    on to the router untouched, as if the routes themselves checked the token.
     """
 
-    def __init__(self, app: App, token: str, routes: Sequence[BaseRoute], what: str = "admin") -> None:
+    def __init__(
+        self,
+        app: App,
+        token: str,
+        routes: Sequence[BaseRoute],
+        what: str = "admin",
+        enable_with: str = "[admin] token (FLAGPROXY_ADMIN_TOKEN)",
+    ) -> None:
         self.app = app
         self.token = token
         self.routes = routes
         self.what = what
+        self.enable_with = enable_with  # the setting that turns the routes on, named in their 404
 
     def guarded(self, scope: Scope) -> bool:
         return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
@@ -41,7 +49,7 @@ class BearerAuth:
             return
         request = Request(scope)
         if not self.token:
-            detail = f"no control endpoint {request.url.path}"
+            detail = f"the {self.what} API is disabled: set {self.enable_with} to enable {request.url.path}"
             await problem_response(404, "not_found", detail)(scope, receive, send)
             return
         if not bearer_matches(request.headers.get("authorization", ""), self.token):

@@ -6,6 +6,7 @@ handler that raises has changed nothing: handlers validate before they write.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -37,6 +38,18 @@ async def on_not_found(request: Request, exc: Exception) -> Response:
 
 async def on_method_not_allowed(request: Request, exc: Exception) -> Response:
     return problem_response(405, "method_not_allowed", request.method)
+
+
+EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # a disabled path's Route
+
+
+def disabled(detail: str) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint for the paths of a feature that is off: 404 saying so and what turns it on."""
+
+    async def endpoint(request: Request) -> Response:
+        raise HTTPProblem(404, "not_found", detail)
+
+    return endpoint
 
 
 HANDLERS = {HTTPProblem: on_problem, 404: on_not_found, 405: on_method_not_allowed}

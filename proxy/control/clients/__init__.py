@@ -13,7 +13,7 @@
 - ``cors``, ``rate_limit``, ``responses``: CORS, per-key token buckets, plain ASGI answers.
 - ``service``: ``ClientAPI``, the state the handlers share (built by the composition root).
 
-With no ``[[client_keys]]`` nothing is mounted: every path answers 404.
+With no ``[[client_keys]]`` every path answers 404, saying the API is off and what turns it on.
 """
 
 from __future__ import annotations
@@ -25,14 +25,19 @@ from proxy.control.clients.cors import ClientCors
 from proxy.control.clients.ofrep import BulkFlags, SingleFlag
 from proxy.control.clients.service import ClientAPI
 from proxy.control.clients.stream import FlagStream
+from proxy.control.problems import EVERY_METHOD, disabled
 
 __all__ = ["ClientAPI", "client_mounts"]
 
 
 def client_mounts(api: ClientAPI | None) -> list[BaseRoute]:
-    """``/ofrep`` and ``/client`` under the control prefix (none when no client key is configured)."""
+    """``/ofrep`` and ``/client`` under the control prefix (404s naming ``[[client_keys]]`` without keys)."""
     if api is None or not api.enabled:
-        return []
+        off = disabled("the client API is disabled: configure [[client_keys]] (docs/clients.md)")
+        return [
+            Mount(prefix, app=Router([Route("/{rest:path}", off, methods=EVERY_METHOD)]))
+            for prefix in ("/ofrep", "/client")
+        ]
     bulk = BulkFlags(api)
     ofrep = [
         Route("/v1/evaluate/flags", bulk, methods=["POST"]),
