@@ -129,6 +129,11 @@ class Outbox:
             self._client = None
 
 
+def telegram_chat(chat_id: str) -> int | str:
+    """A Telegram ``chat_id`` setting as the Bot API takes it: a number, or ``@channelusername``."""
+    return int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
+
+
 class ChatRuntime:
     def __init__(self, settings: ChatSettings, change_channel: str = "") -> None:
         self.settings = settings
@@ -150,7 +155,7 @@ class ChatRuntime:
         if slack.announce_webhook_url and slack.announce_webhook_url != self.change_channel:
             self.outbox.post(slack.announce_webhook_url, {"text": mrkdwn_escape(text)}, "Slack announcement")
         chat_id = telegram.announce_chat_id  # a numeric id, or "@channelusername"
-        chat: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
+        chat = telegram_chat(chat_id)
         noticed = self.change_channel == f"telegram:{chat_id}"
         if chat_id and telegram.bot_token and chat != skip_telegram_chat and not noticed:
             payload = {"chat_id": chat, "text": text}
@@ -179,7 +184,7 @@ class TelegramNotifier:
 
     def __init__(self, runtime: ChatRuntime, chat_id: str) -> None:
         self.runtime = runtime
-        self.chat: int | str = int(chat_id) if chat_id.lstrip("-").isdigit() else chat_id
+        self.chat = telegram_chat(chat_id)
 
     def post(self, condition: str, text: str) -> bool:
         if not self.runtime.settings.telegram.bot_token:

@@ -28,7 +28,6 @@ from proxy.control.clients.responses import (
     strong_etag,
 )
 from proxy.control.clients.service import ClientAPI
-from proxy.control.clients.values import evaluation
 from proxy.engine import Context
 
 INACTIVITY_DELAY_S = 120  # OFREP's default: a hidden page closes its stream after this
@@ -91,20 +90,21 @@ class SingleFlag(Evaluation):
             return
         key, context, has_unit = admitted
         flag_key: str = scope["path_params"]["key"]
-        flag = self.api.view(key).by_key.get(flag_key)
+        view = self.api.view(key)
+        flag = view.by_key.get(flag_key)
         if flag is None:
             body = ofrep_error("FLAG_NOT_FOUND", f"flag {flag_key!r} not found", flag_key)
             await self.answer(send, 404, body, key.name)
             return
-        served, result = evaluation(flag, context)
-        if needs_unit(has_unit, result["reason"], result["metadata"]):
+        served, item, reason, metadata = view.encoded.item(flag, context)  # encoded once per snapshot
+        if needs_unit(has_unit, reason, metadata):
             await self.answer(send, 400, ofrep_error("TARGETING_KEY_MISSING", MISSING, flag_key), key.name)
             return
         now = time.time()
         self.api.expose(flag, served, context, now)
         if self.api.usage_due(now) is not None:
             self.api.counted([(flag, served)], now)
-        await self.answer(send, 200, dumps(result), key.name)
+        await self.answer(send, 200, item.encode(), key.name)
 
 
 class BulkFlags(Evaluation):

@@ -14,7 +14,7 @@ from proxy.control.clients.rate_limit import RateLimiter
 from proxy.control.clients.responses import JSON, header, ofrep_error, plain_error, respond
 from proxy.control.clients.stream_hub import StreamHub
 from proxy.control.clients.views import View, Views
-from proxy.engine import Flag, Served
+from proxy.engine import Flag, Served, variant_name
 from proxy.metrics import Metrics
 from proxy.store.base import FlagStore
 
@@ -108,9 +108,7 @@ class ClientAPI:
             return
         if flag.experiment is not None:
             if flag.experimenting and self.recorder is not None:
-                value = served.value
-                variant = value if value.__class__ is str else ("true" if value else "false")
-                self.recorder.exposed(flag.key, variant, unit, now)
+                self.recorder.exposed(flag.key, variant_name(served.value), unit, now)
         elif self.analytics:
             sink = self.analytics.get(flag.source)
             if sink is not None:

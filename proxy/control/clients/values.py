@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxy.engine import Context, Flag, Served
+from proxy.engine import Context, Flag, Served, variant_name
 
 PER_UNIT = frozenset({"reason", "bucket"})  # not metadata (the reason is mapped; buckets are per unit)
 MAX_ENCODED = 50_000  # distinct answers remembered per view (a source's error texts could vary)
@@ -42,13 +42,6 @@ def client_value(served: Served) -> Any:
     return served.config
 
 
-def variant_of(served: Served) -> str:
-    value = served.value
-    if value.__class__ is bool:
-        return "true" if value else "false"
-    return value  # type: ignore[return-value]
-
-
 def standard_reason(flag: Flag, why: dict[str, Any]) -> str:
     own = why.get("reason")
     if flag.overridden is None and flag.reason_of is not None:
@@ -67,17 +60,21 @@ def metadata_of(why: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
-def evaluation(flag: Flag, context: Context) -> tuple[Served, dict[str, Any]]:
-    """OFREP's success body for ``flag`` (key, value, variant, reason, metadata) and what was served."""
-    served, why = flag.explain(context)
-    body = {
+def success(flag: Flag, served: Served, why: dict[str, Any]) -> dict[str, Any]:
+    """OFREP's success body: key, value, variant, reason, metadata."""
+    return {
         "key": flag.key,
         "value": client_value(served),
-        "variant": variant_of(served),
+        "variant": variant_name(served.value),
         "reason": standard_reason(flag, why),
         "metadata": metadata_of(why),
     }
-    return served, body
+
+
+def evaluation(flag: Flag, context: Context) -> tuple[Served, dict[str, Any]]:
+    """What was served to ``context`` and OFREP's success body for it."""
+    served, why = flag.explain(context)
+    return served, success(flag, served, why)
 
 
 def _encode(value: Any) -> str:
@@ -113,13 +110,7 @@ class Encoded:
         except TypeError:  # an explanation holding a list or an object (a source's raw data)
             found = cache_key = None
         if found is None:
-            body = {
-                "key": flag.key,
-                "value": client_value(served),
-                "variant": variant_of(served),
-                "reason": standard_reason(flag, why),
-                "metadata": metadata_of(why),
-            }
+            body = success(flag, served, why)
             found = (_encode(body), body["reason"], body["metadata"])
             if cache_key is not None and len(self.items) < MAX_ENCODED:
                 self.items[cache_key] = found
@@ -131,7 +122,7 @@ class Encoded:
         found = self.entries.get(cache_key)
         if found is None:
             key = _encode(flag.key)
-            found = (f"{key}:{_encode(client_value(served))}", f"{key}:{_encode(variant_of(served))}")
+            found = (f"{key}:{_encode(client_value(served))}", f"{key}:{_encode(variant_name(served.value))}")
             if len(self.entries) < MAX_ENCODED:
                 self.entries[cache_key] = found
         return found
