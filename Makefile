@@ -22,8 +22,12 @@ install-test: $(VENV)/.installed-test
 
 # The demo origin on 127.0.0.1:9000 and the proxy on 127.0.0.1:8080 in front of it (Ctrl-C stops both).
 run: install
-	@echo "demo origin on http://127.0.0.1:9000, flagproxy on http://127.0.0.1:8080"
+	@echo "demo origin on http://127.0.0.1:9000, flagproxy on http://127.0.0.1:8080 (control endpoints: GET /__flags/)"
 	@echo "try: curl -H 'X-User-Id: 42' localhost:8080/api/anything"
+	@echo "DEMO-ONLY secrets from config/demo.toml (public; never use them in a deployment):"
+	@echo "  export FLAGPROXY_ADMIN_TOKEN=demo-admin-token-not-secret        # admin API, flagproxy flags"
+	@echo "  export FLAGPROXY_WEBHOOKS_SECRET=demo-webhook-secret-not-secret # native webhook signatures"
+	@echo "  client key: demo-client-key-not-secret                         # client flags API"
 	@trap 'kill $$origin 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/flagproxy demo-origin --port 9000 & origin=$$!; \
 	$(BIN)/flagproxy serve --config config/demo.toml

@@ -392,7 +392,7 @@ def start_nginx(services: Services, nginx: str, tmp: Path, name: str, body: str,
 def flagproxy_cmd(
     origin: str, flags: Path, port: int, workers: int | None = None, access_log: bool = False
 ) -> list[str]:
-    cmd = proxy_cmd("serve", "--origin", origin, "--flags", str(flags))
+    cmd = proxy_cmd("serve", "--origin", origin, "--flags", str(flags), "--allow-empty")  # the 0-flag runs
     cmd += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
     if workers is not None:
         cmd += ["--workers", str(workers)]

@@ -10,8 +10,11 @@ request is over the exchange goes to the observers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from proxy.alerts import Alerter
@@ -34,7 +37,7 @@ from proxy.experiments.goals import Goals
 from proxy.experiments.recorder import Recorder
 from proxy.lifecycle.notify import Notifiers
 from proxy.lifecycle.service import Lifecycle
-from proxy.logs import without_credentials
+from proxy.logs import set_level, without_credentials
 from proxy.metrics import Metrics, forget_dead_workers, process_exiting
 from proxy.observers.access_log import AccessLog
 from proxy.observers.base import Observer, Observers
@@ -42,7 +45,7 @@ from proxy.observers.budget_alerts import BudgetWatch
 from proxy.observers.exposures import ExposureObserver
 from proxy.observers.origin_metrics import OriginMetricsObserver
 from proxy.observers.usage import UsageObserver
-from proxy.sources.base import Sync, SyncContext, analytics_of
+from proxy.sources.base import Sync, SyncContext, analytics_of, webhook_endpoints_of
 from proxy.sources.native.document import initial_state
 from proxy.sources.registry import DEFAULT, Registry, UnknownSource
 from proxy.store import FlagStore, MemoryStore
@@ -50,6 +53,8 @@ from proxy.store.base import Snapshot
 from proxy.store.state import RawState
 
 if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
     from proxy.dataplane.client_side import ClientConnection
 
 log = logging.getLogger("flagproxy")
@@ -71,6 +76,13 @@ def build_store(settings: Settings, registry: Registry, metrics: Metrics | None 
     if metrics is not None:
         metrics.synced("file")
     return MemoryStore(seed, audit_max=settings.store.audit_max, compiler=registry)
+
+
+def compile_goals(settings: Settings) -> Goals:
+    try:
+        return Goals(settings.goals)
+    except ValueError as exc:  # a glob too large for RE2
+        raise ConfigError(f"[[goals]] path: {exc}") from None
 
 
 def with_request_id(send: Send, request_id: str, exchange: Exchange) -> Send:
@@ -171,14 +183,13 @@ class FlagProxy:
             UsageObserver(self.lifecycle.counter),
         ]
         recorder = self.recorder
+        self.goals = compile_goals(settings)
+        self.exposures: ExposureObserver | None = None
         if recorder is not None:
-            try:
-                goals = Goals(settings.goals)
-            except ValueError as exc:  # a glob too large for RE2
-                raise ConfigError(f"[[goals]] path: {exc}") from None
-            self.store.on_change(lambda snapshot: recorder.use_flags(snapshot.flags, goals.names))
-            recorder.use_flags(self.store.snapshot.flags, goals.names)
-            chain.append(ExposureObserver(recorder, goals, self.analytics))
+            self.store.on_change(lambda snapshot: recorder.use_flags(snapshot.flags, self.goals.names))
+            recorder.use_flags(self.store.snapshot.flags, self.goals.names)
+            self.exposures = ExposureObserver(recorder, self.goals, self.analytics)
+            chain.append(self.exposures)
         if settings.log.access_log:
             chain.append(AccessLog())
         chain.extend(observers or ())
@@ -191,6 +202,12 @@ class FlagProxy:
         )
         self.chat = ChatRuntime(settings.chat, settings.alerts.change_channel)
         self.notifiers.register("telegram", self.chat.telegram_notifier)  # telegram:<chat id> channels
+        self.control = self._control_app(settings)
+        self.control_prefix = settings.server.control_prefix
+        self.control_prefix_slash = self.control_prefix + "/"
+        self.settings_source: Callable[[], Settings] | None = None  # how SIGHUP reads them again
+
+    def _control_app(self, settings: Settings) -> Starlette:
         deps = ControlDeps(
             settings=settings,
             store=self.store,
@@ -206,9 +223,31 @@ class FlagProxy:
             clients=self.clients,
         )
         webhooks = [route for source in self.registry.sources for route in source.webhook_routes()]
-        self.control = build_control_app(deps, webhooks)
-        self.control_prefix = settings.server.control_prefix
-        self.control_prefix_slash = self.control_prefix + "/"
+        described = [e for source in self.registry.sources for e in webhook_endpoints_of(source, settings)]
+        return build_control_app(deps, webhooks, described)
+
+    async def reconfigure(self, settings: Settings) -> None:
+        """Take ``settings`` (validated; restart-only parts as they were, ``proxy.reload``).
+
+        Each part is built first and swapped in after, so that nothing is half-changed when one
+        of them refuses: requests that began keep what they started with.
+        """
+        goals = compile_goals(settings)
+        forwarder = Forwarder(settings, self.resolver, self.flag_headers)
+        await forwarder.start()
+        old_forwarder, self.forwarder = self.forwarder, forwarder
+        self.settings = settings
+        self.budget.reconfigure(settings)
+        self.alerter.settings = settings.alerts
+        self.goals = goals
+        if self.exposures is not None:
+            self.exposures.goals = goals
+            self.exposures.recorder.use_flags(self.store.snapshot.flags, goals.names)
+        self.clients.reconfigure(settings)
+        self.control = self._control_app(settings)
+        set_level(settings.log.level)
+        await old_forwarder.close()  # idle connections now; busy ones close when their exchange ends
+        self.budget.preflight(self.store.snapshot)
 
     def _recorder(self, settings: Settings) -> Recorder | None:
         e = settings.experiments
@@ -273,12 +312,45 @@ class FlagProxy:
         self.budget.preflight(self.store.snapshot)
         await self.lifecycle.start()
         freeze_heap.collect()
+        self._listen_for_sighup()
         log.info(
-            "flagproxy ready: %d flags (store version %d), origins: %s",
+            "flagproxy ready: %d flags (store version %d%s), origins: %s",
             len(self.store.snapshot.flags),
             self.store.snapshot.version,
+            "" if self.settings.store.redis_url else f", from {self.settings.store.flags_file}",
             ", ".join(f"{o.prefix}={without_credentials(o.url)}" for o in self.settings.origins) or "none",
         )
+
+    def _listen_for_sighup(self) -> None:
+        """SIGHUP reloads (``proxy.reload``) where the process owns its signals: ``flagproxy serve``
+        with one worker. Elsewhere (a test's event loop, a worker process) it is not installed."""
+        if self.settings_source is None:
+            return
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload_settings(), name="flagproxy-reload")
+        self._reloading = task  # kept referenced until it is done
+
+    async def reload_settings(self) -> None:
+        """Read the settings again (SIGHUP); invalid ones are logged and change nothing."""
+        from proxy.reload import reload
+
+        source = self.settings_source
+        if source is None:
+            return
+        log.info("SIGHUP: reading the settings and the flags file again")
+        try:
+            new = await asyncio.to_thread(source)
+        except (ConfigError, OSError) as exc:
+            log.error("reload refused, nothing changed: %s", exc)
+            return
+        try:
+            await reload(self, new)
+        except ConfigError as exc:
+            log.error("reload refused, nothing changed: %s", exc)
 
     async def shutdown(self) -> None:
         for sync in self.syncs.values():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
 import tomllib
@@ -17,6 +18,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -107,9 +109,14 @@ class ContextSettings:
     jwt_attributes: tuple[str, ...] = ()
 
 
+DEFAULT_FLAGS_FILE = "seeds/flags.json"
+
+
 @dataclass(frozen=True)
 class StoreSettings:
-    flags_file: str = "seeds/flags.json"
+    flags_file: str = DEFAULT_FLAGS_FILE  # relative: to the TOML file that names it, else to the cwd
+    allow_empty: bool = False  # serve with no flags at all (--allow-empty); else refuse to start
+    watch_flags_file: bool = True  # an edited flags file is validated and applied (and on SIGHUP)
     redis_url: str = ""
     redis_prefix: str = "flagproxy"
     environment: str = "default"
@@ -605,6 +612,15 @@ def load_settings(
         raise ConfigError("[[client_keys]]: expected an array of tables")
     key_list = tuple(_client_key_from_table(i, t, env) for i, t in enumerate(raw_keys))
 
+    store = sections["store"]
+    replaced = (
+        bool(env.get(f"{ENV_PREFIX}STORE_FLAGS_FILE"))
+        or (overrides or {}).get("store", {}).get("flags_file") is not None
+    )
+    written_in = None if replaced else config_file
+    sections["store"] = dataclasses.replace(
+        store, flags_file=_locate_flags_file(store.flags_file, written_in)
+    )
     core = {name: section for name, section in sections.items() if name in SECTIONS}
     own = {name: section for name, section in sections.items() if name not in SECTIONS}
     settings = Settings(
@@ -616,6 +632,43 @@ def load_settings(
         if check is not None:
             check()
     return settings
+
+
+def default_flags_candidates() -> list[Path]:
+    """Where the default flags file is looked for: the working directory, then the checkout the
+    package runs from (so ``flagproxy serve`` started elsewhere still finds the seeds)."""
+    here = Path.cwd() / DEFAULT_FLAGS_FILE
+    checkout = Path(__file__).resolve().parent.parent / DEFAULT_FLAGS_FILE
+    return [here] if checkout == here.resolve() else [here, checkout]
+
+
+def _locate_flags_file(value: str, written_in: str | os.PathLike[str] | None) -> str:
+    """The flags file as the proxy will open it.
+
+    A relative path written in the TOML file (``written_in``) is relative to that file
+    (``config/demo.toml`` says ``../seeds/flags.json``); one from the environment or the command
+    line is relative to the working directory. The default is the first of
+    ``default_flags_candidates()`` that exists; when none does it stays as it is (no flags, which
+    ``serve`` refuses without ``--allow-empty``).
+    """
+    if value == DEFAULT_FLAGS_FILE:
+        found = [p for p in default_flags_candidates() if p.exists()]
+        return str(found[0]) if found else value
+    path = Path(value)
+    if written_in is None or path.is_absolute():
+        return value
+    directory = Path(written_in).resolve().parent
+    beside = directory / path
+    if not beside.exists() and path.exists():  # written before paths were relative to the file
+        logging.getLogger("flagproxy").warning(
+            "[store] flags_file %r: read from the working directory; paths in %s are now relative "
+            "to it (write %r)",
+            value,
+            written_in,
+            os.path.relpath(path.resolve(), directory),
+        )
+        return value
+    return str(beside)
 
 
 # --- validation -----------------------------------------------------------------------------------

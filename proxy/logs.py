@@ -92,6 +92,7 @@ def logging_config(level: str = "info", fmt: str = "json", access_log: bool = Fa
             "uvicorn.error": {"handlers": [], "level": level_name, "propagate": True},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
             "httpx": {"level": "WARNING"},  # no per-request lines from control-plane calls
+            "watchfiles": {"level": "WARNING"},  # the flags file's watch: our own line says what it did
             # asked for explicitly, so shown whatever the level
             "flagproxy.access": {"level": "INFO" if access_log else "WARNING"},
         },
@@ -102,3 +103,9 @@ def configure(level: str = "info", fmt: str = "json", access_log: bool = False) 
     config = logging_config(level, fmt, access_log)
     logging.config.dictConfig(config)
     return config
+
+
+def set_level(level: str) -> None:
+    """A new ``[log] level`` (a reload): the root logger and uvicorn's, as ``logging_config`` sets."""
+    for name in ("", "uvicorn", "uvicorn.error"):
+        logging.getLogger(name).setLevel(level.upper())

@@ -12,8 +12,9 @@ import tempfile
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
-from proxy.config import ConfigError, Settings, load_settings
+from proxy.config import DEFAULT_FLAGS_FILE, ConfigError, Settings, default_flags_candidates, load_settings
 from proxy.dataplane.client_side import ClientConnection
 from proxy.logs import logging_config
 
@@ -39,7 +40,46 @@ def build_app(settings: Settings) -> Any:
     """The app; ``ClientConnection`` finds it through uvicorn's config and serves its requests."""
     from proxy.app import FlagProxy
 
-    return FlagProxy(settings)  # also validates flags and settings before anything listens
+    app = FlagProxy(settings)  # also validates flags and settings before anything listens
+    refuse_empty(settings, app)
+    return app
+
+
+def checked_settings(inputs: dict[str, Any]) -> Settings:
+    """The settings read again, with the checks ``serve`` makes before it listens (the flags file
+    parses and has flags); ConfigError or OSError naming the problem otherwise."""
+    from proxy.sources.native.document import SOURCE, initial_state
+
+    settings = settings_from_inputs(inputs)
+    path = settings.store.flags_file
+    try:
+        state = initial_state(path, required=path != DEFAULT_FLAGS_FILE)
+    except ValueError as exc:  # FlagError: the flags file does not validate
+        raise ConfigError(f"flags file {path}: {exc}") from None
+    if not state.data.get(SOURCE, {}).get("flags") and not (
+        settings.store.allow_empty or settings.store.redis_url
+    ):
+        raise ConfigError(f"the flags file {path} has no flags ([store] allow_empty to allow it)")
+    return settings
+
+
+def refuse_empty(settings: Settings, app: Any) -> None:
+    """No flags and nothing that could bring any: almost always a flags file that was not found
+    (a relative path, started from elsewhere). Said loudly instead of serving nothing."""
+    if settings.store.allow_empty or settings.store.redis_url or len(app.store.snapshot.flags):
+        return
+    if any(sync.enabled for name, sync in app.syncs.items() if name != "native"):
+        return  # a vendor sync brings them
+    path = settings.store.flags_file
+    if path == DEFAULT_FLAGS_FILE:
+        looked = ", ".join(str(p) for p in default_flags_candidates())
+        where = f"no flags file found (looked for {looked})"
+    else:
+        where = f"the flags file {os.path.abspath(path)} has no flags"
+    raise ConfigError(
+        f"no flags to serve: {where}; pass --flags FILE ([store] flags_file), or --allow-empty "
+        "([store] allow_empty) to start with none and add them through the admin API or a webhook"
+    )
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client (and proxy.metrics)
@@ -54,6 +94,8 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
     if shared_dir and workers == 1:
         prepare_metrics_dir(shared_dir)
     app = build_app(settings)
+    # SIGHUP with one worker (proxy.reload): the flags file is re-read by its own sync, separately
+    app.settings_source = lambda: settings_from_inputs(inputs)
     log_settings = settings.log
     options: dict[str, Any] = {
         "host": settings.server.host,
@@ -73,7 +115,7 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
     control_port = settings.server.control_port
     if workers == 1:
         if control_port:
-            serve_two_ports({**options, "app": app}, control_port, workers)
+            serve_two_ports({**options, "app": app}, control_port, workers, inputs)
         else:
             uvicorn.run(app, **options)
         return
@@ -90,19 +132,20 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
     os.environ[INPUTS_ENV] = json.dumps(inputs)
     try:
         if control_port:
-            serve_two_ports(options, control_port, workers)
+            serve_two_ports(options, control_port, workers, inputs)
         else:
-            uvicorn.run("proxy.server:app_from_environment", factory=True, workers=workers, **options)
+            config = uvicorn.Config(
+                "proxy.server:app_from_environment", factory=True, workers=workers, **options
+            )
+            ReloadingSupervisor(config, [config.bind_socket()], inputs).run()
     finally:
         if own_dir:
             shutil.rmtree(shared_dir, ignore_errors=True)
 
 
-def serve_two_ports(options: dict[str, Any], control_port: int, workers: int) -> None:
+def serve_two_ports(options: dict[str, Any], control_port: int, workers: int, inputs: dict[str, Any]) -> None:
     """Traffic on ``[server] port`` and the control plane on ``[server] control_port``: one server
     (or one per worker) listening on both sockets; the connection tells them apart by its local port."""
-    from uvicorn.supervisors import Multiprocess
-
     if "app" in options:
         config = uvicorn.Config(**options)
     else:
@@ -114,7 +157,7 @@ def serve_two_ports(options: dict[str, Any], control_port: int, workers: int) ->
         config.load_app()
         uvicorn.Server(config).run(sockets=sockets)
     else:
-        Multiprocess(config, sockets=sockets).run()
+        ReloadingSupervisor(config, sockets, inputs).run()
 
 
 def prepare_metrics_dir(path: str) -> None:
@@ -123,3 +166,22 @@ def prepare_metrics_dir(path: str) -> None:
     for name in glob.glob(os.path.join(path, "*.db")):
         with contextlib.suppress(FileNotFoundError):
             os.remove(name)
+
+
+class ReloadingSupervisor(Multiprocess):
+    """``--workers N``: SIGHUP checks the new settings first, then replaces the workers one at a time
+    (uvicorn brings each new one into service before the old one stops); settings that do not
+    validate are logged and the running workers are kept."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[Any], inputs: dict[str, Any]) -> None:
+        super().__init__(config, sockets=sockets)
+        self.inputs = inputs
+
+    def handle_hup(self) -> None:
+        try:
+            checked_settings(self.inputs)
+        except (ConfigError, OSError) as exc:
+            log.error("SIGHUP: reload refused, the workers keep running as they are: %s", exc)
+            return
+        log.info("SIGHUP: settings checked; replacing the workers one at a time")
+        self.restart_all()

@@ -503,6 +503,8 @@ class ProxyProcess:
             cmd += ["--config", str(config_path)]
         for origin in self.origins:
             cmd += ["--origin", origin]
+        if not self.flags.get("flags"):
+            cmd.append("--allow-empty")  # asked for: serve refuses to start with no flags otherwise
         return cmd + self.args
 
     def start(self) -> ProxyProcess:

@@ -7,9 +7,7 @@ import gzip
 import json
 import socket
 import time
-import tomllib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -502,32 +500,3 @@ def test_rate_limit_is_429_with_integer_retry_after(
     assert refused.headers["access-control-allow-origin"] == "http://app.test"
     # per key: the game key has its own bucket
     assert httpx.post(url, json={"context": {}}, headers={"X-API-Key": GAME_KEY}).status_code == 200
-
-
-def test_the_readmes_game_call_is_what_make_run_serves(
-    proxy_factory: Callable[..., ProxyProcess], origin: RawOrigin
-) -> None:
-    """The README's curl against ``make run`` (config/demo.toml's demo key, seeds/flags.json) prints
-    what the README says, and the origin header agrees."""
-    root = Path(__file__).resolve().parent.parent
-    demo = tomllib.loads((root / "config" / "demo.toml").read_text())
-    [key] = [k["key"] for k in demo["client_keys"] if k["name"] == "demo"]
-    readme = (root / "README.md").read_text()
-    section = readme[readme.index("## Client flags API") :]
-    block = section[section.index("```sh") : section.index("```", section.index("```sh") + 5)]
-    assert f"X-API-Key: {key}" in block and "key=player-7&country=NZ" in block
-    printed = json.loads("".join(line.lstrip("# ") for line in block.splitlines() if line.startswith("#")))
-    seeded = proxy_factory(
-        [origin.url],
-        config=f'[[client_keys]]\nname = "demo"\nkey = "{key}"\n',
-        flags=json.loads((root / "seeds" / "flags.json").read_text()),
-    )
-    got = httpx.get(
-        f"{seeded.base_url}/__flags/client/v1/flags",
-        params={"key": "player-7", "country": "NZ"},
-        headers={"X-API-Key": key},
-    )
-    assert got.json() == printed
-    # the origin's header: booleans as they are, variant flags by their variant name
-    expected = {k: v if isinstance(v, bool) else printed["variants"][k] for k, v in printed["flags"].items()}
-    assert served_flags(seeded, origin, user="player-7") == expected

@@ -341,10 +341,11 @@ async def test_every_change_is_logged_and_posted_once(caplog: pytest.LogCaptureF
     await store.apply(Change(source="native", upsert=upsert, actor="webhook:native"))  # unchanged: silent
     await store.apply(Change(source="native", delete=["new"], actor="split"))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("change:")]
+    version = store.snapshot.version
     assert lines == [
-        "change: actor=webhook:native flag=fresh summary=changed percentage",
-        "change: actor=webhook:native flag=new summary=created",
-        "change: actor=split flag=new summary=deleted",
+        f"change: actor=webhook:native flag=fresh summary=changed percentage version={version - 1}",
+        f"change: actor=webhook:native flag=new summary=created version={version - 1}",
+        f"change: actor=split flag=new summary=deleted version={version}",
     ]
     assert [c for c, _ in recorded.posts] == ["change", "change"]
     assert (

@@ -32,7 +32,7 @@ def _serve_inputs(args: argparse.Namespace) -> dict[str, Any]:
         "config": args.config,
         "overrides": {
             "server": {"host": args.host, "port": args.port},
-            "store": {"flags_file": args.flags, "redis_url": args.redis_url},
+            "store": {"flags_file": args.flags, "redis_url": args.redis_url, "allow_empty": args.allow_empty},
             "log": {"level": args.log_level, "format": args.log_format, "access_log": args.access_log},
         },
         "origins": args.origin or None,
@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--flags", metavar="FILE", help="native flags JSON for the embedded store")
     serve.add_argument("--redis-url", metavar="URL", help="Redis flag store, e.g. redis://127.0.0.1:6379/0")
+    serve.add_argument(
+        "--allow-empty",
+        action="store_const",
+        const=True,
+        help="start even with no flags (else refused: usually a flags file that was not found)",
+    )
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.add_argument("--log-format", choices=["json", "text"], help="log lines as JSON (default) or text")
     serve.add_argument(

@@ -1,5 +1,6 @@
 """The control plane: one Starlette app under the reserved prefix (default ``/__flags``).
 
+    /                      index.py      the control endpoints, which are on, what turns the others on
     /healthz, /readyz      probes.py     liveness and readiness
     /metrics               metrics.py    Prometheus exposition
     /webhooks/<source>     each source's own package (Source.webhook_routes)
@@ -32,11 +33,14 @@ from proxy.control.auth import BearerAuth
 from proxy.control.chat import slack, telegram
 from proxy.control.clients import client_mounts
 from proxy.control.deps import ControlDeps
+from proxy.control.index import Endpoint, control_index, core_endpoints
 from proxy.control.problems import EVERY_METHOD as ALL
 from proxy.control.problems import HANDLERS, disabled
 
 
-def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = ()) -> Starlette:
+def build_control_app(
+    deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = (), webhook_endpoints: Sequence[Endpoint] = ()
+) -> Starlette:
     api_routes = [*flags.ROUTES, *evaluate.ROUTES, *audit.ROUTES, *lifecycle.ROUTES, *experiments.ROUTES]
     api = Mount(
         "/api",  # /api/track checks its own token ([experiments] track_token, or the admin token)
@@ -62,9 +66,24 @@ def build_control_app(deps: ControlDeps, webhook_routes: Sequence[BaseRoute] = (
             chat_routes[1] = telegram.ROUTES[0]
     chat = Mount("/chat", app=Router(chat_routes, redirect_slashes=False))
     # the client API first: it takes the most requests (every route before it is tried in turn)
-    routes = [*client_mounts(deps.clients), *probes.ROUTES, *metrics.ROUTES, webhooks, api, chat]
+    prefix = deps.settings.server.control_prefix
+    clients_on = deps.clients is not None and deps.clients.enabled
+    endpoints = core_endpoints(deps.settings, clients=clients_on, chat=deps.chat is not None)
+    index = control_index(prefix, [*endpoints, *webhook_endpoints])
+    routes = [
+        *client_mounts(deps.clients),
+        *probes.ROUTES,
+        *metrics.ROUTES,
+        webhooks,
+        api,
+        chat,
+        Route("/", index, methods=["GET", "HEAD"]),
+    ]
     app = Starlette(
-        routes=[Mount(deps.settings.server.control_prefix, app=Router(routes, redirect_slashes=False))],
+        routes=[
+            Route(prefix, index, methods=["GET", "HEAD"]),
+            Mount(prefix, app=Router(routes, redirect_slashes=False)),
+        ],
         exception_handlers=dict(HANDLERS),
     )
     # a redirect would be built from the client's Host header: an open redirect under the prefix

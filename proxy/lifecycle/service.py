@@ -193,10 +193,11 @@ class Lifecycle:
         for key in result.changed:
             summary = summarize(change, key, before)
             log.info(
-                "change: actor=%s flag=%s summary=%s",
+                "change: actor=%s flag=%s summary=%s version=%d",
                 actor,
                 key,
                 summary,
+                result.version,
                 extra={"actor": actor, "flag": key, "summary": summary, "store_version": result.version},
             )
             if len(parts) < NOTICE_KEYS:

@@ -48,9 +48,13 @@ class BudgetWatch:
     inline = True  # a cooldown check and a queue put (Alerter.notify); Slack is posted in the background
 
     def __init__(self, settings: Settings, alerter: Alerter, headers: FlagHeaders) -> None:
-        self.settings = settings
         self.alerter = alerter
         self.headers = headers
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """New origins or header settings (a reload); the next preflight uses them."""
+        self.settings = settings
         self.labels = {normal_prefix(o.prefix): origin_label(o.url) for o in settings.origins}
         self._routes: dict[tuple[str, str], str] = {}  # (origin prefix, path) → route pattern
 

@@ -21,10 +21,11 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
     from proxy.config import Settings
+    from proxy.control.index import Endpoint
     from proxy.metrics import Metrics
     from proxy.store.base import FlagStore
 
-__all__ = ["Analytics", "Compiled", "Source", "Sync", "SyncContext", "analytics_of"]
+__all__ = ["Analytics", "Compiled", "Source", "Sync", "SyncContext", "analytics_of", "webhook_endpoints_of"]
 
 Compiled = tuple[dict[str, Flag], dict[str, str]]  # flags, and {key: problem} for items not served
 
@@ -77,6 +78,13 @@ class Source(Protocol):
         Handlers reach the store, settings and the source's own sync through
         ``proxy.control.deps.deps_of(request)``."""
         ...
+
+
+def webhook_endpoints_of(source: Source, settings: Settings) -> list[Endpoint]:
+    """A source's ``webhook_endpoints(settings)`` for ``GET /__flags/`` — optional: which of its
+    webhooks are on and the setting that turns each on."""
+    describe = getattr(source, "webhook_endpoints", None)
+    return [] if describe is None else list(describe(settings))
 
 
 def analytics_of(source: Source, context: SyncContext) -> Analytics | None:

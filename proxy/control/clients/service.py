@@ -55,6 +55,18 @@ class ClientAPI:
         self._over_budget: set[tuple[str, tuple[str, ...]]] = set()
         self._stream_uris: dict[str, tuple[int, str]] = {}  # key name → (expiry, uri): one HMAC per step
 
+    def reconfigure(self, settings: Settings) -> None:
+        """New keys or [client_api] settings (a reload). Every live-update stream ends, so that a
+        removed key's streams stop and the rest reconnect under the new keys."""
+        self.settings = settings.client_api
+        self.ring = KeyRing(settings.client_keys)
+        self.views = Views()
+        self.limiter = RateLimiter(self.settings.rate_limit_per_s, self.settings.rate_limit_burst)
+        self.hub.max_streams = self.settings.max_streams
+        self._over_budget = set()
+        self._stream_uris = {}
+        self.hub.end_streams()
+
     @property
     def enabled(self) -> bool:
         return bool(self.ring)

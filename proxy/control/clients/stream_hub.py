@@ -96,6 +96,10 @@ class StreamHub:
     def close_all(self) -> None:
         """Shutting down: every stream ends its response now (clients reconnect elsewhere)."""
         self.closing = True
+        self.end_streams()
+
+    def end_streams(self) -> None:
+        """Every open stream ends its response now; new ones are taken (their clients reconnect)."""
         for group in self.by_globs.values():
             for subscriber in group:
                 subscriber.closing = True

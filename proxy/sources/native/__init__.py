@@ -13,6 +13,9 @@ from proxy.sources.native import document
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
+    from proxy.config import Settings
+    from proxy.control.index import Endpoint
+
 
 class NativeSource:
     name: str = document.SOURCE
@@ -26,9 +29,23 @@ class NativeSource:
         return document.load_file(path)
 
     def sync(self, context: SyncContext) -> Sync | None:
-        return None
+        """The flags file, when there is one: re-read on SIGHUP, and watched ([store] watch_flags_file)."""
+        store = context.settings.store
+        if not Path(store.flags_file).is_file():
+            return None
+        from proxy.sources.native.file_sync import FlagsFileSync
+
+        return FlagsFileSync(store.flags_file, context.store, watch=store.watch_flags_file)
 
     def webhook_routes(self) -> list[BaseRoute]:
         from proxy.sources.native.webhook import ROUTES  # Starlette only where the control plane runs
 
         return list(ROUTES)
+
+    def webhook_endpoints(self, settings: Settings) -> list[Endpoint]:
+        from proxy.control.index import Endpoint
+
+        on = bool(settings.webhooks.secret)
+        what = "native flag documents and patches"
+        with_ = "[webhooks] secret (FLAGPROXY_WEBHOOKS_SECRET)"
+        return [Endpoint("/webhooks/native", what, on, with_, "X-Flagproxy-Signature: t=,v1= (HMAC-SHA256)")]

@@ -114,6 +114,8 @@ from proxy.sources.split.settings import SplitSettings
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
+    from proxy.config import Settings
+    from proxy.control.index import Endpoint
     from proxy.sources.split.analytics import SplitAnalytics
     from proxy.sources.split.sync import SplitApiError, SplitSync
 
@@ -200,3 +202,11 @@ class SplitSource:
         from proxy.sources.split.webhook import ROUTES
 
         return list(ROUTES)
+
+    def webhook_endpoints(self, settings: Settings) -> list[Endpoint]:
+        from proxy.control.index import Endpoint
+
+        section = settings.section(self.name)
+        on = bool(getattr(section, "webhook_token", ""))
+        what = "Split's change notifications (a pull follows)"
+        return [Endpoint("/webhooks/split", what, on, "[split] webhook_token", "?token=<webhook token>")]

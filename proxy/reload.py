@@ -1,0 +1,105 @@
+"""SIGHUP: the settings file and the flags file read again, applied without dropping a connection.
+
+What changes live: ``[[origins]]``, ``[[routes]]``, ``[upstream]`` and per-origin timeouts,
+``[proxy]``, the ``[server]`` timeouts and limits (new connections), ``[[goals]]``,
+``[[client_keys]]`` and ``[client_api]``, ``[alerts]``, ``[admin]``, ``[metrics]``, ``[webhooks]``
+and the log level; and the flags file (re-read and applied like an edit). In-flight requests finish
+with what they started with. Anything else that changed is named in one log line as needing a
+restart, and keeps its old value until then. New settings that do not validate change nothing.
+
+With ``--workers N`` the supervisor handles SIGHUP instead: it checks the new settings, then
+replaces the workers one by one, each new one ready before the old one stops
+(``proxy.server.ReloadingSupervisor``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from proxy.config import Settings
+
+if TYPE_CHECKING:
+    from proxy.app import FlagProxy
+
+log = logging.getLogger("flagproxy")
+
+# [server] settings a running listener cannot take: the rest are read per new connection
+SERVER_FIXED = ("host", "port", "control_port", "control_prefix", "shutdown_grace_s")
+LIVE_SECTIONS = frozenset(
+    {"origins", "routes", "upstream", "proxy", "goals", "client_keys", "client_api", "alerts", "admin"}
+    | {"metrics", "webhooks"}
+)
+LOG_LIVE = ("level",)
+
+
+@dataclass
+class ReloadReport:
+    applied: list[str] = field(default_factory=list)  # what changed and took effect
+    restart: list[str] = field(default_factory=list)  # what changed but needs a restart
+
+    def summary(self) -> str:
+        applied = ", ".join(self.applied) or "nothing"
+        text = f"settings reloaded: {applied} changed"
+        if self.restart:
+            text += f"; needs a restart to take effect (kept as before): {', '.join(self.restart)}"
+        return text
+
+
+def _fields(section: Any) -> dict[str, Any]:
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+def compare(old: Settings, new: Settings) -> ReloadReport:
+    """What differs between ``old`` and ``new``, split into live and restart-only names."""
+    report = ReloadReport()
+    for f in dataclasses.fields(Settings):
+        name = f.name
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        if name == "sources":  # the sources' own sections, [split] and the like
+            for section in sorted(set(before) | set(after)):
+                if before.get(section) != after.get(section):
+                    report.restart.append(f"[{section}]")
+            continue
+        title = f"[[{name}]]" if name in ("origins", "routes", "goals", "client_keys") else f"[{name}]"
+        if name in LIVE_SECTIONS:
+            report.applied.append(title)
+            continue
+        if name in ("server", "log", "store"):
+            b, a = _fields(before), _fields(after)
+            live = {"server": None, "log": LOG_LIVE, "store": ()}[name]
+            for key in (k for k in b if b[k] != a[k]):
+                fixed = key in SERVER_FIXED if name == "server" else key not in (live or ())
+                (report.restart if fixed else report.applied).append(f"[{name}] {key}")
+            continue
+        report.restart.append(title)
+    return report
+
+
+def effective(old: Settings, new: Settings, report: ReloadReport) -> Settings:
+    """``new`` with every restart-only setting kept at its running value."""
+    server = dataclasses.replace(new.server, **{k: getattr(old.server, k) for k in SERVER_FIXED})
+    log_ = dataclasses.replace(old.log, **{k: getattr(new.log, k) for k in LOG_LIVE})
+    kept: dict[str, Any] = {
+        f.name: getattr(old, f.name)
+        for f in dataclasses.fields(Settings)
+        if f.name not in LIVE_SECTIONS and f.name not in ("server", "log")
+    }
+    return dataclasses.replace(new, **kept, server=server, log=log_)
+
+
+async def reload(app: FlagProxy, new: Settings) -> ReloadReport:
+    """Apply ``new`` (already validated) to the running ``app``; the flags file is re-read too."""
+    report = compare(app.settings, new)
+    settings = effective(app.settings, new, report)
+    if report.applied:
+        await app.reconfigure(settings)
+    native = app.syncs.get("native")
+    if native is not None:
+        native.trigger()
+    log.info("%s", report.summary())
+    return report
