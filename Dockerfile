@@ -35,8 +35,10 @@ RUN groupadd --system --gid 10001 flagproxy \
 
 COPY --from=build /opt/flagproxy /opt/flagproxy
 
-# Relative paths in the settings (store.flags_file = "seeds/flags.json") resolve against /app, which
-# the process cannot write: what it writes (experiment records, a snapshot) goes to /var/lib/flagproxy.
+# Relative paths in the settings ([store] flags_file = "seeds/flags.json") resolve against /app, which
+# the process cannot write: what it writes goes to the volume /var/lib/flagproxy. The environment
+# beats a settings file, so FLAGPROXY_EXPERIMENTS_PATH above wins over [experiments] path: pass -e
+# to move it.
 WORKDIR /app
 COPY seeds ./seeds
 COPY config ./config
