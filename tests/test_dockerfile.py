@@ -17,8 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from support import LOCALHOST, PYTHON, REPO, RawOrigin, clean_env, free_port, wait_for
 
+from proxy.cli import build_parser
 from proxy.config import ServerSettings
 from proxy.control.probes import ROUTES
 
@@ -99,6 +101,22 @@ def test_healthcheck_asks_a_real_probe() -> None:
     assert ServerSettings().control_prefix == "/__flags"
     routes = {route.path for route in ROUTES}
     assert set(paths) <= routes, f"{paths} not among the probe routes {routes}"
+
+
+def test_compose_services_run_commands_the_cli_takes() -> None:
+    """docker-compose.yml's services built from this Dockerfile: each command parses, and the image's
+    health check (flagproxy serve's probe on 8080) stays on only where flagproxy serve runs there."""
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    built = {name: service for name, service in services.items() if service.get("build") == "."}
+    assert len(built) >= 2
+    for name, service in built.items():
+        argv = [*service.get("entrypoint", exec_form(only("ENTRYPOINT"))), *service.get("command", [])]
+        assert argv[0] == "flagproxy", name
+        args = build_parser().parse_args(argv[1:])
+        if args.command == "serve":
+            assert args.port in (None, 8080) and "healthcheck" not in service, name
+        else:
+            assert service.get("healthcheck") == {"disable": True}, f"{name}: the image's check would fail"
 
 
 @pytest.fixture
