@@ -20,7 +20,7 @@ COPY pyproject.toml README.md /src/
 COPY proxy /src/proxy
 RUN python3 -m venv /opt/flagproxy \
     && /opt/flagproxy/bin/pip install /src \
-    && /opt/flagproxy/bin/pip uninstall --yes pip
+    && /opt/flagproxy/bin/pip uninstall --yes pip setuptools
 
 # --- runtime: the venv, the seeds and example configs; no compilers, no pip, not root -------------
 FROM ${BASE}
