@@ -34,7 +34,7 @@ def image() -> Iterator[str]:
         pytest.skip("no docker command")
     if docker("info", timeout=20).returncode != 0:
         pytest.skip("no Docker engine answers (docker info failed)")
-    base = os.environ.get("FLAGPROXY_DOCKER_BASE", DEFAULT_BASE)
+    base = os.environ.get("FLAGPROXY_DOCKER_BASE") or DEFAULT_BASE
     if docker("image", "inspect", base).returncode != 0:
         pytest.skip(f"base image {base} is not present locally: docker pull it, or set FLAGPROXY_DOCKER_BASE")
     build = docker(

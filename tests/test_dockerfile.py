@@ -138,6 +138,7 @@ def image_root() -> Iterator[Path]:
         if os.geteuid() == 0:
             os.chown(path, NOBODY, NOBODY)
     yield root
+    os.chmod(workdir, 0o755)  # a user who is not root cannot empty a read-only directory
     shutil.rmtree(root)
 
 
