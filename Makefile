@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow check lint bench install install-test redis-server nginx chromium clean
+.PHONY: run test test-slow docker check lint bench install install-test redis-server nginx chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flagproxy needs Python >= 3.11")'
@@ -51,6 +51,11 @@ test: install-test redis-server nginx chromium
 # The long property and scale tests (about two minutes), left out of make test.
 test-slow: install-test redis-server nginx
 	$(BIN)/pytest -m slow
+
+# Build the image and run it until Docker calls it healthy (needs a Docker engine and the base image
+# present locally; another base: make docker FLAGPROXY_DOCKER_BASE=flagproxy-base:bookworm).
+docker: install-test
+	$(BIN)/pytest -m slow -rs tests/test_docker_image.py
 
 # The gate CI runs before the tests: lint, formatting, types.
 check: install-test
