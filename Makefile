@@ -29,7 +29,7 @@ run: install
 	@echo "  export FLAGPROXY_WEBHOOKS_SECRET=demo-webhook-secret-not-secret # native webhook signatures"
 	@echo "  client key: demo-client-key-not-secret                         # client flags API"
 	@trap 'kill $$origin 2>/dev/null' EXIT INT TERM; \
-	$(BIN)/flagproxy demo-origin --port 9000 & origin=$$!; \
+	$(BIN)/flagproxy demo-origin --port 9000 --log-format text & origin=$$!; \
 	$(BIN)/flagproxy serve --config config/demo.toml
 
 redis-server:

@@ -45,6 +45,7 @@ from proxy.observers.budget_alerts import BudgetWatch
 from proxy.observers.exposures import ExposureObserver
 from proxy.observers.origin_metrics import OriginMetricsObserver
 from proxy.observers.usage import UsageObserver
+from proxy.reload import early_sighup
 from proxy.sources.base import Sync, SyncContext, analytics_of, webhook_endpoints_of
 from proxy.sources.native.document import initial_state
 from proxy.sources.registry import DEFAULT, Registry, UnknownSource
@@ -206,6 +207,8 @@ class FlagProxy:
         self.control_prefix = settings.server.control_prefix
         self.control_prefix_slash = self.control_prefix + "/"
         self.settings_source: Callable[[], Settings] | None = None  # how SIGHUP reads them again
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_wanted = False
 
     def _control_app(self, settings: Settings) -> Starlette:
         deps = ControlDeps(
@@ -236,14 +239,15 @@ class FlagProxy:
         forwarder = Forwarder(settings, self.resolver, self.flag_headers)
         await forwarder.start()
         old_forwarder, self.forwarder = self.forwarder, forwarder
-        self.settings = settings
+        before, self.settings = self.settings, settings
         self.budget.reconfigure(settings)
         self.alerter.settings = settings.alerts
         self.goals = goals
         if self.exposures is not None:
             self.exposures.goals = goals
             self.exposures.recorder.use_flags(self.store.snapshot.flags, goals.names)
-        self.clients.reconfigure(settings)
+        if (settings.client_keys, settings.client_api) != (before.client_keys, before.client_api):
+            self.clients.reconfigure(settings)  # ends the live-update streams: only when keys changed
         self.control = self._control_app(settings)
         set_level(settings.log.level)
         await old_forwarder.close()  # idle connections now; busy ones close when their exchange ends
@@ -329,10 +333,21 @@ class FlagProxy:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            if early_sighup.is_set():  # one came while the proxy was starting: read again now
+                early_sighup.clear()
+                self._on_sighup()
 
     def _on_sighup(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload_settings(), name="flagproxy-reload")
-        self._reloading = task  # kept referenced until it is done
+        """A burst of SIGHUPs is one reload, plus one more if any came while it ran."""
+        self._reload_wanted = True
+        if self._reloading is None or self._reloading.done():
+            loop = asyncio.get_running_loop()
+            self._reloading = loop.create_task(self._reload_loop(), name="flagproxy-reload")
+
+    async def _reload_loop(self) -> None:
+        while self._reload_wanted:
+            self._reload_wanted = False
+            await self.reload_settings()
 
     async def reload_settings(self) -> None:
         """Read the settings again (SIGHUP); invalid ones are logged and change nothing."""

@@ -617,10 +617,11 @@ def load_settings(
         bool(env.get(f"{ENV_PREFIX}STORE_FLAGS_FILE"))
         or (overrides or {}).get("store", {}).get("flags_file") is not None
     )
-    written_in = None if replaced else config_file
-    sections["store"] = dataclasses.replace(
-        store, flags_file=_locate_flags_file(store.flags_file, written_in)
-    )
+    store_table = file_data.get("store")
+    written = isinstance(store_table, dict) and "flags_file" in store_table
+    layer = "command line or environment" if replaced else "file" if written else "default"
+    located = _locate_flags_file(store.flags_file, layer, config_file)
+    sections["store"] = dataclasses.replace(store, flags_file=located)
     core = {name: section for name, section in sections.items() if name in SECTIONS}
     own = {name: section for name, section in sections.items() if name not in SECTIONS}
     settings = Settings(
@@ -642,29 +643,29 @@ def default_flags_candidates() -> list[Path]:
     return [here] if checkout == here.resolve() else [here, checkout]
 
 
-def _locate_flags_file(value: str, written_in: str | os.PathLike[str] | None) -> str:
+def _locate_flags_file(value: str, layer: str, config_file: str | os.PathLike[str] | None) -> str:
     """The flags file as the proxy will open it.
 
-    A relative path written in the TOML file (``written_in``) is relative to that file
+    ``layer`` says who set it. A relative path written in the TOML file is relative to that file
     (``config/demo.toml`` says ``../seeds/flags.json``); one from the environment or the command
-    line is relative to the working directory. The default is the first of
+    line is relative to the working directory. The default (nobody set it) is the first of
     ``default_flags_candidates()`` that exists; when none does it stays as it is (no flags, which
     ``serve`` refuses without ``--allow-empty``).
     """
-    if value == DEFAULT_FLAGS_FILE:
+    if layer == "default":
         found = [p for p in default_flags_candidates() if p.exists()]
         return str(found[0]) if found else value
     path = Path(value)
-    if written_in is None or path.is_absolute():
+    if layer != "file" or config_file is None or path.is_absolute():
         return value
-    directory = Path(written_in).resolve().parent
+    directory = Path(config_file).resolve().parent
     beside = directory / path
     if not beside.exists() and path.exists():  # written before paths were relative to the file
         logging.getLogger("flagproxy").warning(
             "[store] flags_file %r: read from the working directory; paths in %s are now relative "
             "to it (write %r)",
             value,
-            written_in,
+            config_file,
             os.path.relpath(path.resolve(), directory),
         )
         return value

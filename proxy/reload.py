@@ -9,13 +9,16 @@ restart, and keeps its old value until then. New settings that do not validate c
 
 With ``--workers N`` the supervisor handles SIGHUP instead: it checks the new settings, then
 replaces the workers one by one, each new one ready before the old one stops
-(``proxy.server.ReloadingSupervisor``).
+(``proxy.server.ReloadingSupervisor``); every setting but the listener's applies then. It refuses
+on the memory store, where each worker's flags are its own and would be lost with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,13 @@ if TYPE_CHECKING:
     from proxy.app import FlagProxy
 
 log = logging.getLogger("flagproxy")
+early_sighup = threading.Event()  # a SIGHUP that came before the proxy could reload: done once ready
+
+
+def hold_early_sighup() -> None:
+    """From the start of ``serve`` until the app takes over: a SIGHUP is noted, not fatal."""
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: early_sighup.set())
+
 
 # [server] settings a running listener cannot take: the rest are read per new connection
 SERVER_FIXED = ("host", "port", "control_port", "control_prefix", "shutdown_grace_s")
@@ -78,6 +88,17 @@ def compare(old: Settings, new: Settings) -> ReloadReport:
             continue
         report.restart.append(title)
     return report
+
+
+LISTENER = ("host", "port", "control_port", "shutdown_grace_s")  # what a supervisor's sockets fix
+
+
+def compare_workers(old: Settings, new: Settings) -> ReloadReport:
+    """``--workers``: new workers read everything afresh, except what the supervisor holds."""
+    report = compare(old, new)
+    changed = report.applied + report.restart
+    fixed = {f"[server] {key}" for key in LISTENER}
+    return ReloadReport([n for n in changed if n not in fixed], [n for n in changed if n in fixed])
 
 
 def effective(old: Settings, new: Settings, report: ReloadReport) -> Settings:

@@ -176,12 +176,29 @@ class ReloadingSupervisor(Multiprocess):
     def __init__(self, config: uvicorn.Config, sockets: list[Any], inputs: dict[str, Any]) -> None:
         super().__init__(config, sockets=sockets)
         self.inputs = inputs
+        self.running = settings_from_inputs(inputs)
 
     def handle_hup(self) -> None:
+        from proxy.reload import LISTENER, compare_workers
+
         try:
-            checked_settings(self.inputs)
+            new = checked_settings(self.inputs)
         except (ConfigError, OSError) as exc:
             log.error("SIGHUP: reload refused, the workers keep running as they are: %s", exc)
             return
-        log.info("SIGHUP: settings checked; replacing the workers one at a time")
+        if not new.store.redis_url:
+            log.error(
+                "SIGHUP: reload refused: with --workers on the memory store each worker holds its own "
+                "flags, and replacing the workers would lose every change made since they started "
+                "(admin API, webhooks, chat); use --redis-url, or restart to start from the flags file"
+            )
+            return
+        report = compare_workers(self.running, new)
+        # the sockets are the supervisor's: new workers keep the running listener settings
+        pinned = {key: getattr(self.running.server, key) for key in LISTENER}
+        overrides = {**self.inputs.get("overrides", {})}
+        overrides["server"] = {**overrides.get("server", {}), **pinned}
+        os.environ[INPUTS_ENV] = json.dumps({**self.inputs, "overrides": overrides})
+        self.running = settings_from_inputs({**self.inputs, "overrides": overrides})
+        log.info("SIGHUP: %s; replacing the workers one at a time", report.summary())
         self.restart_all()

@@ -60,11 +60,14 @@ async def test_a_bare_proxy_lists_what_is_off_and_the_setting_that_turns_it_on()
     # every listed path is a real route: the enabled ones answer something other than 404
     async with control({}) as client:
         for path, entry in endpoints.items():
-            response = await client.get(path)
+            methods = entry["methods"]
+            assert isinstance(methods, list) and methods, path
+            response = await client.request(methods[0], path)
             if entry["enabled"]:
-                assert response.status_code != 404, path
-            else:  # a disabled one says so and names the same setting
-                assert response.status_code in (404, 405), path
+                assert response.status_code not in (404, 405), (path, methods[0])
+            else:  # a disabled one says so
+                assert response.status_code == 404, path
+                assert "disabled" in response.json()["detail"] or path.startswith("/__flags/api/"), path
 
 
 @pytest.mark.anyio

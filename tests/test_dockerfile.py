@@ -183,6 +183,8 @@ def test_entrypoint_serves_as_the_image_user(image_root: Path, origin: RawOrigin
         records = Path(image_env["FLAGPROXY_EXPERIMENTS_PATH"])
         wait_for(records.exists, timeout=10, interval=0.05, what=f"{records}; stderr: {stderr.read_text()}")
         assert "Permission denied" not in stderr.read_text()
+        # the image's own seeds (COPY seeds), not a checkout's found by an editable install
+        assert f"from {workdir / 'seeds' / 'flags.json'}" in stderr.read_text(), stderr.read_text()
     finally:
         process.terminate()
         process.wait(10)

@@ -112,3 +112,16 @@ def test_an_empty_start_is_fine_when_a_vendor_sync_or_redis_brings_the_flags(tmp
     ):
         settings = load_settings(env=env, overrides={"store": {"flags_file": empty}}, origins=ORIGIN)
         refuse_empty(settings, FlagProxy(settings))
+
+
+def test_a_toml_naming_the_default_path_means_the_file_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spelled like the default, but written: the file next to the TOML, not the checkout's seeds."""
+    write_flags(tmp_path / "conf" / "seeds" / "flags.json", own=True)
+    toml = tmp_path / "conf" / "x.toml"
+    toml.write_text(f'[store]\nflags_file = "{DEFAULT_FLAGS_FILE}"\n')
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(config_file=toml, env={}, origins=ORIGIN)
+    assert Path(settings.store.flags_file) == tmp_path / "conf" / "seeds" / "flags.json"
+    assert set(FlagProxy(settings).store.snapshot.flags) == {"own"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support import LOCALHOST, ProxyProcess, RawOrigin, http_response, read_response
+from support import LOCALHOST, ProxyProcess, RawOrigin, RedisServer, http_response, read_response
 
 Flags = dict[str, Any]
 
@@ -240,16 +241,22 @@ def test_sighup_with_bad_settings_changes_nothing(
         assert proxy.process is not None and proxy.process.poll() is None  # SIGHUP no longer kills it
 
 
-def test_sighup_reaches_every_worker(two_origins: tuple[RawOrigin, RawOrigin], tmp_path: Path) -> None:
+def test_sighup_reaches_every_worker(
+    two_origins: tuple[RawOrigin, RawOrigin], tmp_path: Path, redis_server: RedisServer, redis_namespace: str
+) -> None:
     first, second = two_origins
-    with configured_proxy(first, tmp_path, ("--workers", "2")) as proxy:
+    proxy = configured_proxy(first, tmp_path, ("--workers", "2", "--redis-url", redis_server.url))
+    proxy.env = {"FLAGPROXY_STORE_ENVIRONMENT": redis_namespace}
+    with proxy:
         config = tmp_path / "flagproxy.toml"
         config.write_text(settings_text(10240, second.url) + "\nnonsense = \n")
         sighup_and_wait(proxy, "reload refused, the workers keep running")
         assert {httpx.get(proxy.base_url + f"/b{i}").headers["x-origin"] for i in range(6)} == {"first"}
 
-        config.write_text(settings_text(10240, second.url))
+        config.write_text(settings_text(9000, second.url))
         sighup_and_wait(proxy, "replacing the workers one at a time")
+        line = next(x for x in proxy.stderr().splitlines() if "replacing the workers" in x)
+        assert "[[origins]]" in line and "[header]" in line and "restart" not in line  # workers take all
         failures: list[int] = []
 
         def all_second() -> bool:
@@ -259,3 +266,131 @@ def test_sighup_reaches_every_worker(two_origins: tuple[RawOrigin, RawOrigin], t
 
         eventually(all_second, timeout=60, what="both workers replaced")
         assert failures == []  # no request failed while the workers were replaced
+
+
+def test_sighup_with_workers_on_the_memory_store_keeps_their_changes(
+    two_origins: tuple[RawOrigin, RawOrigin], tmp_path: Path
+) -> None:
+    """Each worker's memory store holds its own changes: replacing the workers would lose them."""
+    first, second = two_origins
+    with configured_proxy(first, tmp_path, ("--workers", "2")) as proxy:
+        auth = {"Authorization": "Bearer first-admin-token-1"}
+        for _ in range(6):  # every worker, whichever answers
+            httpx.post(proxy.base_url + "/__flags/api/flags/a/kill", headers=auth)
+        (tmp_path / "flagproxy.toml").write_text(settings_text(10240, second.url))
+        sighup_and_wait(proxy, "reload refused: with --workers on the memory store")
+        for _ in range(6):
+            flag = httpx.get(proxy.base_url + "/__flags/api/flags/a", headers=auth).json()
+            assert flag["override"] is not None, flag  # the kill survives
+        assert {httpx.get(proxy.base_url + f"/m{i}").headers["x-origin"] for i in range(4)} == {"first"}
+
+
+def test_a_file_edit_changes_only_what_it_edited(
+    echo_origin: RawOrigin, tmp_path: Path, redis_server: RedisServer, redis_namespace: str
+) -> None:
+    """Two instances on one Redis, each with its own copy of the file (pods seeing a ConfigMap at
+    different times): a flag created through the admin API survives both seeing the edit."""
+    env = {"FLAGPROXY_STORE_ENVIRONMENT": redis_namespace, "FLAGPROXY_ADMIN_TOKEN": "admin-token-abcdefgh"}
+    auth = {"Authorization": "Bearer admin-token-abcdefgh"}
+    args = ("--redis-url", redis_server.url)
+    start = flags_doc(a=False)
+    one = ProxyProcess(
+        [echo_origin.url], flags=start, env=env, args=args, log_level="info", tmp_dir=tmp_path / "one"
+    )
+    two = ProxyProcess(
+        [echo_origin.url], flags=start, env=env, args=args, log_level="info", tmp_dir=tmp_path / "two"
+    )
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    with one, two:
+        created = httpx.put(one.base_url + "/__flags/api/flags/hotfix", json={"enabled": True}, headers=auth)
+        assert created.status_code in (200, 201), created.text
+        edited = json.dumps(flags_doc(a=True, b=True))
+        (tmp_path / "one" / "flags.json").write_text(edited)
+        eventually(lambda: "reloaded: applied" in one.stderr(), what="first instance applies")
+        (tmp_path / "two" / "flags.json").write_text(edited)
+        eventually(lambda: "flags file" in two.stderr() and "reloaded" in two.stderr(), what="second")
+        for proxy in (one, two):
+            eventually(
+                lambda p=proxy: header_of(p, echo_origin, "/e") == {"a": True, "b": True, "hotfix": True}
+            )
+
+
+def test_a_versioned_file_keeps_applying(echo_origin: RawOrigin, tmp_path: Path) -> None:
+    versioned = {**flags_doc(a=False), "version": 5}
+    with ProxyProcess([echo_origin.url], flags=versioned, log_level="info", tmp_dir=tmp_path) as proxy:
+        for n, on in enumerate((True, False, True)):
+            document: Flags = {**flags_doc(a=on), "version": 5}  # the version left as it was
+            if n == 2:
+                document.pop("version")
+            (tmp_path / "flags.json").write_text(json.dumps(document))
+            eventually(
+                lambda on=on, n=n: header_of(proxy, echo_origin, f"/v{n}") == {"a": on}, what=f"edit {n}"
+            )
+
+
+def test_live_update_streams_stay_open_across_an_unrelated_reload(
+    echo_origin: RawOrigin, tmp_path: Path
+) -> None:
+    proxy = configured_proxy(echo_origin, tmp_path)
+    with proxy:
+        key = {"X-API-Key": "first-client-key-123"}
+        bulk = httpx.post(
+            proxy.base_url + "/__flags/ofrep/v1/evaluate/flags", json={"context": {}}, headers=key
+        )
+        uri = (
+            bulk.json()["metadata"]["eventStreams"][0]["endpoint"]["requestUri"]
+            if "metadata" in bulk.json()
+            else None
+        )
+        uri = uri or bulk.json()["eventStreams"][0]["endpoint"]["requestUri"]
+        with httpx.stream("GET", proxy.base_url + uri, timeout=10) as stream:
+            lines = stream.iter_lines()
+            (tmp_path / "flagproxy.toml").write_text(
+                settings_text(10240, echo_origin.url) + "\n[upstream]\npool_limit = 7\n"
+            )
+            sighup_and_wait(proxy, "settings reloaded")
+            auth = {"Authorization": "Bearer first-admin-token-1"}
+            assert httpx.post(proxy.base_url + "/__flags/api/flags/a/kill", headers=auth).status_code == 200
+            seen = next((line for line in lines if "refetchEvaluation" in line), None)
+            assert seen is not None  # the change arrived on the stream opened before the reload
+
+
+def test_a_recreated_directory_and_an_edit_behind_a_symlink_are_seen(
+    echo_origin: RawOrigin, tmp_path: Path
+) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "flags.json").write_text(json.dumps(flags_doc(a=False)))
+    link_dir = tmp_path / "link"
+    link_dir.mkdir()
+    (link_dir / "flags.json").symlink_to(real / "flags.json")
+    proxy = ProxyProcess(
+        [echo_origin.url], flags=flags_doc(z=True), args=["--flags", str(link_dir / "flags.json")]
+    )
+    with proxy:
+        assert header_of(proxy, echo_origin, "/l0") == {"a": False}
+        (real / "flags.json").write_text(json.dumps(flags_doc(a=True)))  # in place, behind the link
+        eventually(lambda: header_of(proxy, echo_origin, "/l1") == {"a": True}, what="symlink target edit")
+        shutil.rmtree(link_dir)  # the watched directory goes, and comes back
+        link_dir.mkdir()
+        (link_dir / "flags.json").write_text(json.dumps(flags_doc(a=False, c=True)))
+        eventually(
+            lambda: header_of(proxy, echo_origin, "/l2") == {"a": False, "c": True}, what="recreated dir"
+        )
+
+
+def test_an_edit_during_a_redis_outage_is_applied_when_redis_is_back(
+    echo_origin: RawOrigin, tmp_path: Path, fresh_redis: RedisServer
+) -> None:
+    args = ("--redis-url", fresh_redis.url)
+    with ProxyProcess(
+        [echo_origin.url], flags=flags_doc(a=False), args=args, log_level="info", tmp_dir=tmp_path
+    ) as proxy:
+        assert header_of(proxy, echo_origin, "/o0") == {"a": False}
+        fresh_redis.kill()
+        (tmp_path / "flags.json").write_text(json.dumps(flags_doc(a=True)))
+        eventually(lambda: "not applied yet" in proxy.stderr(), what="the write refused")
+        fresh_redis.start()
+        eventually(lambda: header_of(proxy, echo_origin, "/o1") == {"a": True}, timeout=20, what="retried")
+        assert proxy.stderr().count("not applied yet") == 1  # one line for the outage, not one per try

@@ -40,8 +40,10 @@ def _serve_inputs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.reload import hold_early_sighup
     from proxy.server import run, settings_from_inputs
 
+    hold_early_sighup()  # systemd may reload while the proxy is still starting
     if args.workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
     from proxy.logs import configure
@@ -67,7 +69,7 @@ def cmd_demo_origin(args: argparse.Namespace) -> int:
         http="httptools",
         access_log=False,
         proxy_headers=False,
-        log_config=logging_config(args.log_level or "info"),  # JSON lines, like the proxy's
+        log_config=logging_config(args.log_level or "info", args.log_format),  # as the proxy's
         log_level=args.log_level or "info",
     )
     return 0
@@ -199,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-origin", parents=[common], help="run an echo API to put behind the proxy")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9000)
+    demo.add_argument(
+        "--log-format", choices=["json", "text"], default="json", help="log lines (default json)"
+    )
     demo.set_defaults(func=cmd_demo_origin)
     return parser
 

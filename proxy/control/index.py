@@ -6,6 +6,7 @@ their values: no token, secret or key appears here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,21 @@ class Endpoint:
     enabled: bool
     enable_with: str = ""  # the setting that turns it on, for one that is off
     auth: str = ""  # what a caller must present, "" = nothing
+    methods: tuple[str, ...] = ("GET",)
+
+
+# the methods of each core endpoint (and of the paths under it: /api/flags/{key}/kill is a POST)
+METHODS = {
+    "/": ("GET", "HEAD"),
+    "/healthz": ("GET", "HEAD"),
+    "/readyz": ("GET", "HEAD"),
+    "/api/flags": ("GET", "PUT", "DELETE", "POST"),
+    "/api/experiments": ("GET", "POST"),
+    "/api/track": ("POST",),
+    "/ofrep/v1/evaluate/flags": ("POST",),
+    "/chat/slack": ("POST",),
+    "/chat/telegram": ("POST",),
+}
 
 
 def core_endpoints(settings: Settings, *, clients: bool, chat: bool) -> list[Endpoint]:
@@ -33,7 +49,7 @@ def core_endpoints(settings: Settings, *, clients: bool, chat: bool) -> list[End
     client_auth = "a client key: Authorization: Bearer <key> or X-API-Key"
     slack = chat and bool(settings.chat.slack.signing_secret)
     telegram = chat and bool(settings.chat.telegram.secret_token)
-    return [
+    listed = [
         Endpoint("/", "this list", True),
         Endpoint("/healthz", "liveness: the process answers", True),
         Endpoint("/readyz", "readiness: a first flag snapshot is loaded", True),
@@ -82,6 +98,7 @@ def core_endpoints(settings: Settings, *, clients: bool, chat: bool) -> list[End
             "X-Telegram-Bot-Api-Secret-Token",
         ),
     ]
+    return [dataclasses.replace(e, methods=METHODS.get(e.path, e.methods)) for e in listed]
 
 
 def index_body(prefix: str, endpoints: Sequence[Endpoint]) -> dict[str, object]:
@@ -92,6 +109,7 @@ def index_body(prefix: str, endpoints: Sequence[Endpoint]) -> dict[str, object]:
             {
                 "path": prefix + e.path,
                 "what": e.what,
+                "methods": list(e.methods),
                 "enabled": e.enabled,
                 **({"auth": e.auth} if e.auth else {}),
                 **({"enable_with": e.enable_with} if not e.enabled and e.enable_with else {}),

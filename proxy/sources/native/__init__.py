@@ -48,4 +48,8 @@ class NativeSource:
         on = bool(settings.webhooks.secret)
         what = "native flag documents and patches"
         with_ = "[webhooks] secret (FLAGPROXY_WEBHOOKS_SECRET)"
-        return [Endpoint("/webhooks/native", what, on, with_, "X-Flagproxy-Signature: t=,v1= (HMAC-SHA256)")]
+        return [
+            Endpoint(
+                "/webhooks/native", what, on, with_, "X-Flagproxy-Signature: t=,v1= (HMAC-SHA256)", ("POST",)
+            )
+        ]

@@ -209,4 +209,8 @@ class SplitSource:
         section = settings.section(self.name)
         on = bool(getattr(section, "webhook_token", ""))
         what = "Split's change notifications (a pull follows)"
-        return [Endpoint("/webhooks/split", what, on, "[split] webhook_token", "?token=<webhook token>")]
+        return [
+            Endpoint(
+                "/webhooks/split", what, on, "[split] webhook_token", "?token=<webhook token>", ("POST",)
+            )
+        ]
