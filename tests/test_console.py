@@ -48,9 +48,11 @@ FLAGS = {
 }
 
 
-def proxy_app(tmp_path: Path, env: dict[str, str] | None = None, config: str = "") -> FlagProxy:
+def proxy_app(
+    tmp_path: Path, env: dict[str, str] | None = None, config: str = "", document: Any = FLAGS
+) -> FlagProxy:
     flags = tmp_path / "flags.json"
-    flags.write_text(json.dumps(FLAGS))
+    flags.write_text(json.dumps(document))
     path = tmp_path / "c.toml"
     path.write_text(config)
     settings = load_settings(
@@ -422,3 +424,81 @@ async def test_the_other_views_render(client: httpx.AsyncClient) -> None:
     static = await client.get("/__flags/console/static/console.js")
     assert static.status_code == 200 and "pagehide" in static.text
     assert (await client.get("/__flags/console/static/nope.js")).status_code == 404
+
+
+# --- experiments ---------------------------------------------------------------------------------------
+
+
+EXPERIMENT = {
+    "variants": {"control": {"weight": 50}, "bold": {"weight": 50}},
+    "defaultVariant": "control",
+    "experiment": {"control": "control", "goals": ["signup"]},
+}
+
+
+def record(app: FlagProxy, users: dict[str, int], converted: dict[str, int]) -> None:
+    """Exposures and signups written straight into the experiment store (as the recorder would)."""
+    from proxy.experiments.records import ConversionRecord, ExposureRecord
+
+    assert app.recorder is not None
+    exposures, conversions = [], []
+    for variant, n in users.items():
+        for i in range(n):
+            unit = f"{variant}-{i}"
+            exposures.append(ExposureRecord("hero", unit, variant, 1000.0))
+            if i < converted[variant]:
+                conversions.append(ConversionRecord("hero", "signup", unit, 1001.0, 86400.0))
+    app.recorder.backend.apply(exposures, conversions)
+
+
+def experiment_app(tmp_path: Path) -> FlagProxy:
+    env = {
+        "FLAGPROXY_EXPERIMENTS_ENABLED": "true",
+        "FLAGPROXY_EXPERIMENTS_PATH": str(tmp_path / "experiments.sqlite3"),
+    }
+    return proxy_app(tmp_path, env=env, document={"flags": {**FLAGS["flags"], "hero": EXPERIMENT}})
+
+
+async def test_the_results_table_chart_and_promote_winner(tmp_path: Path) -> None:
+    app = experiment_app(tmp_path)
+    record(app, {"control": 1000, "bold": 1000}, {"control": 100, "bold": 150})
+    async with client_of(app) as client:
+        csrf = await sign_in(client)
+        listed = (await client.get("/__flags/console/experiments")).text
+        assert re.search(r'<tr data-flag="hero">.*?<td>2000</td>', listed, re.S), listed
+        page = await client.get("/__flags/console/experiments/hero")
+        assert page.status_code == 200
+        html = page.text
+        bold = re.search(r'<tr data-variant="bold">(.*?)</tr>', html, re.S)
+        assert bold is not None
+        cells = re.findall(r"<td>(.*?)</td>", bold.group(1), re.S)
+        assert cells[:3] == ["1000", "150", "15.0 %"]
+        assert cells[3].startswith("50.0 % (")  # uplift with its interval
+        assert float(cells[4]) < 0.01 and cells[5].endswith("%")
+        assert 'class="tag">winner' in bold.group(1)
+        assert "Sample ratio mismatch" not in html
+        assert html.count('class="bar"') == 2 and html.count('class="ci"') == 6  # a bar and 3 lines each
+        assert 'name="variant" value="bold"' in html
+        promoted = await client.post(
+            "/__flags/console/flags/hero",
+            data={"csrf": csrf, "action": "promote", "variant": "bold", "back": "experiment"},
+        )
+        assert promoted.status_code == 303
+        assert promoted.headers["location"] == "/__flags/console/experiments/hero"
+        assert json.loads(override_of(app, "hero") or "null") == {"promote": "bold"}
+        assert [e["actor"] for e in await app.store.audit(1)] == ["console"]
+        after = (await client.get("/__flags/console/experiments/hero")).text
+        assert "<dt>Status</dt><dd>promoted" in after
+        missing = await client.get("/__flags/console/experiments/nope")
+        assert missing.status_code == 404 and "nope" in missing.json()["detail"]
+
+
+async def test_a_sample_ratio_mismatch_is_flagged(tmp_path: Path) -> None:
+    app = experiment_app(tmp_path)
+    record(app, {"control": 1000, "bold": 700}, {"control": 100, "bold": 70})
+    async with client_of(app) as client:
+        await sign_in(client)
+        html = (await client.get("/__flags/console/experiments/hero")).text
+        assert 'role="alert"><strong>Sample ratio mismatch</strong>' in html
+        control = re.search(r'<tr data-variant="control">(.*?)</tr>', html, re.S)
+        assert control is not None and 'class="tag">winner' in control.group(1)  # nothing beats it
