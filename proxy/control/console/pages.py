@@ -458,9 +458,9 @@ def chart(rows: list[dict[str, Any]]) -> dict[str, Any]:
             {
                 "label": json.dumps(row["variant"]) if isinstance(row["variant"], bool) else row["variant"],
                 "y": 10 + index * 36,
-                "width": 360 * (row.get("rate") or 0.0) * scale,
-                "low": None if interval is None else 360 * interval[0] * scale,
-                "high": None if interval is None else 360 * interval[1] * scale,
+                "width": 320 * (row.get("rate") or 0.0) * scale,
+                "low": None if interval is None else 320 * interval[0] * scale,
+                "high": None if interval is None else 320 * interval[1] * scale,
                 "rate": row.get("rate"),
             }
         )
