@@ -502,3 +502,22 @@ async def test_a_sample_ratio_mismatch_is_flagged(tmp_path: Path) -> None:
         assert 'role="alert"><strong>Sample ratio mismatch</strong>' in html
         control = re.search(r'<tr data-variant="control">(.*?)</tr>', html, re.S)
         assert control is not None and 'class="tag">winner' in control.group(1)  # nothing beats it
+
+
+async def test_the_demo_config_turns_the_console_on_with_its_printed_token() -> None:
+    from support import REPO
+
+    settings = load_settings(
+        config_file=REPO / "config" / "demo.toml",
+        env={"FLAGPROXY_EXPERIMENTS_ENABLED": "false"},
+        origins=["http://127.0.0.1:9"],
+    )
+    app = FlagProxy(settings)
+    async with client_of(app) as client:
+        assert (await client.get("/__flags/console/")).status_code == 401  # on: the sign-in form
+        makefile = (REPO / "Makefile").read_text()
+        token = settings.admin.token
+        assert token in makefile and "/__flags/console/" in makefile  # make run prints both
+        assert "/__flags/console/" in (REPO / "README.md").read_text()
+        assert (await client.post("/__flags/console/login", data={"token": token})).status_code == 303
+        assert (await client.get("/__flags/console/")).status_code == 200
