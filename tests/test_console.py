@@ -521,3 +521,56 @@ async def test_the_demo_config_turns_the_console_on_with_its_printed_token() -> 
         assert "/__flags/console/" in (REPO / "README.md").read_text()
         assert (await client.post("/__flags/console/login", data={"token": token})).status_code == 303
         assert (await client.get("/__flags/console/")).status_code == 200
+
+
+SPLIT_FLAG = {
+    "name": "vendor-banner",
+    "trafficTypeName": "user",
+    "killed": False,
+    "defaultTreatment": "off",
+    "changeNumber": 5,
+    "status": "ACTIVE",
+    "seed": 1357,
+    "trafficAllocation": 100,
+    "trafficAllocationSeed": 2468,
+    "algo": 2,
+    "conditions": [
+        {
+            "conditionType": "ROLLOUT",
+            "label": "default rule",
+            "matcherGroup": {
+                "combiner": "AND",
+                "matchers": [
+                    {"keySelector": {"trafficType": "user", "attribute": None}, "matcherType": "ALL_KEYS"}
+                ],
+            },
+            "partitions": [{"treatment": "on", "size": 100}, {"treatment": "off", "size": 0}],
+        }
+    ],
+}
+
+
+async def test_a_vendor_flag_is_read_only_with_a_note_but_can_be_killed(
+    app: FlagProxy, client: httpx.AsyncClient
+) -> None:
+    from proxy.store.change import Change, stored_text
+
+    await app.store.apply(Change(source="split", upsert={"vendor-banner": stored_text(SPLIT_FLAG)}))
+    assert "vendor-banner" in app.store.snapshot.flags
+    csrf = await sign_in(client)
+    listed = (await client.get("/__flags/console/?source=split")).text
+    assert re.findall(r'data-flag="([^"]+)"', listed) == ["vendor-banner"]
+    page = (await client.get("/__flags/console/flags/vendor-banner")).text
+    note = re.search(r'<p class="note" role="note">(.*?)</p>', page, re.S)
+    assert note is not None and "<strong>split</strong>: change its definition there" in note.group(1)
+    assert 'data-action="save"' not in page and 'data-action="kill"' in page
+    url = "/__flags/console/flags/vendor-banner"
+    version = app.store.snapshot.version
+    form = {"csrf": csrf, "action": "save", "what": "definition", "definition": '{"percentage": 1}'}
+    refused = await client.post(url, data=form)
+    assert refused.status_code == 409 and "comes from split" in refused.json()["detail"]
+    assert app.store.snapshot.version == version and "vendor-banner" not in app.store.snapshot.raw.items(
+        "native"
+    )
+    assert (await client.post(url, data={"csrf": csrf, "action": "kill"})).status_code == 303
+    assert json.loads(override_of(app, "vendor-banner") or "null") == {"kill": True}
