@@ -246,9 +246,13 @@ def test_the_other_views(driver: Any, proxy: ProxyProcess, screens: Path) -> Non
     visit(driver, proxy, "/budget")
     assert driver.find_elements("css selector", 'tr[data-route="*"] svg rect.bar')
     shot(driver, screens, "budget")
-    visit(driver, proxy, "/audit?actor=console")
+    visit(driver, proxy, "/")
+    submit(driver, 'tr[data-flag="ENABLE_VERBOSE_ERRORS"] button[data-action="kill"]')
+    submit(driver, 'tr[data-flag="ENABLE_VERBOSE_ERRORS"] button[data-action="restore"]')
+    visit(driver, proxy, "/audit?actor=console&flag=ENABLE_VERBOSE_ERRORS")
     actions = [e.text for e in driver.find_elements("css selector", "table.audit tbody tr td:nth-child(3)")]
-    assert actions[:2] == ["promote", "upsert"] and "kill" in actions
+    assert actions == ["restore", "kill"]
+    visit(driver, proxy, "/audit")
     shot(driver, screens, "audit")
     visit(driver, proxy, "/evaluate")
     fill(driver, "#e-key", "user-7")
