@@ -14,7 +14,7 @@ import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import jinja2
 from starlette.requests import Request
@@ -88,8 +88,6 @@ def page(
 
 async def form_of(request: Request) -> dict[str, str]:
     """A urlencoded form (bounded); the last value of a repeated field wins."""
-    from urllib.parse import parse_qsl
-
     body = await read_body(request, MAX_FORM_BYTES)
     try:
         return dict(parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=1000))
