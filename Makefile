@@ -28,6 +28,7 @@ run: install
 	@echo "  export FLAGPROXY_ADMIN_TOKEN=demo-admin-token-not-secret        # admin API, flagproxy flags"
 	@echo "  export FLAGPROXY_WEBHOOKS_SECRET=demo-webhook-secret-not-secret # native webhook signatures"
 	@echo "  client key: demo-client-key-not-secret                         # client flags API"
+	@echo "web console: http://127.0.0.1:8080/__flags/console/ (sign in with the demo admin token above)"
 	@trap 'kill $$origin 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/flagproxy demo-origin --port 9000 --log-format text & origin=$$!; \
 	$(BIN)/flagproxy serve --config config/demo.toml

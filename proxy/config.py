@@ -141,6 +141,14 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class ConsoleSettings:
+    """``[console]``: the web console at ``<prefix>/console/`` (docs/console.md); on with an admin token."""
+
+    session_secret: str = ""  # signs the session cookie ("" = derived from [admin] token)
+    session_ttl_s: int = 28800  # a sign-in lasts this long (then the token is asked for again)
+
+
+@dataclass(frozen=True)
 class AlertSettings:
     slack_webhook_url: str = ""
     cooldown_s: float = 600.0
@@ -325,6 +333,7 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
@@ -764,6 +773,11 @@ def validate(settings: Settings) -> None:
         not c.cookie_secret or len(c.cookie_secret) >= 16,
         "[context] cookie_secret: use at least 16 characters (a random 32-byte hex string is best)",
     )
+    _check(
+        not settings.console.session_secret or len(settings.console.session_secret) >= 16,
+        "[console] session_secret: use at least 16 characters (a random 32-byte hex string is best)",
+    )
+    _check(settings.console.session_ttl_s >= 60, "[console] session_ttl_s: at least 60 seconds")
     _check(
         c.identity_cache_bytes >= 0,
         f"[context] identity_cache_bytes: must not be negative (0 = no cache), got {c.identity_cache_bytes}",

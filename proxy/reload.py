@@ -40,7 +40,7 @@ def hold_early_sighup() -> None:
 SERVER_FIXED = ("host", "port", "control_port", "control_prefix", "shutdown_grace_s")
 LIVE_SECTIONS = frozenset(
     {"origins", "routes", "upstream", "proxy", "goals", "client_keys", "client_api", "alerts", "admin"}
-    | {"metrics", "webhooks"}
+    | {"metrics", "webhooks", "console"}
 )
 LOG_LIVE = ("level",)
 

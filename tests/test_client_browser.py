@@ -6,10 +6,9 @@ proxy.
 
 What runs, all on 127.0.0.1:
 
-- Debian's ``chromium`` driven through Debian's ``chromium-driver`` by selenium (the two packages come
-  from one Chromium build, so the driver always speaks the browser's protocol; nothing is downloaded at
-  test time). scripts/ensure-chromium.sh installs them when missing (root + apt-get, as ``make test``
-  does); without them the module is skipped.
+- Debian's ``chromium`` driven through Debian's ``chromium-driver`` by selenium (tests/browser_support.py:
+  nothing is downloaded at test time; scripts/ensure-chromium.sh installs them when missing, as
+  ``make test`` does; without them the module is skipped).
 - The JS packages pinned in tests/browser/package-lock.json, installed with ``npm ci`` into
   ``.cache/browser-npm/<lock hash>/`` (outside git, reused while the lock file is unchanged) and loaded
   by the page as ES modules through an import map built from each package's ``package.json``. No CDN.
@@ -21,15 +20,12 @@ What runs, all on 127.0.0.1:
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,12 +34,11 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from support import LOCALHOST, REPO, ProxyProcess, RawOrigin, http_client, wait_for
+from browser_support import StaticSite, chrome
+from support import REPO, ProxyProcess, RawOrigin, http_client, wait_for
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 BROWSER_DIR = REPO / "tests" / "browser"
 NPM_CACHE = REPO / ".cache" / "browser-npm"
 ADMIN_TOKEN = "browser-admin-token"
@@ -75,54 +70,10 @@ READY_TIMEOUT_S = 15.0
 # --- the browser -----------------------------------------------------------------------------------
 
 
-def chromium_binaries() -> tuple[str, str]:
-    """(chromium, chromedriver), installed by scripts/ensure-chromium.sh when missing; else a skip."""
-
-    def found() -> tuple[str, str] | None:
-        browser = CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
-        driver = CHROMEDRIVER if os.access(CHROMEDRIVER, os.X_OK) else shutil.which("chromedriver")
-        return (browser, driver) if browser and driver else None
-
-    binaries = found()
-    if binaries is None:
-        script = REPO / "scripts" / "ensure-chromium.sh"
-        result = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=600, check=False)
-        binaries = found()
-        if binaries is None:
-            pytest.skip(
-                f"chromium/chromedriver not installed and could not be installed: {result.stderr[-500:]}"
-            )
-    return binaries
-
-
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Any]:
-    browser, chromedriver = chromium_binaries()
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extras")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",  # the test may run as root (containers)
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--no-proxy-server",  # loopback only, whatever the environment says
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--window-size=800,600",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    chrome = webdriver.Chrome(options=options, service=Service(chromedriver))
-    chrome.set_script_timeout(READY_TIMEOUT_S + 5)
-    try:
-        yield chrome
-    finally:
-        chrome.quit()
+    with chrome(script_timeout_s=READY_TIMEOUT_S + 5) as browser:
+        yield browser
 
 
 # --- the JS packages and the page ----------------------------------------------------------------------
@@ -216,41 +167,6 @@ PAGE = """<!doctype html>
 </body>
 </html>
 """
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def end_headers(self) -> None:
-        self.send_header("Cache-Control", "no-store")
-        super().end_headers()
-
-
-class StaticSite:
-    """A directory served on its own port: one origin ``http://127.0.0.1:<port>``."""
-
-    def __init__(self, root: Path) -> None:
-        handler = functools.partial(_QuietHandler, directory=str(root))
-        self.server = http.server.ThreadingHTTPServer((LOCALHOST, 0), handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, name=f"site-{self.port}", daemon=True
-        )
-
-    @property
-    def origin(self) -> str:
-        return f"http://{LOCALHOST}:{self.port}"
-
-    def __enter__(self) -> StaticSite:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@
     /ofrep/v1/evaluate/... clients/ofrep.py    OFREP evaluation for OpenFeature clients (client keys)
     /client/v1/flags       clients/compact.py  the compact call for games and mobile (client keys)
     /client/v1/stream      clients/stream.py   live updates, Server-Sent Events (client keys or a token)
+    /console/...           console/            the web console (a signed session; only with [admin] token)
 
 ``/ofrep`` and ``/client`` exist only with ``[[client_keys]]`` (``proxy/control/clients/``).
 ``/api`` sits behind bearer-token middleware (``[admin] token``; without one it does not exist).
@@ -32,6 +33,7 @@ from proxy.control import audit, evaluate, experiments, flags, lifecycle, metric
 from proxy.control.auth import BearerAuth
 from proxy.control.chat import slack, telegram
 from proxy.control.clients import client_mounts
+from proxy.control.console import console_mount, to_console
 from proxy.control.deps import ControlDeps
 from proxy.control.index import Endpoint, control_index, core_endpoints
 from proxy.control.problems import EVERY_METHOD as ALL
@@ -77,6 +79,8 @@ def build_control_app(
         webhooks,
         api,
         chat,
+        Route("/console", to_console, methods=["GET"]),
+        console_mount(deps.settings),
         Route("/", index, methods=["GET", "HEAD"]),
     ]
     app = Starlette(

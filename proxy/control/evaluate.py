@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.config import header_budget
-from proxy.control.deps import deps_of
+from proxy.control.deps import ControlDeps, deps_of
 from proxy.control.problems import HTTPProblem
 from proxy.dataplane.context import make_context
 from proxy.dataplane.header_fit import RequiredFlagsDoNotFit
@@ -21,18 +21,41 @@ from proxy.dataplane.header_fit import RequiredFlagsDoNotFit
 
 async def evaluate(request: Request) -> Response:
     deps = deps_of(request)
-    settings = deps.settings
     params = request.query_params
     attributes: dict[str, Any] = {k[5:]: v for k, v in params.multi_items() if k.startswith("attr.")}
-    path = params.get("path")
+    head = params.get("head_bytes", str(deps.settings.header.typical_request_bytes))
+    body = preview(
+        deps,
+        params.get("key"),
+        attributes,
+        params.get("path"),
+        params.get("method"),
+        head,
+        params.get("bucketingKey"),
+    )
+    return JSONResponse(body)
+
+
+def preview(
+    deps: ControlDeps,
+    key: str | None,
+    attributes: dict[str, Any],
+    path: str | None,
+    method: str | None,
+    head: str,
+    bucketing_key: str | None = None,
+) -> dict[str, Any]:
+    """What a request would get (the admin API's evaluate, the console's Evaluate form); 400 for a
+    ``head`` that is not a whole number of bytes."""
+    settings = deps.settings
+    attributes = dict(attributes)
     if path is not None:
         attributes["path"] = path
-    if "method" in params:
-        attributes["method"] = params["method"]
-    head = params.get("head_bytes", str(settings.header.typical_request_bytes))
+    if method is not None:
+        attributes["method"] = method
     if not head.isdigit():
         raise HTTPProblem(400, "bad_head_bytes", "head_bytes must be a whole number of bytes")
-    context = make_context(params.get("key"), attributes, params.get("bucketingKey"))
+    context = make_context(key, attributes, bucketing_key)
     snapshot = deps.store.snapshot
     flags = {}
     resolved = []
@@ -53,14 +76,13 @@ async def evaluate(request: Request) -> Response:
     except RequiredFlagsDoNotFit as exc:  # the proxy would refuse such a request
         report["refused"] = {"status": 431, "error": "required_flags_do_not_fit", "detail": str(exc)}
     else:
-        for key in fitted.omitted_configs:
-            flags[key]["omitted"] = "config"
-        for key in fitted.omitted_values:
-            flags[key]["omitted"] = "value"
+        for flag_key in fitted.omitted_configs:
+            flags[flag_key]["omitted"] = "config"
+        for flag_key in fitted.omitted_values:
+            flags[flag_key]["omitted"] = "value"
         report["flag_header_bytes"] = fitted.size
         report["omitted"] = {"values": fitted.omitted_values, "configs": fitted.omitted_configs}
-    body = {"version": snapshot.version, "context": context, "flags": flags, "header": report}
-    return JSONResponse(body)
+    return {"version": snapshot.version, "context": context, "flags": flags, "header": report}
 
 
 ROUTES = [Route("/evaluate", evaluate, methods=["GET"])]

@@ -72,7 +72,11 @@ async def track(request: Request) -> Response:
 
 
 async def list_experiments(request: Request) -> Response:
-    deps = deps_of(request)
+    return JSONResponse({"experiments": await summaries(deps_of(request))})
+
+
+async def summaries(deps: ControlDeps) -> list[dict[str, Any]]:
+    """Every experiment flag and every flag with recorded data: one summary each, by key."""
     recorder = recorder_of(deps)
     flags = deps.store.snapshot.flags
     await recorder.flushed(READ_WAIT_S)
@@ -82,7 +86,7 @@ async def list_experiments(request: Request) -> Response:
         counts = await asyncio.to_thread(lambda: {k: recorder.backend.counts(k) for k in keys})
     except BackendError as exc:
         raise unavailable(exc) from None
-    return JSONResponse({"experiments": [summary(k, flags.get(k), counts[k]) for k in keys]})
+    return [summary(k, flags.get(k), counts[k]) for k in keys]
 
 
 async def known_experiment(deps: ControlDeps, key: str) -> tuple[Recorder, Any]:
@@ -102,8 +106,13 @@ async def known_experiment(deps: ControlDeps, key: str) -> tuple[Recorder, Any]:
 
 async def get_experiment(request: Request) -> Response:
     deps, key = deps_of(request), request.path_params["key"]
+    return JSONResponse(await experiment_results(deps, key))
+
+
+async def experiment_results(deps: ControlDeps, key: str) -> dict[str, Any]:
+    """``key``'s results document (404 for a flag that is no experiment and has no data)."""
     _, counts = await known_experiment(deps, key)
-    return JSONResponse(results(key, deps.store.snapshot.flags.get(key), counts))
+    return results(key, deps.store.snapshot.flags.get(key), counts)
 
 
 async def reset_experiment(request: Request) -> Response:

@@ -21,7 +21,7 @@ from proxy.engine import Flag, FlagError
 from proxy.sources.native.document import SOURCE as NATIVE
 from proxy.sources.native.document import validated_delete, validated_upsert
 from proxy.store.change import Change, stored_text
-from proxy.store.state import OVERRIDES
+from proxy.store.state import OVERRIDES, ApplyResult
 
 
 def describe(deps: ControlDeps, key: str) -> dict[str, Any] | None:
@@ -95,18 +95,21 @@ async def get_flag(request: Request) -> Response:
     return JSONResponse({**found, "version": deps.store.snapshot.version})
 
 
-async def put_flag(request: Request) -> Response:
-    deps, key = deps_of(request), request.path_params["key"]
-    definition = await read_json(request, deps.settings.webhooks.max_body_bytes)
+# --- the changes, shared by the handlers below and the console (proxy/control/console/) ---------------
+# Each validates before it writes (a refusal is an HTTPProblem and changes nothing) and goes through the
+# store like every other write: the same audit entry (with ``actor``), the same fan-out.
+
+
+async def put(deps: ControlDeps, key: str, definition: Any, actor: str) -> ApplyResult:
+    """``key`` defined whole as ``definition`` (native format); 422 naming the field the engine refuses."""
     try:
-        change = validated_upsert(key, definition, actor="admin")
+        change = validated_upsert(key, definition, actor=actor)
     except FlagError as exc:
         raise HTTPProblem(422, "invalid_flags", str(exc), field=exc.path) from None
-    return result_response(await apply(deps.store, change), 200)
+    return checked(await apply(deps.store, change))
 
 
-async def delete_flag(request: Request) -> Response:
-    deps, key = deps_of(request), request.path_params["key"]
+async def delete(deps: ControlDeps, key: str, actor: str) -> ApplyResult:
     found = describe(deps, key)
     if found is None:
         raise unknown(key)
@@ -114,36 +117,72 @@ async def delete_flag(request: Request) -> Response:
         raise HTTPProblem(409, "not_native", f"{key!r} comes from {found['source']}: change it there")
     store = deps.store
     # A tombstone versioned above what was stored: a replayed older upsert cannot bring the flag back.
-    result = await apply(store, validated_delete(key, actor="admin"))
+    result = await apply(store, validated_delete(key, actor=actor))
     if key in store.snapshot.raw.items(OVERRIDES):
         # A kill or promotion belongs to the flag: it must not come back with a new flag of that name.
-        result = await apply(store, override_change(key, "restore", "admin"))
-    return result_response(result, 200)
+        result = await apply(store, override_change(key, "restore", actor))
+    return checked(result)
+
+
+async def kill(deps: ControlDeps, key: str, actor: str) -> ApplyResult:
+    if key not in deps.store.snapshot.flags:
+        raise unknown(key)
+    return checked(await apply(deps.store, override_change(key, "kill", actor)))
+
+
+async def promote(deps: ControlDeps, key: str, variant: Any, actor: str) -> ApplyResult:
+    """Everyone gets ``variant`` (a variant name; ``true``/``false`` or ``"true"``/``"false"`` for a
+    boolean flag); 422 listing the choices for one the flag does not serve."""
+    flag = deps.store.snapshot.flags.get(key)
+    if flag is None:
+        raise unknown(key)
+    chosen = promotable(flag, variant)
+    if chosen is None:
+        raise HTTPProblem(422, "unknown_variant", f'body must be {{"variant": one of {choices(flag)}}}')
+    return checked(await apply(deps.store, override_change(key, "promote", actor, chosen)))
+
+
+async def restore(deps: ControlDeps, key: str, actor: str) -> ApplyResult:
+    return checked(await apply(deps.store, override_change(key, "restore", actor)))
+
+
+def checked(result: ApplyResult) -> ApplyResult:
+    """``result``, or the 409 of a stale or versionless write (``result_response``'s refusals)."""
+    result_response(result, 200)
+    return result
+
+
+# --- the handlers -------------------------------------------------------------------------------------
+
+
+async def put_flag(request: Request) -> Response:
+    deps, key = deps_of(request), request.path_params["key"]
+    definition = await read_json(request, deps.settings.webhooks.max_body_bytes)
+    return result_response(await put(deps, key, definition, "admin"), 200)
+
+
+async def delete_flag(request: Request) -> Response:
+    deps, key = deps_of(request), request.path_params["key"]
+    return result_response(await delete(deps, key, "admin"), 200)
 
 
 async def kill_flag(request: Request) -> Response:
     deps, key = deps_of(request), request.path_params["key"]
-    if key not in deps.store.snapshot.flags:
-        raise unknown(key)
-    return result_response(await apply(deps.store, override_change(key, "kill", "admin")), 200)
+    return result_response(await kill(deps, key, "admin"), 200)
 
 
 async def promote_flag(request: Request) -> Response:
     deps, key = deps_of(request), request.path_params["key"]
-    flag = deps.store.snapshot.flags.get(key)
-    if flag is None:
+    if key not in deps.store.snapshot.flags:
         raise unknown(key)
     body = await read_json(request, deps.settings.webhooks.max_body_bytes)
-    variant = promotable(flag, body.get("variant") if isinstance(body, dict) else None)
-    if variant is None:
-        raise HTTPProblem(422, "unknown_variant", f'body must be {{"variant": one of {choices(flag)}}}')
-    change = override_change(key, "promote", "admin", variant)
-    return result_response(await apply(deps.store, change), 200)
+    variant = body.get("variant") if isinstance(body, dict) else None
+    return result_response(await promote(deps, key, variant, "admin"), 200)
 
 
 async def restore_flag(request: Request) -> Response:
     deps, key = deps_of(request), request.path_params["key"]
-    return result_response(await apply(deps.store, override_change(key, "restore", "admin")), 200)
+    return result_response(await restore(deps, key, "admin"), 200)
 
 
 ROUTES = [

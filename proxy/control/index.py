@@ -60,6 +60,13 @@ def core_endpoints(settings: Settings, *, clients: bool, chat: bool) -> list[End
             "" if settings.metrics.enabled else "[metrics] enabled = true",
             "Authorization: Bearer <metrics token>" if settings.metrics.token else "",
         ),
+        Endpoint(
+            "/console/",
+            "the web console: flags, experiments, header budget, audit log, evaluate",
+            admin,
+            admin_with,
+            "sign in with the admin token (a session cookie)",
+        ),
         Endpoint("/api/flags", "read and change flags; kill, promote, restore", admin, admin_with, bearer),
         Endpoint("/api/evaluate", "a caller's flags and why", admin, admin_with, bearer),
         Endpoint("/api/audit", "who changed what", admin, admin_with, bearer),

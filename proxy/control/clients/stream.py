@@ -56,10 +56,14 @@ class FlagStream:
         return key if await api.within_rate(send, self.endpoint, key, ofrep=False) else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        api = self.api
         key = await self.key(scope, send)
         if key is None:
             return
+        await self.serve(receive, send, key)
+
+    async def serve(self, receive: Receive, send: Send, key: ClientKey) -> None:
+        """The stream for ``key``, already authenticated (the console's live updates use it too)."""
+        api = self.api
         hub = api.hub
         if hub.full or hub.closing:
             detail = f"this worker holds {hub.max_streams} streams ([client_api] max_streams)"
