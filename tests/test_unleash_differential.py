@@ -8,12 +8,12 @@ over several seeds (set UNLEASH_DIFFERENTIAL_SEED to explore others).
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import quiet_loggers
 
 pytest.importorskip(
     "UnleashClient",
@@ -29,16 +29,9 @@ SEED = int(os.environ.get("UNLEASH_DIFFERENTIAL_SEED", "20261201"))
 
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_loggers() -> Iterator[None]:
-    """The corpus' deliberate breakage logs a warning per feature; restore the levels afterwards."""
-    loggers = [
-        logging.getLogger(name) for name in ("proxy.sources.unleash", "UnleashClient", "yggdrasil_engine")
-    ]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    yield
-    for logger, level in zip(loggers, levels, strict=True):
-        logger.setLevel(level)
+    """The corpus' deliberate breakage logs a warning per feature."""
+    with quiet_loggers("proxy.sources.unleash", "UnleashClient", "yggdrasil_engine"):
+        yield
 
 
 def _ours(served: Any) -> dict[str, Any]:

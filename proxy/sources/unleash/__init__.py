@@ -18,7 +18,8 @@ Problems are keyed by feature name, or ``"segments:<id>"``.
 Modules: ``values`` (the engine's number, date, version and IP readers), ``hashing``, ``rules``,
 ``grammar``, ``fragments``, ``context`` (the SDK's context enrichment; request → context),
 ``documents`` (bodies and item shapes), ``evaluator`` (features → flags), ``offline`` (the
-``flagproxy eval`` output) and ``settings``.
+``flagproxy eval`` output), ``settings``, ``sync`` (the pull from Unleash's client API) and
+``webhook`` (Unleash's webhook integration, which triggers a pull).
 """
 
 from __future__ import annotations
@@ -108,13 +109,17 @@ class UnleashSource:
         return load_file(path, self.defaults)
 
     def sync(self, context: SyncContext) -> Sync | None:
+        from proxy.sources.unleash.sync import UnleashSync  # the HTTP client only where the proxy runs
+
         settings = context.section or UnleashSettings()
         self.defaults.app_name = settings.app_name
         self.defaults.environment = settings.environment
-        return None
+        return UnleashSync(settings, context.store, metrics=context.metrics)
 
     def webhook_routes(self) -> list[BaseRoute]:
-        return []
+        from proxy.sources.unleash.webhook import ROUTES
+
+        return list(ROUTES)
 
     def evaluate_lines(self, flags: Mapping[str, Flag], lines: Iterable[str]) -> Iterator[str]:
         """``flagproxy eval --keys-file``: an Unleash context object a line → the SDK's answers."""
