@@ -993,11 +993,15 @@ def close_http_clients() -> None:
 
 
 def served_flags(
-    proxy: ProxyProcess, origin: RawOrigin, user: str = "probe-user", path: str = "/probe"
+    proxy: ProxyProcess,
+    origin: RawOrigin,
+    user: str = "probe-user",
+    path: str = "/probe",
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """What the origin received in X-Feature-Flags for one request through ``proxy`` as ``user``."""
     target = f"{path}/{next(_probe_ids)}"
-    response = http_client().get(f"{proxy.base_url}{target}", headers={"X-User-Id": user})
+    response = http_client().get(f"{proxy.base_url}{target}", headers={"X-User-Id": user, **(headers or {})})
     assert response.status_code == 200, (response.status_code, response.text)
     header = origin.only_request_to(target).value("X-Feature-Flags")
     return json.loads(header) if header else {}

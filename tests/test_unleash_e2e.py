@@ -37,6 +37,8 @@ def instances(unleash_api, redis_server, proxy_factory, origin):
         "FLAGPROXY_UNLEASH_CLIENT_TOKEN": CLIENT_TOKEN,
         "FLAGPROXY_UNLEASH_WEBHOOK_TOKEN": TOKEN,
         "FLAGPROXY_UNLEASH_INTERVAL_S": "3600",  # only the start-up pull and webhooks
+        "FLAGPROXY_CONTEXT_COOKIE_ATTRIBUTES": "sid=sessionId",
+        "FLAGPROXY_CONTEXT_CLIENT_ADDRESS_ATTRIBUTE": "remoteAddress",
     }
     args = ["--redis-url", redis_server.url]
     return [proxy_factory([origin.url], env=env, args=args) for _ in range(3)]
@@ -92,3 +94,24 @@ def test_bad_webhook_auth_is_401_and_changes_nothing(instances, origin, unleash_
     time.sleep(0.3)
     assert len(unleash_api.requests) == before  # none of these pulled
     assert served_flags(instances[1], origin, user="ann") == served
+
+
+def test_session_cookie_and_client_address_reach_the_strategies(instances, origin, unleash_api) -> None:
+    by_ip = {
+        "name": "by-ip",
+        "enabled": True,
+        "strategies": [{"name": "remoteAddress", "parameters": {"IPs": "127.0.0.1"}}],
+    }
+    by_session = {
+        "name": "by-session",
+        "enabled": True,
+        "strategies": [
+            {"name": "gradualRolloutSessionId", "parameters": {"percentage": "100", "groupId": "g"}}
+        ],
+    }
+    unleash_api.publish([by_ip, by_session])
+    assert webhook(instances[1]).status_code == 202
+    proxy = instances[2]
+    wait_for(lambda: "by-ip" in served_flags(proxy, origin, user="ann"), what="the new features served")
+    assert served_flags(proxy, origin, user="ann") == {"by-ip": True, "by-session": False}
+    assert served_flags(proxy, origin, user="ann", headers={"Cookie": "sid=s-1"})["by-session"] is True
