@@ -230,3 +230,35 @@ def test_cli_output_matches_the_sdk(features_file: Path, tmp_path: Path) -> None
                 assert answer["payload"] == sdk["variant"].get("payload")
     finally:
         oracle.close()
+
+
+def test_explanations_say_why_and_map_to_openfeature_reasons() -> None:
+    broken = {"contextName": "v", "operator": "NUM_EQ", "value": "x"}  # breaks the grammar: always off
+    body = {
+        "features": [
+            {"name": "off", "enabled": False, "strategies": []},
+            {"name": "on", "enabled": True, "strategies": [{"name": "default"}]},
+            {
+                "name": "nobody",
+                "enabled": True,
+                "strategies": [{"name": "userWithId", "parameters": {"userIds": "x"}}],
+            },
+            {"name": "broken", "enabled": True, "strategies": [{"name": "default", "constraints": [broken]}]},
+            {"name": "child", "enabled": True, "strategies": [], "dependencies": [{"feature": "off"}]},
+        ]
+    }
+    texts = {f["name"]: json.dumps(f) for f in body["features"]}
+    flags = DEFAULT.get("unleash").compile({"flags": texts}, {})[0]
+    expected = {
+        "off": ("disabled", "DISABLED"),
+        "on": ("strategy matched", "TARGETING_MATCH"),
+        "nobody": ("no strategy matched", "DEFAULT"),
+        "broken": ("rule does not compile", "ERROR"),
+        "child": ("dependency not met", "DEFAULT"),
+    }
+    for name, (reason, standard) in expected.items():
+        _, why = flags[name].explain({"key": "u"})
+        assert why["reason"] == reason, (name, why)
+        reason_of = flags[name].reason_of
+        assert reason_of is not None and reason_of(why) == standard
+    assert "does not parse" in flags["broken"].explain({"key": "u"})[1]["error"]

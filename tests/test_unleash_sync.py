@@ -13,7 +13,7 @@ import pytest
 from unleash_api import CLIENT_TOKEN, FakeUnleash, feature
 
 from proxy.metrics import Metrics
-from proxy.sources.registry import DEFAULT
+from proxy.sources.registry import DEFAULT, Registry
 from proxy.sources.unleash import UnleashSettings
 from proxy.sources.unleash.sync import UnleashApiError, UnleashSync, revision
 from proxy.store import MemoryStore
@@ -174,3 +174,35 @@ def test_revision_from_meta_or_etag() -> None:
     assert revision({}, 'W/"76d8bb0e:9"') == 9
     assert revision({"meta": {"revisionId": "5"}}, "") is None
     assert revision([], "nonsense") is None
+
+
+async def test_requests_without_app_name_or_environment_get_the_settings(api: FakeUnleash) -> None:
+    """[unleash] app_name / environment stand in for requests that carry none (the SDK's static context)."""
+    from proxy.config import load_settings
+    from proxy.sources.base import SyncContext
+    from proxy.sources.unleash import UnleashSource
+
+    def constrained(name: str, field: str, value: str) -> dict[str, Any]:
+        constraint = {"contextName": field, "operator": "IN", "values": [value]}
+        return {
+            "name": name,
+            "enabled": True,
+            "strategies": [{"name": "default", "constraints": [constraint]}],
+        }
+
+    api.publish(
+        [constrained("shop-only", "appName", "shop"), constrained("prod-only", "environment", "prod")]
+    )
+    source = UnleashSource()
+    store = MemoryStore(compiler=Registry([source]))
+    section = UnleashSettings(api_url=api.url, client_token=CLIENT_TOKEN, app_name="shop", environment="prod")
+    sync = source.sync(SyncContext(load_settings(env={}), section, store, Metrics()))
+    assert sync is not None
+    await sync.sync_once()  # type: ignore[attr-defined]
+    flags = store.snapshot.flags
+    assert flags["shop-only"].evaluate({"key": "u"}).value is True
+    assert flags["prod-only"].evaluate({"key": "u"}).value is True
+    assert (
+        flags["shop-only"].evaluate({"key": "u", "appName": "other"}).value is False
+    )  # the request's own wins
+    await sync.close()
