@@ -1,4 +1,5 @@
-"""Unleash features, evaluated exactly as Unleash's Python SDK (``UnleashClient`` 6.9.1) does.
+"""Unleash features, evaluated as Unleash's Python SDK (``UnleashClient`` 6.9.1) evaluates them (the few
+deliberate differences are listed in docs/unleash.md).
 
 Definitions come from a ``/api/client/features`` body (``{"version", "features", "segments"}``) or
 a delta body (``{"events": [...]}``). The SDK evaluates in its bundled engine, Yggdrasil, which

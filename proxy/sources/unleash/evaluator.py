@@ -31,6 +31,7 @@ from typing import Any
 
 from proxy.engine import Flag, Served, encode_json
 from proxy.sources.unleash.context import UnleashContext, from_request
+from proxy.sources.unleash.documents import feature_problem, segment_problem
 from proxy.sources.unleash.fragments import FragmentError, Rule, compile_node
 from proxy.sources.unleash.grammar import RuleSyntaxError, parse
 from proxy.sources.unleash.hashing import VARIANT_SEED, normalized_hash
@@ -315,8 +316,6 @@ def compile_features(
     ``problems`` (logged when no dict is given); a strategy using a left-out segment turns its
     feature off, as a missing segment does in the engine.
     """
-    from proxy.sources.unleash.documents import feature_problem, segment_problem
-
     report: dict[str, str] = {} if problems is None else problems
     segment_constraints: dict[int, Any] = {}
     for key, raw in segments.items():
