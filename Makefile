@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow docker check lint bench install install-test redis-server nginx chromium clean
+.PHONY: run test test-slow docker check lint bench install install-test unleash-spec redis-server nginx chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flagproxy needs Python >= 3.11")'
@@ -16,6 +16,13 @@ $(VENV)/.installed: pyproject.toml
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
+
+# Unleash's client specification (Apache-2.0) from the npm registry, pinned by package-lock.json
+# (tests/test_unleash_spec.py; not vendored): without npm that test says why it skipped
+UNLEASH_SPEC := tests/unleash_spec/node_modules/@unleash/client-specification/package.json
+$(UNLEASH_SPEC): tests/unleash_spec/package-lock.json
+	-cd tests/unleash_spec && npm ci --ignore-scripts --no-audit --no-fund --silent && touch node_modules/@unleash/client-specification/package.json
+unleash-spec: $(UNLEASH_SPEC)
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -46,11 +53,11 @@ chromium:
 	-@sh scripts/ensure-chromium.sh
 
 # The whole suite, with a coverage report of the code run in the test process.
-test: install-test redis-server nginx chromium
+test: install-test unleash-spec redis-server nginx chromium
 	$(BIN)/pytest --cov --cov-report=term:skip-covered
 
 # The long property and scale tests (about two minutes), left out of make test.
-test-slow: install-test redis-server nginx
+test-slow: install-test unleash-spec redis-server nginx
 	$(BIN)/pytest -m slow
 
 # Build the image and run it until Docker calls it healthy (needs a Docker engine and the base image

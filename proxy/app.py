@@ -154,7 +154,11 @@ class FlagProxy:
         # Split's [split] bucketing_key_header: the one source setting the request context reads
         split = settings.section("split")
         bucketing_header = getattr(split, "bucketing_key_header", "") if split is not None else ""
-        context = ContextBuilder(settings.context, bucketing_key_header=bucketing_header)
+        context = ContextBuilder(
+            settings.context,
+            bucketing_key_header=bucketing_header,
+            trusted_proxies=settings.proxy.trusted_proxies,
+        )
         self.resolver = FlagResolver(self.store, context)
         self.forwarder = Forwarder(settings, self.resolver, self.flag_headers)
         self.syncs: dict[str, Sync] = {}

@@ -107,6 +107,9 @@ class ContextSettings:
     header_attributes: tuple[str, ...] = ()
     query_attributes: tuple[str, ...] = ()
     jwt_attributes: tuple[str, ...] = ()
+    cookie_attributes: tuple[str, ...] = ()
+    # the caller's address (the peer, or its nearest untrusted X-Forwarded-For hop) as this attribute
+    client_address_attribute: str = ""
 
 
 DEFAULT_FLAGS_FILE = "seeds/flags.json"

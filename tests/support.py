@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -994,11 +995,15 @@ def close_http_clients() -> None:
 
 
 def served_flags(
-    proxy: ProxyProcess, origin: RawOrigin, user: str = "probe-user", path: str = "/probe"
+    proxy: ProxyProcess,
+    origin: RawOrigin,
+    user: str = "probe-user",
+    path: str = "/probe",
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """What the origin received in X-Feature-Flags for one request through ``proxy`` as ``user``."""
     target = f"{path}/{next(_probe_ids)}"
-    response = http_client().get(f"{proxy.base_url}{target}", headers={"X-User-Id": user})
+    response = http_client().get(f"{proxy.base_url}{target}", headers={"X-User-Id": user, **(headers or {})})
     assert response.status_code == 200, (response.status_code, response.text)
     header = origin.only_request_to(target).value("X-Feature-Flags")
     return json.loads(header) if header else {}
@@ -1126,3 +1131,32 @@ def audited(base_url: str, token: str, key: str) -> list[tuple[str, str]]:
     )
     assert response.status_code == 200, response.text
     return [(e["action"], e["actor"]) for e in response.json()["entries"] if e["flag"] == key]
+
+
+def settled_count(requests: Sequence[Any], what: str, quiet_s: float = 0.5, timeout_s: float = 10.0) -> int:
+    """``len(requests)`` once it has not grown for ``quiet_s`` (a fake API's request log: pulls that
+    an earlier test's webhooks started may still be on their way)."""
+    deadline = time.monotonic() + timeout_s
+    count, since = len(requests), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a counter for quiet, bounded by the deadline
+        now = len(requests)
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return count
+    raise AssertionError(f"{what} kept being called for {timeout_s} s")
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise the named loggers to CRITICAL (a corpus' deliberate oddities log a lot); restore after."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -174,3 +174,27 @@ def test_bad_context_settings_are_config_errors() -> None:
         builder(key_sources=("header", "carrier-pigeon"))
     with pytest.raises(ConfigError, match="header_attributes"):
         builder(header_attributes=("=country",))
+
+
+def test_cookie_attributes_read_named_cookies() -> None:
+    ctx, _ = builder(cookie_attributes=("sid=sessionId", "plan")).build(
+        scope({"Cookie": "sid=abc123; other=x", "X-User-Id": "u"})
+    )
+    assert ctx["sessionId"] == "abc123" and "plan" not in ctx and "other" not in ctx
+
+
+def test_client_address_attribute_follows_the_trusted_proxy_rules() -> None:
+    def address(peer: str, forwarded: list[str], trusted: tuple[str, ...] = ("10.0.0.0/8",)) -> Any:
+        settings = dataclasses.replace(ContextSettings(), client_address_attribute="remoteAddress")
+        request = scope([("X-Forwarded-For", value) for value in forwarded])
+        request["client"] = (peer, 51234)
+        return ContextBuilder(settings, trusted_proxies=trusted).build(request)[0].get("remoteAddress")
+
+    assert address("203.0.113.9", []) == "203.0.113.9"
+    assert address("203.0.113.9", ["198.51.100.1"]) == "203.0.113.9"  # an untrusted peer's claim is ignored
+    assert address("10.0.0.2", ["198.51.100.1"]) == "198.51.100.1"
+    assert address("10.0.0.2", ["6.6.6.6, 198.51.100.1, 10.0.0.7"]) == "198.51.100.1"  # nearest untrusted hop
+    assert address("10.0.0.2", ["6.6.6.6", "198.51.100.1"]) == "198.51.100.1"  # two headers, in order
+    assert address("10.0.0.2", ["10.0.0.9"]) == "10.0.0.9"  # all trusted: the farthest
+    assert address("10.0.0.2", []) == "10.0.0.2"
+    assert builder().build(scope({}))[0].get("remoteAddress") is None  # not asked for: not set

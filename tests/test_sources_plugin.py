@@ -185,9 +185,9 @@ def test_its_settings_section_and_file_format_come_with_it(tmp_path: Path) -> No
 
 def test_an_unknown_source_in_the_precedence_list_is_a_config_error(tmp_path: Path) -> None:
     settings = load_settings(
-        env={"FLAGPROXY_STORE_SOURCES": "native,unleash"}, origins=["http://127.0.0.1:9"]
+        env={"FLAGPROXY_STORE_SOURCES": "native,launchdarkly"}, origins=["http://127.0.0.1:9"]
     )
-    with pytest.raises(ConfigError, match=r"\[store\] sources: unknown source 'unleash'"):
+    with pytest.raises(ConfigError, match=r"\[store\] sources: unknown source 'launchdarkly'"):
         FlagProxy(settings)
     with pytest.raises(ConfigError, match=r"\[store\] sources: must include 'native'"):
         load_settings(env={"FLAGPROXY_STORE_SOURCES": "split"})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -16,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from support import served_flags, wait_for
+from support import served_flags, settled_count, wait_for
 
 TOKEN = "split-hook-token-0123456789"
 
@@ -234,23 +233,8 @@ def test_segment_change_via_webhook(instances, origin, split_api) -> None:
     assert served_flags(instances[0], origin, user="vip-1")["checkout"] == "on"
 
 
-def settled_request_count(split_api: Any, quiet_s: float = 0.5, timeout_s: float = 10.0) -> int:
-    """The fake API's request count once no request came for ``quiet_s`` (pulls an earlier test's
-    webhooks started may still be on their way)."""
-    deadline = time.monotonic() + timeout_s
-    count, since = len(split_api.requests), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)  # polling a counter for quiet, bounded by the deadline
-        now = len(split_api.requests)
-        if now != count:
-            count, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return count
-    raise AssertionError(f"the Split API kept being called for {timeout_s} s")
-
-
 def test_webhook_rejections_leave_everything_as_it_was(instances, split_api) -> None:
-    before = settled_request_count(split_api)
+    before = settled_count(split_api.requests, "the Split API")
     proxy = instances[0]
     assert webhook(proxy, audit_event("checkout", 1), token="wrong").status_code == 401
     missing = httpx.post(f"{proxy.base_url}/__flags/webhooks/split", json=audit_event("checkout", 1))

@@ -84,7 +84,7 @@ def _attr_value(text: str) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from proxy.cli.evaluate import KeysFileError, evaluate_all, evaluate_lines
+    from proxy.cli.evaluate import evaluate_all, evaluate_lines
     from proxy.dataplane.context import make_context
     from proxy.sources.registry import DEFAULT
 
@@ -110,12 +110,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     stream = sys.stdin if args.keys_file == "-" else open(args.keys_file, encoding="utf-8")  # noqa: SIM115
     out = sys.stdout
+    # a source may read its own context objects and answer in its SDK's terms (Unleash does)
+    own_lines = getattr(DEFAULT.get(args.source), "evaluate_lines", None)
     try:
         with stream:
-            for line in evaluate_lines(ordered, stream):
+            lines = evaluate_lines(ordered, stream) if own_lines is None else own_lines(flags, stream)
+            for line in lines:
                 out.write(line)
                 out.write("\n")
-    except KeysFileError as exc:
+    except ValueError as exc:  # KeysFileError, or the source's own line errors
         print(f"flagproxy: {args.keys_file}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return 0
@@ -177,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     who = ev.add_mutually_exclusive_group(required=True)
     who.add_argument("--key", help="evaluate for one key; prints {flagKey: value}")
     who.add_argument(
-        "--keys-file", metavar="KEYS.jsonl", help="a key or {key, bucketingKey, attributes} a line; - = stdin"
+        "--keys-file",
+        metavar="KEYS.jsonl",
+        help="a key or {key, bucketingKey, attributes} a line (unleash: a context object a line); - = stdin",
     )
     ev.add_argument("--attr", action="append", metavar="NAME=VALUE", help="attribute for --key (repeatable)")
     ev.add_argument("--bucketing-key", help="separate bucketing key for --key")

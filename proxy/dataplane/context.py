@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -257,8 +258,12 @@ class TelegramReader:
 class ContextBuilder:
     """Turns an ASGI scope into the engine's context mapping (``key``, ``path``, ``method``, ...)."""
 
-    def __init__(self, settings: ContextSettings, bucketing_key_header: str = "") -> None:
+    def __init__(
+        self, settings: ContextSettings, bucketing_key_header: str = "", trusted_proxies: tuple[str, ...] = ()
+    ) -> None:
         self.settings = settings
+        self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
+        self.client_attr = settings.client_address_attribute
         self.bucketing_header = (
             bucketing_key_header.lower().encode("latin-1") if bucketing_key_header else None
         )
@@ -276,6 +281,7 @@ class ContextBuilder:
         }
         self.query_attrs = parse_mapping("query_attributes", settings.query_attributes)
         self.jwt_attrs = parse_mapping("jwt_attributes", settings.jwt_attributes)
+        self.cookie_attrs = parse_mapping("cookie_attributes", settings.cookie_attributes)
         self.jwt = JwtReader(settings) if (settings.jwt_claim or self.jwt_attrs) else None
         if self.jwt is not None and not self.jwt.enabled:
             self.jwt = None
@@ -288,7 +294,7 @@ class ContextBuilder:
             self.cookie_suffix += "; Secure"
         self.sources = [s for s in settings.key_sources if self._configured(s)]
         self._warn_unverified_first()
-        self.needs_cookies = bool(self.key_cookie or self.anonymous_cookie)
+        self.needs_cookies = bool(self.key_cookie or self.anonymous_cookie or self.cookie_attrs)
         self.needs_query = bool(self.key_query or self.query_attrs)
 
     def _configured(self, source: str) -> bool:
@@ -320,7 +326,10 @@ class ContextBuilder:
         context: dict[str, Any] = {"path": scope["path"], "method": scope["method"]}
         header_key = cookie_header = authorization = init_data = None
         attrs = self.header_attrs
+        forwarded: list[bytes] = []
         for name, value in scope["headers"]:
+            if name == b"x-forwarded-for" and self.client_attr:
+                forwarded.append(value)
             if name == self.key_header:
                 header_key = value
             elif name == self.bucketing_header and value:
@@ -343,6 +352,13 @@ class ContextBuilder:
         cookies = (
             parse_cookies(cookie_header.decode("latin-1")) if cookie_header and self.needs_cookies else {}
         )
+        for cookie_name, attr in self.cookie_attrs.items():
+            if cookie_name in cookies:
+                context[attr] = cookies[cookie_name]
+        if self.client_attr:
+            address = self.client_address(scope.get("client"), forwarded)
+            if address is not None:
+                context[self.client_attr] = address
         claims = None
         if self.jwt is not None and authorization:
             claims = self.jwt.claims(authorization.decode("latin-1"))
@@ -381,6 +397,27 @@ class ContextBuilder:
         value = anonymous if self.cookie_key is None else f"{anonymous}.{self._sign(anonymous)}"
         cookie = f"{self.anonymous_cookie}={value}{self.cookie_suffix}".encode("latin-1")
         return context, [(b"set-cookie", cookie)]
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted)
+
+    def client_address(self, peer: Any, forwarded: list[bytes]) -> str | None:
+        """The caller's address: the peer's, or — when the peer is a trusted proxy — the nearest
+        address in ``X-Forwarded-For`` that is not a trusted proxy (read from the right)."""
+        host = peer[0] if isinstance(peer, tuple | list) and peer else None
+        if not isinstance(host, str):
+            return None
+        if not forwarded or not self._trusted(host):
+            return host
+        hops = [h.strip() for h in b",".join(forwarded).decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop
+        return hops[0] if hops else host
 
     def _sign(self, anonymous: str) -> str:
         assert self.cookie_key is not None

@@ -14,8 +14,9 @@ from proxy.engine import Flag
 from proxy.sources.base import Compiled, Source
 from proxy.sources.native import NativeSource
 from proxy.sources.split import SplitSource
+from proxy.sources.unleash import UnleashSource
 
-SOURCES: tuple[Source, ...] = (SplitSource(), NativeSource())
+SOURCES: tuple[Source, ...] = (SplitSource(), UnleashSource(), NativeSource())
 
 
 class UnknownSource(ValueError):

@@ -5,12 +5,11 @@ objects: the flag compiler builds conditions (matchers from ``matchers``), rule-
 prerequisite / traffic-allocation / condition order of the SDK's ``Evaluator`` and a 100-entry bucket
 table per partition set (``_make_core``), and ``_entry_points`` adds the SDK's key validation and its
 ``control`` on anything that raises. ``load_file`` (CLI) and ``compile_items`` (stored texts,
-recompiled only when their ``_fingerprint`` changes) are the two ways in.
+recompiled only when they change: ``proxy.sources.stored``) are the two ways in.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from proxy.sources.split.matchers import (
     _members,
     _Unsupported,
 )
+from proxy.sources.stored import compile_on_change, parsed
 
 log = logging.getLogger("proxy.sources.split")  # one logger for the package, as when it was one module
 
@@ -523,42 +523,19 @@ def load_file(path: str | Path, segments_dir: str | Path | None = None) -> dict[
     return flags
 
 
-def _fingerprint(kinds: Mapping[str, Mapping[str, str]]) -> str:
-    digest = hashlib.sha256()
-    for kind in sorted(kinds):
-        for name, text in sorted(kinds[kind].items()):
-            for part in (kind, name, text):
-                data = part.encode("utf-8", "surrogatepass") if isinstance(part, str) else bytes(part)
-                digest.update(len(data).to_bytes(8, "little"))
-                digest.update(data)
-    return digest.hexdigest()
-
-
 def compile_items(
     kinds: Mapping[str, Mapping[str, str]], cache: dict[str, Any]
 ) -> tuple[dict[str, Flag], dict[str, str]]:
     """Stored Split items (see the module docstring) → (flags, problems); recompiled only on change."""
-    fingerprint = _fingerprint(kinds)
-    if cache.get("fingerprint") == fingerprint:
-        return dict(cache["flags"]), dict(cache["problems"])
-    problems: dict[str, str] = {}
 
-    def parsed(kind: str) -> dict[str, Any]:
-        out = {}
-        for name, text in kinds.get(kind, {}).items():
+    def build(problems: dict[str, str]) -> dict[str, Flag]:
+        segments: dict[str, frozenset[Any]] = {}
+        for name, document in parsed(kinds, "segments", problems).items():
             try:
-                out[name] = json.loads(text)
-            except (ValueError, UnicodeDecodeError) as exc:
-                problems[name if kind == "flags" else f"{kind}:{name}"] = f"invalid JSON: {exc}"
-        return out
+                segments[name] = segment_members(document, name)
+            except FlagError as exc:
+                problems[f"segments:{name}"] = exc.message
+        flags = parsed(kinds, "flags", problems)
+        return compile_split(flags, segments, parsed(kinds, "rbsegments", problems), problems)
 
-    segments: dict[str, frozenset[Any]] = {}
-    for name, document in parsed("segments").items():
-        try:
-            segments[name] = segment_members(document, name)
-        except FlagError as exc:
-            problems[f"segments:{name}"] = exc.message
-    flags = compile_split(parsed("flags"), segments, parsed("rbsegments"), problems)
-    cache.clear()
-    cache.update(fingerprint=fingerprint, flags=flags, problems=dict(problems))
-    return dict(flags), problems
+    return compile_on_change(kinds, cache, build)

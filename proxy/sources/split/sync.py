@@ -12,7 +12,6 @@ limit, never held whole (a 116 MB page once took 1.8 GB and 24 s of the event lo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from proxy.metrics import Metrics
+from proxy.sources.pulling import BodyTooLarge, PeriodicPull, read_limited
 from proxy.sources.split.documents import referenced_segments
 from proxy.sources.split.settings import SplitSettings
 from proxy.store.change import Change, stored_text
@@ -91,7 +91,9 @@ def _collect(pulled: Pulled, items: Iterable[Any], what: str) -> None:
                 pulled.delete.append(name)
 
 
-class SplitSync:
+class SplitSync(PeriodicPull):
+    source = SOURCE
+
     def __init__(
         self,
         settings: SplitSettings,
@@ -99,51 +101,17 @@ class SplitSync:
         client: httpx.AsyncClient | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        super().__init__(settings.interval_s, settings.timeout_s, client, metrics)
         self.settings = settings
-        self.metrics = metrics or Metrics()
         self.store = store
-        self._client = client
-        self._own_client = client is None
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._spec = "1.3"
-        self._lock = asyncio.Lock()
 
     @property
     def enabled(self) -> bool:
         return bool(self.settings.sdk_key)
 
-    async def start(self) -> None:
-        if not self.enabled:
-            return
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.settings.timeout_s)
-        self._task = asyncio.create_task(self._run(), name="flagproxy-split-sync")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._own_client and self._client is not None:
-            await self._client.aclose()
-
-    def trigger(self) -> None:
-        """Ask for a pull soon; a burst of triggers during a pull coalesces into one more pull."""
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.sync_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # counted and logged; the last good definitions stay
-                self.metrics.source_synced(SOURCE, ok=False)
-                log.error("Split sync failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.interval_s)
+    def failed(self, exc: Exception) -> None:
+        log.error("Split sync failed: %s", exc)
 
     # --- one pull ---------------------------------------------------------------------------------
 
@@ -152,28 +120,21 @@ class SplitSync:
 
     async def _get(self, path: str, params: dict[str, Any]) -> tuple[int, bytes]:
         """GET ``path``: (status, body), the body read up to ``max_response_bytes`` (SplitApiError above)."""
-        assert self._client is not None
         url = self.settings.api_url.rstrip("/") + path
         headers = {"Authorization": f"Bearer {self.settings.sdk_key}"}
         limit = self.settings.max_response_bytes
-        too_big = f"GET {path}: the body exceeds [split] max_response_bytes ({limit} bytes)"
         try:
-            async with self._client.stream("GET", url, params=params, headers=headers) as response:
+            async with self.client.stream("GET", url, params=params, headers=headers) as response:
                 if response.status_code != 200:
                     return response.status_code, b""
-                declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > limit:
-                    raise SplitApiError(f"{too_big}: Content-Length {declared}")
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():  # decoded: a compressed bomb counts in full
-                    size += len(chunk)
-                    if size > limit:
-                        raise SplitApiError(too_big)
-                    chunks.append(chunk)
+                return 200, await read_limited(response, limit)
+        except BodyTooLarge as exc:
+            detail = f": {exc}" if str(exc).startswith("Content-Length") else ""
+            raise SplitApiError(
+                f"GET {path}: the body exceeds [split] max_response_bytes ({limit} bytes){detail}"
+            ) from None
         except httpx.HTTPError as exc:
             raise SplitApiError(f"GET {path}: {type(exc).__name__}: {exc}") from None
-        return 200, b"".join(chunks)
 
     async def _split_changes(self, since: int, rb_since: int) -> Any:
         params: dict[str, Any] = {"s": self._spec, "since": since}
