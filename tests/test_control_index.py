@@ -13,6 +13,8 @@ SECRETS = {
     "FLAGPROXY_WEBHOOKS_SECRET": "webhook-secret-Q7xK2mZp9",
     "FLAGPROXY_METRICS_TOKEN": "metrics-token-Q7xK2mZp9",
     "FLAGPROXY_SPLIT_WEBHOOK_TOKEN": "split-token-Q7xK2mZp9",
+    "FLAGPROXY_UNLEASH_WEBHOOK_TOKEN": "unleash-token-Q7xK2mZp9",
+    "FLAGPROXY_STORE_SOURCES": "split,unleash,native",
     "FLAGPROXY_CHAT_SLACK_SIGNING_SECRET": "slack-secret-Q7xK2mZp9",
     "FLAGPROXY_CHAT_TELEGRAM_SECRET_TOKEN": "telegram-secret-Q7xK2mZp9",
     "FLAGPROXY_CHAT_TELEGRAM_BOT_TOKEN": "123456:telegram-bot-Q7xK2mZp9",
@@ -79,6 +81,7 @@ async def test_everything_configured_is_on_and_no_secret_is_shown(tmp_path: obje
         p for p, e in endpoints.items() if not e["enabled"]
     ]
     assert not any("enable_with" in e for e in endpoints.values())
+    assert "/__flags/webhooks/unleash" in endpoints  # a source's webhooks, when the source is on
     assert endpoints["/__flags/metrics"]["auth"] == "Authorization: Bearer <metrics token>"
     assert endpoints["/__flags/api/flags"]["auth"] == "Authorization: Bearer <admin token>"
     for secret in SECRETS.values():

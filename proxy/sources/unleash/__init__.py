@@ -47,6 +47,9 @@ from proxy.sources.unleash.settings import UnleashSettings
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
+    from proxy.config import Settings
+    from proxy.control.index import Endpoint
+
 __all__ = [
     "CONTEXT_KEY",
     "Feature",
@@ -121,6 +124,15 @@ class UnleashSource:
         from proxy.sources.unleash.webhook import ROUTES
 
         return list(ROUTES)
+
+    def webhook_endpoints(self, settings: Settings) -> list[Endpoint]:
+        from proxy.control.index import Endpoint
+
+        section = settings.section(self.name)
+        on = bool(getattr(section, "webhook_token", ""))
+        what = "Unleash's change events (a pull follows)"
+        auth = "Authorization: <webhook token>"
+        return [Endpoint("/webhooks/unleash", what, on, "[unleash] webhook_token", auth, ("POST",))]
 
     def evaluate_lines(self, flags: Mapping[str, Flag], lines: Iterable[str]) -> Iterator[str]:
         """``flagproxy eval --keys-file``: an Unleash context object a line → the SDK's answers."""
