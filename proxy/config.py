@@ -681,7 +681,7 @@ def _locate_flags_file(value: str, layer: str, config_file: str | os.PathLike[st
             os.path.relpath(path.resolve(), directory),
         )
         return value
-    return str(beside)
+    return os.path.normpath(beside)  # no ".." left; symlinks kept (a ConfigMap's must stay watched)
 
 
 # --- validation -----------------------------------------------------------------------------------
