@@ -64,7 +64,7 @@ def build_store(settings: Settings, registry: Registry, metrics: Metrics | None 
         return initial_state(path, required)
 
     seed = from_file()  # validated now: a bad flags file stops startup with a clear message
-    if settings.store.redis_url:
+    if settings.store.uses_redis:
         from proxy.store.redis import RedisStore  # the Redis client is imported only when it is used
 
         return RedisStore(settings.store, fallback=from_file, metrics=metrics, compiler=registry)

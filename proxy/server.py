@@ -77,7 +77,7 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
         else:
             uvicorn.run(app, **options)
         return
-    if not settings.store.redis_url:
+    if not settings.store.uses_redis:
         log.warning(
             "%d workers on the embedded memory store: a webhook or admin change reaches only the worker "
             "that received it; use --redis-url so every worker shares the flags",

@@ -26,13 +26,14 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from proxy.config import StoreSettings
 from proxy.experiments.backend import BackendError
 from proxy.experiments.records import (
     BEFORE_EXPOSURE,
@@ -49,6 +50,7 @@ from proxy.experiments.records import (
     Counts,
     ExposureRecord,
 )
+from proxy.store import connect
 
 # KEYS: units, multi, conv, counts. ARGV: exposures count, conversions count, then per exposure
 # unit, variant, at, then per conversion goal, unit, at, window_s, value ("" for none), final ("1"/"0").
@@ -132,12 +134,6 @@ OUTCOMES = {
 }
 
 
-def where(url: str) -> str:
-    """``url`` without credentials or query (for messages): ``redis://host:port/db``."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
-
-
 def number(value: float) -> str:
     """A float as the script reads it back exactly (``repr`` is the shortest round-trip form)."""
     return repr(float(value))
@@ -166,18 +162,26 @@ class RedisBackend:
     name = "redis"
 
     def __init__(
-        self, url: str, prefix: str = "flagproxy", environment: str = "default", timeout_s: float = 2.0
+        self,
+        url: str = "",
+        prefix: str = "flagproxy",
+        environment: str = "default",
+        timeout_s: float = 2.0,
+        settings: StoreSettings | None = None,
     ) -> None:
-        self.where = where(url)
-        self.keys = RedisKeys(prefix, environment)
-        self.timeout_s = timeout_s
+        """``settings``: the store's deployment (Sentinel, Cluster); else the one server at ``url``."""
+        if settings is None:
+            settings = StoreSettings(
+                redis_url=url, redis_prefix=prefix, environment=environment, redis_timeout_s=timeout_s
+            )
+        self.where = connect.where(settings)
+        # the keys carry their own per-flag hash tags: no store-wide tag, even on a Cluster
+        self.keys = RedisKeys(settings.redis_prefix, settings.environment)
+        self.timeout_s = settings.redis_timeout_s
         # One retry, on a connection error only: a pooled connection to a Redis that went away (and
         # came back) is replaced at once. A timeout is not retried: the caller retries the batch.
-        self.redis = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        self.redis = connect.sync_client(
+            settings, retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
         )
         self._script = self.redis.register_script(APPLY_LUA)
 

@@ -58,13 +58,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import BusyLoadingError, NoScriptError, RedisError, ResponseError
 
 from proxy.config import StoreSettings
 from proxy.metrics import Metrics
+from proxy.store import connect
 from proxy.store.base import SnapshotHolder, StoreTimeout, StoreUnavailable
 from proxy.store.change import Change, now_iso
 from proxy.store.ledger import UsageDelta
@@ -78,7 +78,7 @@ local data, vers, meta, verkey, audit, inited = KEYS[1], KEYS[2], KEYS[3], KEYS[
 local genkey = KEYS[7]
 local delivery = KEYS[8]  -- only when the change carries a delivery id
 local p = cjson.decode(ARGV[1])
-local channel = ARGV[2]
+local channel, publish = ARGV[2], ARGV[3]  -- PUBLISH, or SPUBLISH on a Cluster
 if redis.call('EXISTS', inited) == 0 then
   -- Redis lost its data (or was never seeded): writing now would make this change all there is.
   return cjson.encode({status = 'uninitialized'})
@@ -197,12 +197,13 @@ end
 redis.call('LTRIM', audit, 0, tonumber(p.audit_max) - 1)
 local announcement = {version = version, generation = generation, source = p.source, kind = p.kind,
   keys = changed}
-redis.call('PUBLISH', channel, cjson.encode(announcement))
+redis.call(publish, channel, cjson.encode(announcement))
 return cjson.encode({status = 'applied', version = version, changed = changed, ignored = ignored})
 """
 
 RESEED_LUA = """
 -- Write a state into Redis if Redis has none or an older one: the highest version wins.
+-- KEYS[1] the version key (it routes the script to the node of every key's slot on a Cluster)
 local p = cjson.decode(ARGV[1])
 local cur = redis.call('GET', p.version_key)
 if redis.call('EXISTS', p.inited) == 1 then
@@ -221,7 +222,7 @@ redis.call('HSET', p.generation_key, 'id', p.generation.id, 'base_id', p.generat
   'base_version', string.format('%d', p.generation.base_version))
 redis.call('SET', p.inited, '1')
 local announcement = {version = p.version, generation = p.generation.id, reseed = true}
-redis.call('PUBLISH', p.channel, cjson.encode(announcement))
+redis.call(p.publish, p.channel, cjson.encode(announcement))
 return cjson.encode({status = 'seeded', version = p.version})
 """
 
@@ -282,7 +283,15 @@ async def _run_script(
 # Error prefixes Redis answers before it runs a command: nothing of the write was applied.
 REFUSED_BEFORE_RUNNING = frozenset(
     {"OOM", "READONLY", "NOPERM", "NOAUTH", "WRONGPASS", "MASTERDOWN", "MISCONF", "NOREPLICAS", "BUSY"}
+    | {"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "CROSSSLOT"}  # a Cluster's: the node did not run it
 )
+
+
+def _error_code(exc: ResponseError) -> str:
+    """The error's first word (``READONLY``, ``MOVED``): redis-py strips it from the message of the
+    errors it has a class for and keeps it as ``status_code``."""
+    code = getattr(exc, "status_code", None)
+    return code if isinstance(code, str) and code else str(exc).split(" ", 1)[0]
 
 
 async def _alive(connection: AbstractConnection) -> None:
@@ -306,8 +315,10 @@ def _as_list(value: Any) -> list[Any]:
 
 
 class RedisKeys:
-    def __init__(self, prefix: str, environment: str) -> None:
-        self.base = f"{prefix}:{environment}"
+    def __init__(self, base: str) -> None:
+        """``base``: ``prefix:environment``, or ``{prefix:environment}`` on a Cluster
+        (``proxy.store.connect.key_base``): every key below shares its slot."""
+        self.base = base
         self.version = f"{self.base}:version"
         self.generation = f"{self.base}:generation"
         self.inited = f"{self.base}:inited"
@@ -343,7 +354,9 @@ class RedisLedger:
     while the store is in sync with Redis (``usable``): nothing is written into a Redis whose flag
     data this instance cannot read, or has not read yet; counters wait in memory meanwhile."""
 
-    def __init__(self, redis: Redis, base: str, usable: Callable[[], bool] = lambda: True) -> None:
+    def __init__(
+        self, redis: connect.AsyncClient, base: str, usable: Callable[[], bool] = lambda: True
+    ) -> None:
         self.redis = redis
         self.usable = usable
         self.first_seen_key = f"{base}:lifecycle:first_seen"
@@ -433,15 +446,10 @@ class RedisStore(SnapshotHolder):
         self.layout = layout(self.compiler)
         self.metrics = metrics or Metrics()
         self.settings = settings
-        self.keys = RedisKeys(settings.redis_prefix, settings.environment)
-        timeout = settings.redis_timeout_s
-        self.redis = Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry_on_timeout=False,
-        )
+        self.keys = RedisKeys(connect.key_base(settings))
+        self.publish = connect.publish_command(settings)
+        self.where = connect.where(settings)
+        self.redis = connect.async_client(settings)
         self._apply_script = self.redis.register_script(APPLY_LUA)
         self._reseed_script = self.redis.register_script(RESEED_LUA)
         self.ledger = RedisLedger(self.redis, self.keys.base, usable=lambda: self.connected)
@@ -508,6 +516,7 @@ class RedisStore(SnapshotHolder):
                     self.metrics.redis_reconnects.inc()
                 self.connected = False
                 self.metrics.redis_connected.set(0)
+                await connect.refresh(self.redis)
                 if not self._ready:
                     source = "disk snapshot" if self._last_good is not None else "flags file"
                     log.error("Redis unreachable at start (%s): serving the %s", exc, source)
@@ -547,11 +556,8 @@ class RedisStore(SnapshotHolder):
         self._unreadable = problem
 
     async def _sync_forever(self) -> None:
-        pubsub = self.redis.pubsub()
-        try:
-            await pubsub.subscribe(
-                self.keys.channel
-            )  # first, so nothing published during the resync is missed
+        subscription = await connect.subscribe(self.redis, self.keys.channel)
+        try:  # subscribed first, so nothing published during the resync is missed
             await self.resync()
             if not self.connected:
                 log.info("connected to Redis at store version %d", self.snapshot.version)
@@ -561,15 +567,14 @@ class RedisStore(SnapshotHolder):
             next_resync = loop.time() + self.settings.resync_interval_s
             while True:
                 wait = max(0.0, min(1.0, next_resync - loop.time()))
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-                if message is not None and message.get("type") == "message":
-                    await self._on_message(message["data"])
+                data = await subscription.get(timeout=wait)
+                if data is not None:
+                    await self._on_message(data)
                 if loop.time() >= next_resync:
                     await self.resync()
                     next_resync = loop.time() + self.settings.resync_interval_s
         finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await subscription.aclose()
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -721,12 +726,13 @@ class RedisStore(SnapshotHolder):
             "version_key": self.keys.version,
             "generation_key": self.keys.generation,
             "channel": self.keys.channel,
+            "publish": self.publish,
             "version": seed.version if version is None else version,
             "generation": {"id": secrets.token_hex(8), "base_id": base_id, "base_version": base_version},
             "clear": sorted(clear),
             "hashes": {name: fields for name, fields in hashes.items() if fields},
         }
-        reply = json.loads(await self._reseed_script(args=[json.dumps(payload)]))
+        reply = json.loads(await self._reseed_script(keys=[self.keys.version], args=[json.dumps(payload)]))
         if reply["status"] == "corrupt":
             raise StoreUnreadable(f"{self.keys.version} is not an integer")
         if reply["status"] == "seeded" and not restoring:
@@ -845,7 +851,7 @@ class RedisStore(SnapshotHolder):
             mine = self._last_good
             payload["floor"] = mine.version if mine is not None else -1
             payload["generation"] = mine.generation.id if mine is not None else ""
-            args = [json.dumps(payload, separators=(",", ":")), self.keys.channel]
+            args = [json.dumps(payload, separators=(",", ":")), self.keys.channel, self.publish]
             reply = json.loads(await self._write(self._apply_script, keys, args))
             if reply["status"] == "corrupt":
                 raise StoreUnavailable(f"Redis holds data this instance cannot use: {reply.get('detail')}")
@@ -879,15 +885,20 @@ class RedisStore(SnapshotHolder):
         """Run a write script on a connection taken for it, to know whether a failure came before
         it was sent (StoreUnavailable: nothing applied) or after (StoreTimeout: Redis may still run
         it — a busy or paused Redis does, even once this side has given up)."""
-        pool = self.redis.connection_pool
         try:
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped upstream
-        except (RedisError, OSError, TimeoutError) as exc:
+            async with connect.connection_for(self.redis, self.keys.version) as connection:
+                return await self._send_script(connection, script, keys, args)
+        except (RedisError, OSError, TimeoutError) as exc:  # no connection: nothing was sent
+            await connect.refresh(self.redis)
             raise StoreUnavailable(str(exc)) from None
+
+    async def _send_script(
+        self, connection: AbstractConnection, script: AsyncScript, keys: list[str], args: list[str]
+    ) -> str:
         try:
             await _alive(connection)
         except (RedisError, OSError, TimeoutError) as exc:  # nothing of the write was sent
-            await pool.release(connection)
+            await connect.refresh(self.redis)
             raise StoreUnavailable(str(exc)) from None
         try:
             try:
@@ -897,7 +908,8 @@ class RedisStore(SnapshotHolder):
         except BusyLoadingError as exc:  # Redis answered: it did not run the script
             raise StoreUnavailable(f"Redis refused the write: {exc}") from None
         except ResponseError as exc:
-            if str(exc).split(" ", 1)[0] in REFUSED_BEFORE_RUNNING:
+            if _error_code(exc) in REFUSED_BEFORE_RUNNING:
+                await connect.refresh(self.redis)  # MOVED, READONLY: a failover moved the master
                 raise StoreUnavailable(f"Redis refused the write: {exc}") from None
             # an error inside the script: what it wrote before failing stays written
             raise StoreTimeout(f"the write failed part-way in Redis: {exc}") from None
@@ -906,8 +918,6 @@ class RedisStore(SnapshotHolder):
             raise StoreTimeout(
                 f"no answer from Redis within {self.settings.redis_timeout_s:g}s: {exc}"
             ) from None
-        finally:
-            await pool.release(connection)
 
     async def note(self, entry: dict[str, Any]) -> None:
         text = json.dumps({"time": now_iso(), **entry}, separators=(",", ":"))
