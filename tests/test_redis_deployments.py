@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from redis_topologies import (
 from support import (
     ProxyProcess,
     RawOrigin,
+    RedisServer,
     http_client,
     post_webhook,
     served_flags,
@@ -128,15 +130,25 @@ class Load:
 
 def failover_under_load(
     proxies: list[ProxyProcess], origin: RawOrigin, kill: Callable[[], None], promoted: Callable[[], bool]
-) -> None:
+) -> str:
     """Traffic through every proxy while ``kill`` takes the master down and a replica takes over
-    (``promoted``): no 5xx; then a change through the second proxy is served by all of them."""
+    (``promoted``): no 5xx; then a change through the second proxy is served by all of them.
+    Returns the figures, for the test's output."""
     with Load(proxies).running() as load:
+        started = time.monotonic()
         kill()
         wait_for(promoted, timeout=20, interval=0.1, what="a replica promoted")
+        at_promoted = time.monotonic() - started
         change(proxies[1], {"banner": {"enabled": False}, "after": {"enabled": True}})
+        at_written = time.monotonic() - started
         wait_served(proxies, origin, {"banner": False, "after": True})
+        at_served = time.monotonic() - started
     load.assert_no_failures()
+    return (
+        f"master killed → replica promoted {at_promoted:.1f}s, first write accepted {at_written:.1f}s, "
+        f"served by both instances {at_served:.1f}s; {sum(load.statuses.values())} requests meanwhile, "
+        f"statuses {dict(load.statuses)}"
+    )
 
 
 def store_lines(proxy: ProxyProcess, logger: str = "flagproxy.store") -> list[tuple[str, str]]:
@@ -224,7 +236,7 @@ def test_tls_and_an_acl_user(tls_redis: TlsRedisServer, origin: RawOrigin, tmp_p
     with ProxyProcess([origin.url], flags=SEED, env=env, args=["--redis-url", wrong], tmp_dir=tmp_path) as c:
         wait_for(lambda: any("Redis unreachable at start" in m for _, m in store_lines(c)), what="the log")
         logged = next(m for _, m in store_lines(c) if "Redis unreachable at start" in m)
-        assert "invalid username-password pair" in logged
+        assert "invalid username-password pair" in logged and f":{tls_redis.port}/0" in logged
         assert "not-the-password-123" not in c.stderr()
 
 
@@ -241,7 +253,7 @@ def sentinel(tmp_path: Path) -> Iterator[SentinelDeployment]:
 
 
 def test_sentinel_failover_under_load(
-    sentinel: SentinelDeployment, origin: RawOrigin, tmp_path: Path
+    sentinel: SentinelDeployment, origin: RawOrigin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     namespace = unique_namespace("sentinel")
     env = env_for(
@@ -253,12 +265,14 @@ def test_sentinel_failover_under_load(
         wait_served(proxies, origin, {"banner": True})
         assert sentinel.master.client().hget(f"flagproxy:{namespace}:native:flags", "banner")
         sentinel.master.client().execute_command("WAIT", 1, 2000)  # on the replica before the crash
-        failover_under_load(
+        figures = failover_under_load(
             proxies,
             origin,
             sentinel.master.kill,
             lambda: sentinel.sentinel.master_port_now() == sentinel.replica.port,
         )
+        with capsys.disabled():
+            print(f"\nSentinel failover: {figures}")
         stored = sentinel.replica.client().hgetall(f"flagproxy:{namespace}:native:flags")
         assert json.loads(stored["after"]) == {"enabled": True}
     finally:
@@ -302,7 +316,10 @@ async def claim_twice(settings: StoreSettings) -> tuple[list[str], list[str]]:
 
 
 def test_cluster_one_slot_changes_reach_every_instance_and_a_failover_under_load(
-    redis_cluster: RedisClusterDeployment, origin: RawOrigin, tmp_path: Path
+    redis_cluster: RedisClusterDeployment,
+    origin: RawOrigin,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     namespace = unique_namespace("cluster")
     tag = f"{{flagproxy:{namespace}}}"
@@ -334,13 +351,59 @@ def test_cluster_one_slot_changes_reach_every_instance_and_a_failover_under_load
             assert counts is not None and counts.users == {"on": 1}
 
         owner.client().execute_command("WAIT", 1, 2000)
-        failover_under_load(
+        figures = failover_under_load(
             proxies, origin, owner.kill, lambda: replica.client().execute_command("ROLE")[0] == "master"
         )
+        with capsys.disabled():
+            print(f"\nCluster failover: {figures}")
         assert json.loads(replica.client().hget(f"{tag}:native:flags", "after")) == {"enabled": True}
     finally:
         for proxy in proxies:
             proxy.stop()
+
+
+# --- the log while Redis is away ---------------------------------------------------------------------------
+
+
+def test_an_outage_is_one_warning_and_one_recovery_line(
+    fresh_redis: RedisServer, origin: RawOrigin, tmp_path: Path
+) -> None:
+    env = env_for(
+        unique_namespace("outage"),
+        FLAGPROXY_STORE_RECONNECT_MAX_S="0.1",
+        FLAGPROXY_LIFECYCLE_FLUSH_INTERVAL_S="0.1",  # the ledger's writes fail every 0.1 s too
+    )
+    (proxy,) = start_proxies(
+        origin, tmp_path, env, ("--redis-url", fresh_redis.url), count=1, log_level="info"
+    )
+    try:
+        wait_for(lambda: ("info", "connected") in [(lv, m.split(" ", 1)[0]) for lv, m in store_lines(proxy)])
+        first = store_lines(proxy)
+        assert ("info", "initialised Redis from the flags file (it held no flagproxy data)") in first
+        assert [line for line in first if line[0] in ("warning", "error")] == []
+
+        fresh_redis.kill()
+        wait_for(lambda: any(lv == "warning" for lv, _ in store_lines(proxy)), what="the outage logged")
+        time.sleep(1.5)  # Redis stays away for 1.5 s: about fifteen retries
+        assert served_flags(proxy, origin) == {"banner": False}
+        fresh_redis.start()  # empty again: re-seeded from what this instance served
+        wait_for(lambda: any("available again" in m for _, m in store_lines(proxy)), what="the recovery")
+
+        during = store_lines(proxy)[len(first) :]
+        warnings = [m for level, m in during if level == "warning"]
+        assert len(warnings) == 1 and warnings[0].startswith("Redis unavailable"), during
+        recovered = [m for level, m in during if level == "info" and "available again" in m]
+        assert len(recovered) == 1, during
+        failures = int(recovered[0].split(" failed attempt")[0].rsplit(" ", 1)[1])
+        assert failures >= 5, recovered  # counted, not logged
+        lifecycle = [m for level, m in store_lines(proxy, "flagproxy.lifecycle") if level == "warning"]
+        assert len(lifecycle) <= 1, lifecycle
+        wait_for(
+            lambda: any("reach the store again" in m for _, m in store_lines(proxy, "flagproxy.lifecycle")),
+            what="the lifecycle's recovery",
+        )
+    finally:
+        proxy.stop()
 
 
 def test_a_write_a_replica_refuses_is_503_nothing_applied(origin: RawOrigin, tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ from proxy.store.base import SnapshotHolder, StoreTimeout, StoreUnavailable
 from proxy.store.change import Change, now_iso
 from proxy.store.ledger import UsageDelta
 from proxy.store.lineage import holds, origin, restore_version
+from proxy.store.outage import Outage
 from proxy.store.state import ApplyResult, Compiler, Generation, RawState, layout
 
 log = logging.getLogger("flagproxy.store")
@@ -463,6 +464,7 @@ class RedisStore(SnapshotHolder):
         self._save_lock = threading.Lock()
         self._saved_version = -1
         self._unreadable = ""  # the problem last logged while Redis answers garbage
+        self._outage = Outage(self.where, self.settings.reconnect_max_s)
         self.connected = False
 
     @property
@@ -517,17 +519,9 @@ class RedisStore(SnapshotHolder):
                 self.connected = False
                 self.metrics.redis_connected.set(0)
                 await connect.refresh(self.redis)
-                if not self._ready:
-                    source = "disk snapshot" if self._last_good is not None else "flags file"
-                    log.error("Redis unreachable at start (%s): serving the %s", exc, source)
-                    self._ready = True
-                else:
-                    log.warning(
-                        "Redis unavailable (%s): serving snapshot version %d; retrying in %.2fs",
-                        exc,
-                        self.snapshot.version,
-                        delay,
-                    )
+                source = "disk snapshot" if self._last_good is not None else "flags file"
+                self._outage.failed(str(exc), self.snapshot.version, source, at_start=not self._ready)
+                self._ready = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.reconnect_max_s)
             except Exception:
@@ -559,8 +553,7 @@ class RedisStore(SnapshotHolder):
         subscription = await connect.subscribe(self.redis, self.keys.channel)
         try:  # subscribed first, so nothing published during the resync is missed
             await self.resync()
-            if not self.connected:
-                log.info("connected to Redis at store version %d", self.snapshot.version)
+            self._outage.recovered(self.snapshot.version)
             self.connected = True
             self.metrics.redis_connected.set(1)
             loop = asyncio.get_running_loop()
@@ -736,8 +729,10 @@ class RedisStore(SnapshotHolder):
         if reply["status"] == "corrupt":
             raise StoreUnreadable(f"{self.keys.version} is not an integer")
         if reply["status"] == "seeded" and not restoring:
-            level = logging.ERROR if self._last_good is not None else logging.WARNING
-            log.log(level, "Redis had no flagproxy data (init marker missing): re-seeded it from %s", what)
+            if self._last_good is not None:  # it held this instance's state before: data lost
+                log.error("Redis had no flagproxy data (init marker missing): re-seeded it from %s", what)
+            else:  # a first start on an empty Redis (or one this instance never read)
+                log.info("initialised Redis from %s (it held no flagproxy data)", what)
 
     async def _accept(self, state: RawState) -> None:
         await self.install(state, allow_older=True)
