@@ -205,6 +205,31 @@ def test_bad_redis_settings_name_the_setting(tmp_path: Path, store: dict[str, An
     assert message in str(caught.value)
 
 
+def test_with_sentinels_the_url_gives_the_masters_credentials_database_and_tls_only() -> None:
+    """Nothing connects here: the clients are lazy. The sentinels get the TLS options, not the
+    master's password."""
+    settings = StoreSettings(
+        sentinels=("127.0.0.1:26379",),
+        sentinel_master="flags",
+        redis_url="rediss://flagproxy:p%40ss@/2?ssl_ca_certs=/etc/ca.pem",
+    )
+    client = connect.async_client(settings)
+    pool = client.connection_pool
+    options = pool.connection_kwargs
+    assert (options["username"], options["password"], options["db"]) == ("flagproxy", "p@ss", 2)
+    assert options["ssl_ca_certs"] == "/etc/ca.pem" and "host" not in options
+    assert pool.connection_class.__name__ == "SentinelManagedSSLConnection"
+    (sentinel,) = pool.sentinel_manager.sentinels
+    asked = sentinel.connection_pool.connection_kwargs
+    assert (asked["host"], asked["port"], asked["password"], asked["ssl_ca_certs"]) == (
+        "127.0.0.1",
+        26379,
+        None,
+        "/etc/ca.pem",
+    )
+    assert connect.where(settings) == "sentinel master 'flags' via 127.0.0.1:26379"
+
+
 # --- TLS and an ACL user -------------------------------------------------------------------------------
 
 
