@@ -28,9 +28,11 @@ from redis_topologies import (
     TlsRedisServer,
 )
 from support import (
+    LOCALHOST,
     ProxyProcess,
     RawOrigin,
     RedisServer,
+    free_port,
     http_client,
     post_webhook,
     served_flags,
@@ -452,3 +454,28 @@ def test_a_write_a_replica_refuses_is_503_nothing_applied(origin: RawOrigin, tmp
     finally:
         replica.close()
         master.close()
+
+
+@pytest.mark.parametrize("case", ["nothing listening", "no cluster"])
+def test_a_cluster_that_cannot_be_used_at_start_serves_the_flags_file(
+    case: str, redis_server: RedisServer, origin: RawOrigin, tmp_path: Path
+) -> None:
+    """The cluster client's own exception (no RedisError) is Redis being away, not a crash loop:
+    ready on the flags file, writes 503, and one ERROR saying why."""
+    url, said = {
+        "nothing listening": (f"redis://{LOCALHOST}:{free_port()}", "Redis Cluster cannot be connected"),
+        "no cluster": (redis_server.url.rsplit("/", 1)[0], "Cluster mode is not enabled on this node"),
+    }[case]
+    env = env_for(unique_namespace("no-cluster"), FLAGPROXY_STORE_REDIS_CLUSTER="true")
+    with ProxyProcess(
+        [origin.url], flags=SEED, env=env, args=["--redis-url", url], tmp_dir=tmp_path
+    ) as proxy:
+        wait_for(
+            lambda: http_client().get(f"{proxy.base_url}/__flags/readyz").status_code == 200, what="ready"
+        )
+        assert served_flags(proxy, origin) == {"banner": False}
+        refused = post_webhook(proxy.base_url, {"upsert": {"banner": {"enabled": True}}}, SECRET)
+        assert (refused.status_code, refused.json()["error"]) == (503, "store_unavailable")
+        time.sleep(0.5)  # a few retries (every 0.2 s)
+        problems = [(level, m) for level, m in store_lines(proxy) if level in ("warning", "error")]
+        assert len(problems) == 1 and said in problems[0][1], problems

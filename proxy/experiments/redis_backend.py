@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from proxy.config import StoreSettings
@@ -121,6 +121,8 @@ end
 return table.concat(out)
 """
 
+FAILURES: tuple[type[Exception], ...] = (*connect.FAILURES, UnicodeDecodeError)
+
 OUTCOMES = {
     "n": EXPOSED,
     "r": REPEAT,
@@ -178,12 +180,28 @@ class RedisBackend:
         # the keys carry their own per-flag hash tags: no store-wide tag, even on a Cluster
         self.keys = RedisKeys(settings.redis_prefix, settings.environment)
         self.timeout_s = settings.redis_timeout_s
-        # One retry, on a connection error only: a pooled connection to a Redis that went away (and
-        # came back) is replaced at once. A timeout is not retried: the caller retries the batch.
-        self.redis = connect.sync_client(
-            settings, retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
-        )
-        self._script = self.redis.register_script(APPLY_LUA)
+        self._settings = settings
+        self._redis: connect.SyncClient | None = None
+        self._script: Script | None = None
+
+    @property
+    def redis(self) -> connect.SyncClient:
+        """The client, made at the first use: a Cluster client reads the slots when it is made, and
+        a Cluster away at start must be a failed batch (retried), not a proxy that cannot start."""
+        if self._redis is None:
+            # One retry, on a connection error only: a pooled connection to a Redis that went away
+            # (and came back) is replaced at once. A timeout is not retried: the caller retries the batch.
+            retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+            self._redis = connect.sync_client(self._settings, retry=retry)
+            self._script = self._redis.register_script(APPLY_LUA)
+        return self._redis
+
+    @property
+    def script(self) -> Script:
+        """The apply script (``EVALSHA``, loaded again on ``NOSCRIPT``) on the client."""
+        _ = self.redis
+        assert self._script is not None
+        return self._script
 
     # --- the protocol ------------------------------------------------------------------------------
 
@@ -207,7 +225,7 @@ class RedisBackend:
                     # a value that is not finite would make the sum say nothing: the conversion counts, not it
                     value = "" if c.value is None or not math.isfinite(c.value) else number(c.value)
                     args += [c.goal, c.unit, number(c.at), number(c.window_s), value, "1" if c.final else "0"]
-                reply = self._script(keys=self.keys.of(flag), args=args)
+                reply = self.script(keys=self.keys.of(flag), args=args)
                 letters = reply.decode() if isinstance(reply, bytes) else ""
                 if len(letters) != len(exposed) + len(converted):
                     raise BackendError(f"redis {self.where}: unexpected reply {reply!r} for {flag!r}")
@@ -261,11 +279,12 @@ class RedisBackend:
         return deleted > 0
 
     def close(self) -> None:
-        self.redis.close()
+        if self._redis is not None:
+            self._redis.close()
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
         try:
             yield
-        except (RedisError, OSError, UnicodeDecodeError) as exc:
+        except FAILURES as exc:
             raise BackendError(f"redis {self.where}: {what} failed: {exc}") from None

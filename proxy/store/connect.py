@@ -30,12 +30,17 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection
 from redis.asyncio.connection import parse_url as parse_async_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.config import StoreSettings
 
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 SyncClient = redis.Redis | redis.cluster.RedisCluster
+
+# What a Redis call raises when Redis is away, refuses or is mid-failover. The cluster client raises
+# RedisClusterException, which is no RedisError, when no node answers its CLUSTER SLOTS (or the
+# node named is not in cluster mode).
+FAILURES: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 def key_base(settings: StoreSettings) -> str:
@@ -164,7 +169,7 @@ async def refresh(client: AsyncClient) -> None:
     """After a connection failure in Cluster mode: read the slots again (a replica may have taken
     over); best effort, the next attempt says what is wrong."""
     if isinstance(client, redis.asyncio.cluster.RedisCluster):
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*FAILURES):
             await client.nodes_manager.initialize()
 
 

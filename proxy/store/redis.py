@@ -265,6 +265,11 @@ class StoreUnreadable(Exception):
     """Redis answered, but with data this instance cannot use (not an integer, a wrong key type)."""
 
 
+# Redis away, refusing or mid-failover (and the store saying so); and with data this instance cannot use
+AWAY: tuple[type[Exception], ...] = (*connect.FAILURES, StoreUnavailable)
+UNUSABLE: tuple[type[Exception], ...] = (*AWAY, StoreUnreadable)
+
+
 def _integer(where: str, value: Any) -> int:
     if isinstance(value, str) and INTEGER.fullmatch(value):
         return int(value)
@@ -346,7 +351,7 @@ def unavailable_on_error(usable: Callable[[], bool]) -> Iterator[None]:
         raise StoreUnavailable("the store is not in sync with Redis")
     try:
         yield
-    except (RedisError, OSError, TimeoutError) as exc:
+    except connect.FAILURES as exc:
         raise StoreUnavailable(str(exc)) from None
 
 
@@ -513,7 +518,7 @@ class RedisStore(SnapshotHolder):
                 self._cannot_read(str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.reconnect_max_s)
-            except (RedisError, OSError, TimeoutError, StoreUnavailable) as exc:
+            except AWAY as exc:
                 if self.connected:
                     self.metrics.redis_reconnects.inc()
                 self.connected = False
@@ -858,7 +863,7 @@ class RedisStore(SnapshotHolder):
                 # Re-seeds an emptied Redis, or writes back the newer state served here; then the
                 # change goes on top (nothing was written yet).
                 await self.resync()
-            except (RedisError, OSError, TimeoutError, StoreUnreadable, StoreUnavailable) as exc:
+            except UNUSABLE as exc:
                 raise StoreUnavailable(str(exc)) from None
         result = ApplyResult(
             status=reply["status"],
@@ -871,7 +876,7 @@ class RedisStore(SnapshotHolder):
             # Read your own writes: this instance serves the change before it answers.
             try:
                 await self._catch_up(result.version, change.source, change.kind, result.changed)
-            except (RedisError, OSError, TimeoutError, StoreUnreadable, StoreUnavailable):
+            except UNUSABLE:
                 log.warning("applied version %d but could not reload it yet; pub/sub will", result.version)
             self.applied(change, result, before)
         return result
@@ -883,7 +888,7 @@ class RedisStore(SnapshotHolder):
         try:
             async with connect.connection_for(self.redis, self.keys.version) as connection:
                 return await self._send_script(connection, script, keys, args)
-        except (RedisError, OSError, TimeoutError) as exc:  # no connection: nothing was sent
+        except connect.FAILURES as exc:  # no connection: nothing was sent
             await connect.refresh(self.redis)
             raise StoreUnavailable(str(exc)) from None
 
@@ -921,13 +926,13 @@ class RedisStore(SnapshotHolder):
                 pipe.lpush(self.keys.audit, text)
                 pipe.ltrim(self.keys.audit, 0, max(0, self.settings.audit_max - 1))
                 await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except connect.FAILURES as exc:
             raise StoreUnavailable(str(exc)) from None
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:
         try:
             entries = await self.redis.lrange(self.keys.audit, 0, max(0, limit - 1))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except connect.FAILURES as exc:
             raise StoreUnavailable(str(exc)) from None
         out: list[dict[str, Any]] = []
         for text in entries:  # an entry written by anything else is skipped, not a 500
