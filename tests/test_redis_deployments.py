@@ -44,7 +44,7 @@ from proxy.config import ConfigError, StoreSettings, load_settings
 from proxy.experiments.records import ExposureRecord
 from proxy.experiments.redis_backend import RedisBackend
 from proxy.store import connect
-from proxy.store.redis import RedisLedger
+from proxy.store.redis_ledger import RedisLedger
 
 SECRET = "webhook-secret"
 SEED = {"flags": {"banner": {"enabled": False}}}
