@@ -109,7 +109,7 @@ def async_client(settings: StoreSettings) -> AsyncClient:
         )
         return master
     if settings.redis_cluster:
-        common.pop("retry_on_timeout")  # not the cluster client's: it never retries a timeout itself
+        common.pop("retry_on_timeout")  # no option of the cluster client (a TypeError)
         return redis.asyncio.cluster.RedisCluster.from_url(settings.redis_url, **common)
     return redis.asyncio.Redis.from_url(settings.redis_url, **common)
 
