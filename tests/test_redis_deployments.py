@@ -291,6 +291,12 @@ def test_sentinel_failover_under_load(
         change(proxies[0], {"banner": {"enabled": True}})
         wait_served(proxies, origin, {"banner": True})
         assert sentinel.master.client().hget(f"flagproxy:{namespace}:native:flags", "banner")
+        through = StoreSettings(
+            sentinels=(sentinel.address,), sentinel_master=sentinel.name, environment=namespace
+        )
+        with contextlib.closing(RedisBackend(settings=through)) as backend:
+            backend.apply([ExposureRecord("exp", "u1", "on", 1.0)], [])
+        assert sentinel.master.client().hgetall(f"flagproxy:{namespace}:exp:{{exp}}:counts")["u:on"] == "1"
         sentinel.master.client().execute_command("WAIT", 1, 2000)  # on the replica before the crash
         figures = failover_under_load(
             proxies,
