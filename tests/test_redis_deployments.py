@@ -43,8 +43,13 @@ from support import (
 from proxy.config import ConfigError, StoreSettings, load_settings
 from proxy.experiments.records import ExposureRecord
 from proxy.experiments.redis_backend import RedisBackend
+from proxy.sources.registry import DEFAULT
 from proxy.store import connect
+from proxy.store.base import StoreUnavailable
+from proxy.store.change import Change
+from proxy.store.redis import RedisStore
 from proxy.store.redis_ledger import RedisLedger
+from proxy.store.state import RawState
 
 SECRET = "webhook-secret"
 SEED = {"flags": {"banner": {"enabled": False}}}
@@ -485,3 +490,32 @@ def test_a_cluster_that_cannot_be_used_at_start_serves_the_flags_file(
         time.sleep(0.5)  # a few retries (every 0.2 s)
         problems = [(level, m) for level, m in store_lines(proxy) if level in ("warning", "error")]
         assert len(problems) == 1 and said in problems[0][1], problems
+
+
+def test_a_master_demoted_under_a_sentinel_client_refuses_writes_with_503(
+    sentinel: SentinelDeployment,
+) -> None:
+    """redis-py's Sentinel connection turns READONLY into a ConnectionError ("the previous master
+    is now a slave"): still a refusal before anything ran, not an unknown outcome (504)."""
+    settings = StoreSettings(
+        sentinels=(sentinel.address,), sentinel_master=sentinel.name, environment=unique_namespace("demoted")
+    )
+
+    async def run() -> None:
+        store = RedisStore(settings, fallback=RawState, compiler=DEFAULT)
+        await store.start()
+        try:
+            for _ in range(200):  # bounded: 10 s
+                if store.connected:
+                    break
+                await asyncio.sleep(0.05)
+            applied = await store.apply(Change(source="native", upsert={"a": '{"enabled":true}'}))
+            assert applied.status == "applied"
+            # demoted behind the sentinel's back: the pooled connection still reaches it
+            sentinel.master.client().execute_command("REPLICAOF", LOCALHOST, str(sentinel.replica.port))
+            with pytest.raises(StoreUnavailable, match=r"READONLY|read only replica"):
+                await store.apply(Change(source="native", upsert={"b": "{}"}))
+        finally:
+            await store.close()
+
+    asyncio.run(run())

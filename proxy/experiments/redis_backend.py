@@ -280,7 +280,7 @@ class RedisBackend:
 
     def close(self) -> None:
         if self._redis is not None:
-            self._redis.close()
+            connect.close(self._redis)
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:

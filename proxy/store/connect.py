@@ -134,6 +134,25 @@ def sync_client(settings: StoreSettings, **extra: Any) -> SyncClient:
     return redis.Redis.from_url(settings.redis_url, **common)
 
 
+async def aclose(client: AsyncClient) -> None:
+    """Close ``client`` and, under Sentinel, its connections to the sentinels (the master's client
+    does not own those)."""
+    await client.aclose()
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+def close(client: SyncClient) -> None:
+    """``aclose`` for a blocking client."""
+    client.close()
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            sentinel.close()
+
+
 @contextlib.asynccontextmanager
 async def connection_for(client: AsyncClient, key: str) -> AsyncIterator[AbstractConnection]:
     """A connection of its own to the server that holds ``key`` (the store's writes send their

@@ -400,7 +400,7 @@ class RedisStore(SnapshotHolder):
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._save_now()
-        await self.redis.aclose()
+        await connect.aclose(self.redis)
         self.stop_compiling()
 
     async def _run(self) -> None:
@@ -812,6 +812,11 @@ class RedisStore(SnapshotHolder):
             # an error inside the script: what it wrote before failing stays written
             raise StoreTimeout(f"the write failed part-way in Redis: {exc}") from None
         except (RedisError, OSError, TimeoutError) as exc:
+            refused = exc.__context__
+            if isinstance(refused, ResponseError) and _error_code(refused) in REFUSED_BEFORE_RUNNING:
+                # redis-py's Sentinel connection answers READONLY (a demoted master) with a
+                # ConnectionError raised from it: a refusal all the same, nothing ran
+                raise StoreUnavailable(f"Redis refused the write: {_error_code(refused)} {refused}") from None
             await connection.disconnect()  # a late answer must not be read as the next command's
             raise StoreTimeout(
                 f"no answer from Redis within {self.settings.redis_timeout_s:g}s: {exc}"
