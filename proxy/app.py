@@ -70,7 +70,7 @@ def build_store(settings: Settings, registry: Registry, metrics: Metrics | None 
         return initial_state(path, required)
 
     seed = from_file()  # validated now: a bad flags file stops startup with a clear message
-    if settings.store.redis_url:
+    if settings.store.uses_redis:
         from proxy.store.redis import RedisStore  # the Redis client is imported only when it is used
 
         return RedisStore(settings.store, fallback=from_file, metrics=metrics, compiler=registry)
@@ -325,7 +325,7 @@ class FlagProxy:
             "flagproxy ready: %d flags (store version %d%s), origins: %s",
             len(self.store.snapshot.flags),
             self.store.snapshot.version,
-            "" if self.settings.store.redis_url else f", from {self.settings.store.flags_file}",
+            "" if self.settings.store.uses_redis else f", from {self.settings.store.flags_file}",
             ", ".join(f"{o.prefix}={without_credentials(o.url)}" for o in self.settings.origins) or "none",
         )
 

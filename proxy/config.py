@@ -121,6 +121,9 @@ class StoreSettings:
     allow_empty: bool = False  # serve with no flags at all (--allow-empty); else refuse to start
     watch_flags_file: bool = True  # an edited flags file is validated and applied (and on SIGHUP)
     redis_url: str = ""
+    redis_cluster: bool = False  # redis_url names any node of a Redis Cluster
+    sentinels: tuple[str, ...] = ()  # "host:port" of Redis Sentinels; the master's address comes from them
+    sentinel_master: str = ""  # the master's name the sentinels monitor
     redis_prefix: str = "flagproxy"
     environment: str = "default"
     snapshot_path: str = ""
@@ -129,6 +132,11 @@ class StoreSettings:
     reconnect_max_s: float = 0.5
     audit_max: int = 1000
     sources: tuple[str, ...] = ("split", "native")  # enabled sources; a later one wins a shared flag key
+
+    @property
+    def uses_redis(self) -> bool:
+        """Redis holds the flags (with Sentinel, ``redis_url`` may be left out)."""
+        return bool(self.redis_url or self.sentinels)
 
 
 @dataclass(frozen=True)
@@ -790,14 +798,8 @@ def validate(settings: Settings) -> None:
         "[context] jwt_secret and jwt_public_key: configure one (HS256 secret or RS256 public key), not both",
     )
 
-    if settings.store.redis_url:
-        scheme = urlsplit(settings.store.redis_url).scheme
-        _check(
-            scheme in ("redis", "rediss", "unix"),
-            f"[store] redis_url: expected redis://, rediss:// or unix://, got {settings.store.redis_url!r}",
-        )
-
     st = settings.store
+    _validate_redis(st)
     _check(
         "native" in st.sources,
         f"[store] sources: must include 'native' (the flags file and the admin API write it), "
@@ -889,6 +891,48 @@ def validate(settings: Settings) -> None:
         _check(0 <= reserve < limit, f"{where} header_reserve_bytes: must be in [0, {limit})")
 
 
+def _validate_redis(st: StoreSettings) -> None:
+    """One of: a server (``redis_url``), Sentinel (``sentinels`` + ``sentinel_master``), a Cluster."""
+    scheme = urlsplit(st.redis_url).scheme if st.redis_url else ""
+    if st.redis_url:
+        _check(
+            scheme in ("redis", "rediss", "unix"),
+            f"[store] redis_url: expected redis://, rediss:// or unix://, got {st.redis_url!r}",
+        )
+    _check(
+        not (st.sentinels and st.redis_cluster),
+        "[store] sentinels and redis_cluster: Sentinel or Cluster, not both",
+    )
+    _check(
+        bool(st.sentinels) == bool(st.sentinel_master),
+        "[store] sentinel_master: set it together with [store] sentinels (the name the sentinels monitor)"
+        if st.sentinels
+        else "[store] sentinels: sentinel_master is set, but no sentinels (host:port) to ask for it",
+    )
+    for entry in st.sentinels:
+        host, _, port = entry.rpartition(":")
+        _check(
+            bool(host) and port.isdigit() and 1 <= int(port) <= 65535,
+            f"[store] sentinels: expected host:port entries, got {entry!r}",
+        )
+    _check(
+        not (st.sentinels and scheme == "unix"),
+        "[store] redis_url: with sentinels it gives only the scheme, credentials and options: redis:// or "
+        "rediss://, not unix://",
+    )
+    if st.redis_cluster:
+        _check(
+            scheme in ("redis", "rediss"),
+            "[store] redis_cluster: needs [store] redis_url (--redis-url) naming any node, "
+            "redis:// or rediss://",
+        )
+        db = urlsplit(st.redis_url).path.strip("/")
+        _check(
+            db in ("", "0"),
+            f"[store] redis_url: a Redis Cluster has only database 0, got /{db} (redis_cluster = true)",
+        )
+
+
 def _validate_experiments(settings: Settings) -> None:
     e = settings.experiments
     _check(
@@ -896,8 +940,8 @@ def _validate_experiments(settings: Settings) -> None:
         f"[experiments] backend: expected one of {', '.join(EXPERIMENT_BACKENDS)}, got {e.backend!r}",
     )
     _check(
-        e.backend != "redis" or bool(settings.store.redis_url),
-        '[experiments] backend: "redis" needs [store] redis_url',
+        e.backend != "redis" or settings.store.uses_redis,
+        '[experiments] backend: "redis" needs [store] redis_url (or sentinels)',
     )
     _check(bool(e.path.strip()), "[experiments] path: must not be empty")
     for name in ("queue_size", "batch_size", "dedupe_size", "max_events"):

@@ -57,7 +57,7 @@ def checked_settings(inputs: dict[str, Any]) -> Settings:
     except ValueError as exc:  # FlagError: the flags file does not validate
         raise ConfigError(f"flags file {path}: {exc}") from None
     if not state.data.get(SOURCE, {}).get("flags") and not (
-        settings.store.allow_empty or settings.store.redis_url
+        settings.store.allow_empty or settings.store.uses_redis
     ):
         raise ConfigError(f"the flags file {path} has no flags ([store] allow_empty to allow it)")
     return settings
@@ -66,7 +66,7 @@ def checked_settings(inputs: dict[str, Any]) -> Settings:
 def refuse_empty(settings: Settings, app: Any) -> None:
     """No flags and nothing that could bring any: almost always a flags file that was not found
     (a relative path, started from elsewhere). Said loudly instead of serving nothing."""
-    if settings.store.allow_empty or settings.store.redis_url or len(app.store.snapshot.flags):
+    if settings.store.allow_empty or settings.store.uses_redis or len(app.store.snapshot.flags):
         return
     if any(sync.enabled for name, sync in app.syncs.items() if name != "native"):
         return  # a vendor sync brings them
@@ -119,7 +119,7 @@ def run(settings: Settings, inputs: dict[str, Any], workers: int = 1) -> None:
         else:
             uvicorn.run(app, **options)
         return
-    if not settings.store.redis_url:
+    if not settings.store.uses_redis:
         log.warning(
             "%d workers on the embedded memory store: a webhook or admin change reaches only the worker "
             "that received it; use --redis-url so every worker shares the flags",
@@ -186,7 +186,7 @@ class ReloadingSupervisor(Multiprocess):
         except (ConfigError, OSError) as exc:
             log.error("SIGHUP: reload refused, the workers keep running as they are: %s", exc)
             return
-        if not new.store.redis_url:
+        if not new.store.uses_redis:
             log.error(
                 "SIGHUP: reload refused: with --workers on the memory store each worker holds its own "
                 "flags, and replacing the workers would lose every change made since they started "

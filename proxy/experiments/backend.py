@@ -47,16 +47,10 @@ class Backend(Protocol):
 def open_backend(settings: Settings) -> Backend:
     """``[experiments] backend``: Redis when ``auto`` and ``[store] redis_url`` is set, else SQLite."""
     kind = settings.experiments.backend
-    if kind == "redis" or (kind == "auto" and settings.store.redis_url):
+    if kind == "redis" or (kind == "auto" and settings.store.uses_redis):
         from proxy.experiments.redis_backend import RedisBackend  # the client only when it is used
 
-        store = settings.store
-        return RedisBackend(
-            store.redis_url,
-            prefix=store.redis_prefix,
-            environment=store.environment,
-            timeout_s=store.redis_timeout_s,
-        )
+        return RedisBackend(settings=settings.store)
     from proxy.experiments.sqlite import SQLiteBackend
 
     return SQLiteBackend(settings.experiments.path)

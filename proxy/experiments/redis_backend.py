@@ -26,13 +26,14 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import Script
 from redis.retry import Retry
 
+from proxy.config import StoreSettings
 from proxy.experiments.backend import BackendError
 from proxy.experiments.records import (
     BEFORE_EXPOSURE,
@@ -49,6 +50,7 @@ from proxy.experiments.records import (
     Counts,
     ExposureRecord,
 )
+from proxy.store import connect
 
 # KEYS: units, multi, conv, counts. ARGV: exposures count, conversions count, then per exposure
 # unit, variant, at, then per conversion goal, unit, at, window_s, value ("" for none), final ("1"/"0").
@@ -119,6 +121,8 @@ end
 return table.concat(out)
 """
 
+FAILURES: tuple[type[Exception], ...] = (*connect.FAILURES, UnicodeDecodeError)
+
 OUTCOMES = {
     "n": EXPOSED,
     "r": REPEAT,
@@ -130,12 +134,6 @@ OUTCOMES = {
     "b": BEFORE_EXPOSURE,
     "o": OUTSIDE_WINDOW,
 }
-
-
-def where(url: str) -> str:
-    """``url`` without credentials or query (for messages): ``redis://host:port/db``."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def number(value: float) -> str:
@@ -166,20 +164,44 @@ class RedisBackend:
     name = "redis"
 
     def __init__(
-        self, url: str, prefix: str = "flagproxy", environment: str = "default", timeout_s: float = 2.0
+        self,
+        url: str = "",
+        prefix: str = "flagproxy",
+        environment: str = "default",
+        timeout_s: float = 2.0,
+        settings: StoreSettings | None = None,
     ) -> None:
-        self.where = where(url)
-        self.keys = RedisKeys(prefix, environment)
-        self.timeout_s = timeout_s
-        # One retry, on a connection error only: a pooled connection to a Redis that went away (and
-        # came back) is replaced at once. A timeout is not retried: the caller retries the batch.
-        self.redis = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        )
-        self._script = self.redis.register_script(APPLY_LUA)
+        """``settings``: the store's deployment (Sentinel, Cluster); else the one server at ``url``."""
+        if settings is None:
+            settings = StoreSettings(
+                redis_url=url, redis_prefix=prefix, environment=environment, redis_timeout_s=timeout_s
+            )
+        self.where = connect.where(settings)
+        # the keys carry their own per-flag hash tags: no store-wide tag, even on a Cluster
+        self.keys = RedisKeys(settings.redis_prefix, settings.environment)
+        self.timeout_s = settings.redis_timeout_s
+        self._settings = settings
+        self._redis: connect.SyncClient | None = None
+        self._script: Script | None = None
+
+    @property
+    def redis(self) -> connect.SyncClient:
+        """The client, made at the first use: a Cluster client reads the slots when it is made, and
+        a Cluster away at start must be a failed batch (retried), not a proxy that cannot start."""
+        if self._redis is None:
+            # One retry, on a connection error only: a pooled connection to a Redis that went away
+            # (and came back) is replaced at once. A timeout is not retried: the caller retries the batch.
+            retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+            self._redis = connect.sync_client(self._settings, retry=retry)
+            self._script = self._redis.register_script(APPLY_LUA)
+        return self._redis
+
+    @property
+    def script(self) -> Script:
+        """The apply script (``EVALSHA``, loaded again on ``NOSCRIPT``) on the client."""
+        _ = self.redis
+        assert self._script is not None
+        return self._script
 
     # --- the protocol ------------------------------------------------------------------------------
 
@@ -203,7 +225,7 @@ class RedisBackend:
                     # a value that is not finite would make the sum say nothing: the conversion counts, not it
                     value = "" if c.value is None or not math.isfinite(c.value) else number(c.value)
                     args += [c.goal, c.unit, number(c.at), number(c.window_s), value, "1" if c.final else "0"]
-                reply = self._script(keys=self.keys.of(flag), args=args)
+                reply = self.script(keys=self.keys.of(flag), args=args)
                 letters = reply.decode() if isinstance(reply, bytes) else ""
                 if len(letters) != len(exposed) + len(converted):
                     raise BackendError(f"redis {self.where}: unexpected reply {reply!r} for {flag!r}")
@@ -257,11 +279,12 @@ class RedisBackend:
         return deleted > 0
 
     def close(self) -> None:
-        self.redis.close()
+        if self._redis is not None:
+            connect.close(self._redis)
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
         try:
             yield
-        except (RedisError, OSError, UnicodeDecodeError) as exc:
+        except FAILURES as exc:
             raise BackendError(f"redis {self.where}: {what} failed: {exc}") from None

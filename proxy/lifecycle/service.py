@@ -101,6 +101,7 @@ class Lifecycle:
         self.last_report: dict[str, list[str]] = {}  # flag → reasons, as last computed (the console)
         self._task: asyncio.Task[None] | None = None
         self.digests_sent = 0
+        self._store_away = False  # said once per outage: the store logs the outage itself
         store.on_change(self.on_snapshot)
         on_apply = getattr(store, "on_apply", None)
         if on_apply is not None:
@@ -117,17 +118,34 @@ class Lifecycle:
         now = self.clock()
         # flags the store did not answer for last time: new, or lost with the store's data
         missing = {k: self._known.get(k, now) for k in self.store.snapshot.flags if k not in self.first_seen}
+        written = True
         try:
             self.first_seen = await self.ledger.first_seen(missing)
             self._known.update(self.first_seen)
+        except StoreUnavailable as exc:
+            written = self._away(exc)
         except Exception as exc:
             log.warning("lifecycle: could not record first-seen times: %s", exc)
         deltas = self.counter.drain()
         try:
             await self.ledger.add_usage(deltas)
+        except StoreUnavailable as exc:
+            self.counter.restore(deltas)
+            written = self._away(exc)
         except Exception as exc:
             self.counter.restore(deltas)
             log.warning("lifecycle: could not write usage counters: %s", exc)
+        if written and self._store_away:
+            self._store_away = False
+            log.info("lifecycle: first-seen times and usage counters reach the store again")
+
+    def _away(self, exc: StoreUnavailable) -> bool:
+        """The store cannot take the ledger's writes (Redis away): one line until it can again,
+        not one per flush (the store logs the outage itself, once). False: nothing was written."""
+        if not self._store_away:
+            self._store_away = True
+            log.warning("lifecycle: the store is unavailable (%s); usage is counted in memory meanwhile", exc)
+        return False
 
     # --- the report -----------------------------------------------------------------------------
 
@@ -239,7 +257,7 @@ class Lifecycle:
                     last_digest = now
                     await self.digest_tick()
             except StoreUnavailable as exc:
-                log.warning("lifecycle: store unavailable (%s); retrying", exc)
+                self._away(exc)
             except Exception:
                 log.exception("lifecycle task failed; retrying")
             await asyncio.sleep(tick_s)

@@ -9,7 +9,7 @@
   whichever instance sends it.
 
 Usage is merged the same way in memory (``merge_usage``) and in Redis (the Lua script in
-``proxy.store.redis``). Times are epoch seconds.
+``proxy.store.redis_ledger``). Times are epoch seconds.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Ledger(Protocol):
 
 
 def merge_usage(stored: Mapping[str, Any] | None, delta: UsageDelta) -> dict[str, Any]:
-    """One usage record after ``delta`` (the Lua script in ``proxy.store.redis`` does the same)."""
+    """One usage record after ``delta`` (the Lua script in ``proxy.store.redis_ledger`` does the same)."""
     _, fp, changed, last, values = delta
     record: dict[str, Any]
     if stored is None or (stored.get("fp") != fp and changed >= float(stored.get("changed", 0))):

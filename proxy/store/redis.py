@@ -54,21 +54,22 @@ import re
 import secrets
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import BusyLoadingError, NoScriptError, RedisError, ResponseError
 
 from proxy.config import StoreSettings
 from proxy.metrics import Metrics
+from proxy.store import connect
 from proxy.store.base import SnapshotHolder, StoreTimeout, StoreUnavailable
 from proxy.store.change import Change, now_iso
-from proxy.store.ledger import UsageDelta
 from proxy.store.lineage import holds, origin, restore_version
+from proxy.store.outage import Outage
+from proxy.store.redis_ledger import RedisLedger
 from proxy.store.state import ApplyResult, Compiler, Generation, RawState, layout
 
 log = logging.getLogger("flagproxy.store")
@@ -78,7 +79,7 @@ local data, vers, meta, verkey, audit, inited = KEYS[1], KEYS[2], KEYS[3], KEYS[
 local genkey = KEYS[7]
 local delivery = KEYS[8]  -- only when the change carries a delivery id
 local p = cjson.decode(ARGV[1])
-local channel = ARGV[2]
+local channel, publish = ARGV[2], ARGV[3]  -- PUBLISH, or SPUBLISH on a Cluster
 if redis.call('EXISTS', inited) == 0 then
   -- Redis lost its data (or was never seeded): writing now would make this change all there is.
   return cjson.encode({status = 'uninitialized'})
@@ -197,12 +198,13 @@ end
 redis.call('LTRIM', audit, 0, tonumber(p.audit_max) - 1)
 local announcement = {version = version, generation = generation, source = p.source, kind = p.kind,
   keys = changed}
-redis.call('PUBLISH', channel, cjson.encode(announcement))
+redis.call(publish, channel, cjson.encode(announcement))
 return cjson.encode({status = 'applied', version = version, changed = changed, ignored = ignored})
 """
 
 RESEED_LUA = """
 -- Write a state into Redis if Redis has none or an older one: the highest version wins.
+-- KEYS[1] the version key (it routes the script to the node of every key's slot on a Cluster)
 local p = cjson.decode(ARGV[1])
 local cur = redis.call('GET', p.version_key)
 if redis.call('EXISTS', p.inited) == 1 then
@@ -221,39 +223,8 @@ redis.call('HSET', p.generation_key, 'id', p.generation.id, 'base_id', p.generat
   'base_version', string.format('%d', p.generation.base_version))
 redis.call('SET', p.inited, '1')
 local announcement = {version = p.version, generation = p.generation.id, reseed = true}
-redis.call('PUBLISH', p.channel, cjson.encode(announcement))
+redis.call(p.publish, p.channel, cjson.encode(announcement))
 return cjson.encode({status = 'seeded', version = p.version})
-"""
-
-USAGE_LUA = """
--- KEYS[1] the usage hash; ARGV[1] [[key, fp, changed, last, [values]], ...] (proxy.store.ledger.merge_usage)
-local batch = cjson.decode(ARGV[1])
-for _, d in ipairs(batch) do
-  local key, fp, changed, last, values = d[1], d[2], tonumber(d[3]), tonumber(d[4]), d[5]
-  local rec = nil
-  local raw = redis.call('HGET', KEYS[1], key)
-  if raw then
-    local ok, v = pcall(cjson.decode, raw)
-    if ok and type(v) == 'table' then rec = v end
-  end
-  if rec == nil or (rec.fp ~= fp and changed >= (tonumber(rec.changed) or 0)) then
-    local prev = 0
-    if rec ~= nil then prev = tonumber(rec.last) or 0 end
-    rec = {fp = fp, changed = changed, last = prev, values = {}}
-  end
-  if type(rec.values) ~= 'table' then rec.values = {} end
-  if last > (tonumber(rec.last) or 0) then rec.last = last end
-  if rec.fp == fp then
-    for _, v in ipairs(values) do
-      if #rec.values >= 2 then break end
-      local found = false
-      for _, w in ipairs(rec.values) do if w == v then found = true end end
-      if not found then table.insert(rec.values, v) end
-    end
-  end
-  redis.call('HSET', KEYS[1], key, cjson.encode(rec))
-end
-return #batch
 """
 
 INTEGER = re.compile(r"-?[0-9]+")
@@ -261,6 +232,11 @@ INTEGER = re.compile(r"-?[0-9]+")
 
 class StoreUnreadable(Exception):
     """Redis answered, but with data this instance cannot use (not an integer, a wrong key type)."""
+
+
+# Redis away, refusing or mid-failover (and the store saying so); and with data this instance cannot use
+AWAY: tuple[type[Exception], ...] = (*connect.FAILURES, StoreUnavailable)
+UNUSABLE: tuple[type[Exception], ...] = (*AWAY, StoreUnreadable)
 
 
 def _integer(where: str, value: Any) -> int:
@@ -282,7 +258,15 @@ async def _run_script(
 # Error prefixes Redis answers before it runs a command: nothing of the write was applied.
 REFUSED_BEFORE_RUNNING = frozenset(
     {"OOM", "READONLY", "NOPERM", "NOAUTH", "WRONGPASS", "MASTERDOWN", "MISCONF", "NOREPLICAS", "BUSY"}
+    | {"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "CROSSSLOT"}  # a Cluster's: the node did not run it
 )
+
+
+def _error_code(exc: ResponseError) -> str:
+    """The error's first word (``READONLY``, ``MOVED``): redis-py strips it from the message of the
+    errors it has a class for and keeps it as ``status_code``."""
+    code = getattr(exc, "status_code", None)
+    return code if isinstance(code, str) and code else str(exc).split(" ", 1)[0]
 
 
 async def _alive(connection: AbstractConnection) -> None:
@@ -306,8 +290,10 @@ def _as_list(value: Any) -> list[Any]:
 
 
 class RedisKeys:
-    def __init__(self, prefix: str, environment: str) -> None:
-        self.base = f"{prefix}:{environment}"
+    def __init__(self, base: str) -> None:
+        """``base``: ``prefix:environment``, or ``{prefix:environment}`` on a Cluster
+        (``proxy.store.connect.key_base``): every key below shares its slot."""
+        self.base = base
         self.version = f"{self.base}:version"
         self.generation = f"{self.base}:generation"
         self.inited = f"{self.base}:inited"
@@ -325,75 +311,6 @@ class RedisKeys:
 
     def delivery(self, source: str, delivery: str) -> str:
         return f"{self.base}:delivery:{source}:{delivery}"
-
-
-@contextlib.contextmanager
-def unavailable_on_error(usable: Callable[[], bool]) -> Iterator[None]:
-    """Redis errors as the store's own ``StoreUnavailable``; so is a store not in sync (``usable``)."""
-    if not usable():
-        raise StoreUnavailable("the store is not in sync with Redis")
-    try:
-        yield
-    except (RedisError, OSError, TimeoutError) as exc:
-        raise StoreUnavailable(str(exc)) from None
-
-
-class RedisLedger:
-    """The lifecycle ledger (``proxy.store.ledger``) in Redis: shared by every instance. Used only
-    while the store is in sync with Redis (``usable``): nothing is written into a Redis whose flag
-    data this instance cannot read, or has not read yet; counters wait in memory meanwhile."""
-
-    def __init__(self, redis: Redis, base: str, usable: Callable[[], bool] = lambda: True) -> None:
-        self.redis = redis
-        self.usable = usable
-        self.first_seen_key = f"{base}:lifecycle:first_seen"
-        self.usage_key = f"{base}:lifecycle:usage"
-        self.digest_prefix = f"{base}:lifecycle:digest:"
-        self._usage_script = redis.register_script(USAGE_LUA)
-
-    async def first_seen(self, times: Mapping[str, float]) -> dict[str, float]:
-        with unavailable_on_error(self.usable):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key, at in times.items():
-                    pipe.hsetnx(self.first_seen_key, key, repr(at))
-                pipe.hgetall(self.first_seen_key)
-                replies = await pipe.execute()
-        out: dict[str, float] = {}
-        for key, value in (replies[-1] or {}).items():
-            with contextlib.suppress(ValueError):
-                out[key] = float(value)
-        return out
-
-    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
-        if deltas:
-            batch = [[k, fp, changed, last, list(values)] for k, fp, changed, last, values in deltas]
-            with unavailable_on_error(self.usable):
-                await self._usage_script(keys=[self.usage_key], args=[json.dumps(batch)])
-
-    async def usage(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        with unavailable_on_error(self.usable):
-            stored = await self.redis.hgetall(self.usage_key)
-        for key, text in stored.items():
-            with contextlib.suppress(ValueError):
-                record = json.loads(text)
-                if isinstance(record, dict):
-                    if not isinstance(record.get("values"), list):
-                        record["values"] = []  # Lua's cjson writes an empty list as {}
-                    out[str(key)] = record
-        return out
-
-    async def claim_digest(self, day: str, keys: Sequence[str]) -> list[str]:
-        if not keys:
-            return []
-        name = self.digest_prefix + day
-        with unavailable_on_error(self.usable):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for key in keys:
-                    pipe.hsetnx(name, key, "1")
-                pipe.expire(name, 3 * 86400)
-                replies = await pipe.execute()
-        return [key for key, won in zip(keys, replies, strict=False) if won]
 
 
 def save_snapshot_file(path: str, state: RawState) -> None:
@@ -433,15 +350,10 @@ class RedisStore(SnapshotHolder):
         self.layout = layout(self.compiler)
         self.metrics = metrics or Metrics()
         self.settings = settings
-        self.keys = RedisKeys(settings.redis_prefix, settings.environment)
-        timeout = settings.redis_timeout_s
-        self.redis = Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry_on_timeout=False,
-        )
+        self.keys = RedisKeys(connect.key_base(settings))
+        self.publish = connect.publish_command(settings)
+        self.where = connect.where(settings)
+        self.redis = connect.async_client(settings)
         self._apply_script = self.redis.register_script(APPLY_LUA)
         self._reseed_script = self.redis.register_script(RESEED_LUA)
         self.ledger = RedisLedger(self.redis, self.keys.base, usable=lambda: self.connected)
@@ -455,6 +367,7 @@ class RedisStore(SnapshotHolder):
         self._save_lock = threading.Lock()
         self._saved_version = -1
         self._unreadable = ""  # the problem last logged while Redis answers garbage
+        self._outage = Outage(self.where, self.settings.reconnect_max_s)
         self.connected = False
 
     @property
@@ -487,7 +400,7 @@ class RedisStore(SnapshotHolder):
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._save_now()
-        await self.redis.aclose()
+        await connect.aclose(self.redis)
         self.stop_compiling()
 
     async def _run(self) -> None:
@@ -503,22 +416,15 @@ class RedisStore(SnapshotHolder):
                 self._cannot_read(str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.reconnect_max_s)
-            except (RedisError, OSError, TimeoutError, StoreUnavailable) as exc:
+            except AWAY as exc:
                 if self.connected:
                     self.metrics.redis_reconnects.inc()
                 self.connected = False
                 self.metrics.redis_connected.set(0)
-                if not self._ready:
-                    source = "disk snapshot" if self._last_good is not None else "flags file"
-                    log.error("Redis unreachable at start (%s): serving the %s", exc, source)
-                    self._ready = True
-                else:
-                    log.warning(
-                        "Redis unavailable (%s): serving snapshot version %d; retrying in %.2fs",
-                        exc,
-                        self.snapshot.version,
-                        delay,
-                    )
+                await connect.refresh(self.redis)
+                source = "disk snapshot" if self._last_good is not None else "flags file"
+                self._outage.failed(str(exc), self.snapshot.version, source, at_start=not self._ready)
+                self._ready = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.reconnect_max_s)
             except Exception:
@@ -547,29 +453,24 @@ class RedisStore(SnapshotHolder):
         self._unreadable = problem
 
     async def _sync_forever(self) -> None:
-        pubsub = self.redis.pubsub()
-        try:
-            await pubsub.subscribe(
-                self.keys.channel
-            )  # first, so nothing published during the resync is missed
+        subscription = await connect.subscribe(self.redis, self.keys.channel)
+        try:  # subscribed first, so nothing published during the resync is missed
             await self.resync()
-            if not self.connected:
-                log.info("connected to Redis at store version %d", self.snapshot.version)
+            self._outage.recovered(self.snapshot.version)
             self.connected = True
             self.metrics.redis_connected.set(1)
             loop = asyncio.get_running_loop()
             next_resync = loop.time() + self.settings.resync_interval_s
             while True:
                 wait = max(0.0, min(1.0, next_resync - loop.time()))
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-                if message is not None and message.get("type") == "message":
-                    await self._on_message(message["data"])
+                data = await subscription.get(timeout=wait)
+                if data is not None:
+                    await self._on_message(data)
                 if loop.time() >= next_resync:
                     await self.resync()
                     next_resync = loop.time() + self.settings.resync_interval_s
         finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await subscription.aclose()
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -721,17 +622,20 @@ class RedisStore(SnapshotHolder):
             "version_key": self.keys.version,
             "generation_key": self.keys.generation,
             "channel": self.keys.channel,
+            "publish": self.publish,
             "version": seed.version if version is None else version,
             "generation": {"id": secrets.token_hex(8), "base_id": base_id, "base_version": base_version},
             "clear": sorted(clear),
             "hashes": {name: fields for name, fields in hashes.items() if fields},
         }
-        reply = json.loads(await self._reseed_script(args=[json.dumps(payload)]))
+        reply = json.loads(await self._reseed_script(keys=[self.keys.version], args=[json.dumps(payload)]))
         if reply["status"] == "corrupt":
             raise StoreUnreadable(f"{self.keys.version} is not an integer")
         if reply["status"] == "seeded" and not restoring:
-            level = logging.ERROR if self._last_good is not None else logging.WARNING
-            log.log(level, "Redis had no flagproxy data (init marker missing): re-seeded it from %s", what)
+            if self._last_good is not None:  # it held this instance's state before: data lost
+                log.error("Redis had no flagproxy data (init marker missing): re-seeded it from %s", what)
+            else:  # a first start on an empty Redis (or one this instance never read)
+                log.info("initialised Redis from %s (it held no flagproxy data)", what)
 
     async def _accept(self, state: RawState) -> None:
         await self.install(state, allow_older=True)
@@ -845,7 +749,7 @@ class RedisStore(SnapshotHolder):
             mine = self._last_good
             payload["floor"] = mine.version if mine is not None else -1
             payload["generation"] = mine.generation.id if mine is not None else ""
-            args = [json.dumps(payload, separators=(",", ":")), self.keys.channel]
+            args = [json.dumps(payload, separators=(",", ":")), self.keys.channel, self.publish]
             reply = json.loads(await self._write(self._apply_script, keys, args))
             if reply["status"] == "corrupt":
                 raise StoreUnavailable(f"Redis holds data this instance cannot use: {reply.get('detail')}")
@@ -857,7 +761,7 @@ class RedisStore(SnapshotHolder):
                 # Re-seeds an emptied Redis, or writes back the newer state served here; then the
                 # change goes on top (nothing was written yet).
                 await self.resync()
-            except (RedisError, OSError, TimeoutError, StoreUnreadable, StoreUnavailable) as exc:
+            except UNUSABLE as exc:
                 raise StoreUnavailable(str(exc)) from None
         result = ApplyResult(
             status=reply["status"],
@@ -870,7 +774,7 @@ class RedisStore(SnapshotHolder):
             # Read your own writes: this instance serves the change before it answers.
             try:
                 await self._catch_up(result.version, change.source, change.kind, result.changed)
-            except (RedisError, OSError, TimeoutError, StoreUnreadable, StoreUnavailable):
+            except UNUSABLE:
                 log.warning("applied version %d but could not reload it yet; pub/sub will", result.version)
             self.applied(change, result, before)
         return result
@@ -879,15 +783,20 @@ class RedisStore(SnapshotHolder):
         """Run a write script on a connection taken for it, to know whether a failure came before
         it was sent (StoreUnavailable: nothing applied) or after (StoreTimeout: Redis may still run
         it — a busy or paused Redis does, even once this side has given up)."""
-        pool = self.redis.connection_pool
         try:
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped upstream
-        except (RedisError, OSError, TimeoutError) as exc:
+            async with connect.connection_for(self.redis, self.keys.version) as connection:
+                return await self._send_script(connection, script, keys, args)
+        except connect.FAILURES as exc:  # no connection: nothing was sent
+            await connect.refresh(self.redis)
             raise StoreUnavailable(str(exc)) from None
+
+    async def _send_script(
+        self, connection: AbstractConnection, script: AsyncScript, keys: list[str], args: list[str]
+    ) -> str:
         try:
             await _alive(connection)
         except (RedisError, OSError, TimeoutError) as exc:  # nothing of the write was sent
-            await pool.release(connection)
+            await connect.refresh(self.redis)
             raise StoreUnavailable(str(exc)) from None
         try:
             try:
@@ -897,17 +806,21 @@ class RedisStore(SnapshotHolder):
         except BusyLoadingError as exc:  # Redis answered: it did not run the script
             raise StoreUnavailable(f"Redis refused the write: {exc}") from None
         except ResponseError as exc:
-            if str(exc).split(" ", 1)[0] in REFUSED_BEFORE_RUNNING:
+            if _error_code(exc) in REFUSED_BEFORE_RUNNING:
+                await connect.refresh(self.redis)  # MOVED, READONLY: a failover moved the master
                 raise StoreUnavailable(f"Redis refused the write: {exc}") from None
             # an error inside the script: what it wrote before failing stays written
             raise StoreTimeout(f"the write failed part-way in Redis: {exc}") from None
         except (RedisError, OSError, TimeoutError) as exc:
+            refused = exc.__context__
+            if isinstance(refused, ResponseError) and _error_code(refused) in REFUSED_BEFORE_RUNNING:
+                # redis-py's Sentinel connection answers READONLY (a demoted master) with a
+                # ConnectionError raised from it: a refusal all the same, nothing ran
+                raise StoreUnavailable(f"Redis refused the write: {_error_code(refused)} {refused}") from None
             await connection.disconnect()  # a late answer must not be read as the next command's
             raise StoreTimeout(
                 f"no answer from Redis within {self.settings.redis_timeout_s:g}s: {exc}"
             ) from None
-        finally:
-            await pool.release(connection)
 
     async def note(self, entry: dict[str, Any]) -> None:
         text = json.dumps({"time": now_iso(), **entry}, separators=(",", ":"))
@@ -916,13 +829,13 @@ class RedisStore(SnapshotHolder):
                 pipe.lpush(self.keys.audit, text)
                 pipe.ltrim(self.keys.audit, 0, max(0, self.settings.audit_max - 1))
                 await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except connect.FAILURES as exc:
             raise StoreUnavailable(str(exc)) from None
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:
         try:
             entries = await self.redis.lrange(self.keys.audit, 0, max(0, limit - 1))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except connect.FAILURES as exc:
             raise StoreUnavailable(str(exc)) from None
         out: list[dict[str, Any]] = []
         for text in entries:  # an entry written by anything else is skipped, not a 500
