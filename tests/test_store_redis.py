@@ -29,6 +29,7 @@ from support import (
     free_port,
     http_client,
     post_webhook,
+    run_serve,
     served_flags,
     sign_body,
     unique_namespace,
@@ -872,3 +873,23 @@ def test_readyz_is_503_until_the_first_load(origin: RawOrigin, tmp_path: Path, r
         assert http_client().get(f"{proxy.base_url}/__flags/healthz").status_code == 200
         assert "Redis unreachable at start" in proxy.stderr()
         assert "serving the flags file" in proxy.stderr()
+
+
+def test_a_start_that_cannot_listen_exits_even_right_after_connecting_to_redis(
+    redis_server: RedisServer, redis_namespace: str
+) -> None:
+    """The port is taken: uvicorn shuts the app down right after startup, while the Redis sync has
+    just connected. The process must exit (systemd restarts it), not hang in its shutdown; the race
+    is narrow, so it is tried a few times."""
+    with socket.socket() as taken:
+        taken.bind((LOCALHOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"FLAGPROXY_STORE_ENVIRONMENT": redis_namespace}
+        for _ in range(5):
+            done = run_serve(
+                ["--port", str(port), "--origin", "http://127.0.0.1:9", "--redis-url", redis_server.url],
+                env=env,
+                timeout=30,
+            )
+            assert done.returncode != 0 and "address already in use" in done.stderr, done.stderr

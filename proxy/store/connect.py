@@ -15,6 +15,7 @@ The key names of a single server or Sentinel deployment do not change (no migrat
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,6 +42,9 @@ SyncClient = redis.Redis | redis.cluster.RedisCluster
 # RedisClusterException, which is no RedisError, when no node answers its CLUSTER SLOTS (or the
 # node named is not in cluster mode).
 FAILURES: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+CLOSE_TIMEOUT_S = 1.0  # longest a close waits for Redis's side of a connection
 
 
 def key_base(settings: StoreSettings) -> str:
@@ -136,8 +140,9 @@ def sync_client(settings: StoreSettings, **extra: Any) -> SyncClient:
 
 async def aclose(client: AsyncClient) -> None:
     """Close ``client`` and, under Sentinel, its connections to the sentinels (the master's client
-    does not own those)."""
-    await client.aclose()
+    does not own those). Bounded like ``Subscription.aclose``: a shutdown never waits on Redis."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(client.aclose(), CLOSE_TIMEOUT_S)
     pool = getattr(client, "connection_pool", None)
     if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
         for sentinel in pool.sentinel_manager.sentinels:
@@ -215,11 +220,13 @@ class Subscription:
         return None
 
     async def aclose(self) -> None:
+        # Bounded: closing a subscription cancelled in the middle of a read can wait forever for
+        # its connection to close (seen at shutdown right after connecting), holding the shutdown.
         with contextlib.suppress(Exception):
-            await self.pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await asyncio.wait_for(self.pubsub.aclose(), CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call]
         if self._owner is not None:
             with contextlib.suppress(Exception):
-                await self._owner.aclose()
+                await asyncio.wait_for(self._owner.aclose(), CLOSE_TIMEOUT_S)
 
 
 async def subscribe(client: AsyncClient, channel: str) -> Subscription:

@@ -393,10 +393,16 @@ class RedisStore(SnapshotHolder):
         self._task = asyncio.create_task(self._run(), name="flagproxy-redis-sync")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task = self._task
+        if task is not None:
+            # Cancelled again until it ends: redis-py can swallow a cancellation that lands while a
+            # read times out (the subscription's wait), and the sync would carry on, holding the
+            # shutdown for ever (seen when a start fails right after connecting).
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._save_now()
