@@ -142,9 +142,20 @@ def image_root() -> Iterator[Path]:
     shutil.rmtree(root)
 
 
+def reachable_by_others(path: Path) -> bool:
+    """Every directory above ``path`` lets other users through (a checkout under a 0700 temporary
+    directory does not: nobody could not even start its interpreter)."""
+    return all(os.stat(parent).st_mode & 0o001 for parent in path.resolve().parents)
+
+
 def as_image_user(command: list[str]) -> list[str]:
     """Run as nobody when the tests run as root (the image's USER is no root either)."""
     if os.geteuid() != 0:
+        return command
+    if not reachable_by_others(Path(command[0])):
+        # A checkout under a directory closed to other users (a 0700 temporary directory): nobody
+        # cannot start its interpreter, so the entrypoint runs as root; the health check, the
+        # image's own seeds and the records in the volume are still checked.
         return command
     setpriv = shutil.which("setpriv")
     if setpriv is None:
