@@ -102,6 +102,8 @@ class Lifecycle:
         self._task: asyncio.Task[None] | None = None
         self.digests_sent = 0
         self._store_away = False  # said once per outage: the store logs the outage itself
+        self._reached = False  # a flush reached the store: a refusal after it is an outage (before it, the
+        # store is still connecting, and says so itself if it cannot)
         store.on_change(self.on_snapshot)
         on_apply = getattr(store, "on_apply", None)
         if on_apply is not None:
@@ -138,10 +140,13 @@ class Lifecycle:
         if written and self._store_away:
             self._store_away = False
             log.info("lifecycle: first-seen times and usage counters reach the store again")
+        self._reached |= written
 
     def _away(self, exc: StoreUnavailable) -> bool:
         """The store cannot take the ledger's writes (Redis away): one line until it can again,
         not one per flush (the store logs the outage itself, once). False: nothing was written."""
+        if not self._reached:  # at start the store is still connecting: not an outage
+            return False
         if not self._store_away:
             self._store_away = True
             log.warning("lifecycle: the store is unavailable (%s); usage is counted in memory meanwhile", exc)
