@@ -337,9 +337,7 @@ KEYS = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max
 FLAG_SPECS = st.tuples(st.integers(-3, 3), st.none() | st.text(min_size=1, max_size=10), CONFIGS)
 
 
-@settings(max_examples=400, deadline=None, database=None)
-@given(specs=st.dictionaries(KEYS, FLAG_SPECS, max_size=25), data=st.data())
-def test_fit_property(specs: dict[str, tuple[int, str | None, Any]], data: st.DataObject) -> None:
+def fit_property(specs: dict[str, tuple[int, str | None, Any]], data: st.DataObject) -> None:
     flags = [make_flag(key, priority, value, config) for key, (priority, value, config) in specs.items()]
     resolved = resolve(flags)
     full = FlagHeaders().fit(resolved, None).size
@@ -349,6 +347,14 @@ def test_fit_property(specs: dict[str, tuple[int, str | None, Any]], data: st.Da
         assert fitted.size <= available
     if outcome.kind == "over_budget":
         assert available is not None and available < EMPTY_FLAGS_LINE + Expected(resolved).reserve
+
+
+FIT_SPECS = {"specs": st.dictionaries(KEYS, FLAG_SPECS, max_size=25), "data": st.data()}
+# make test: 100 examples; make test-slow: 1,000
+test_fit_property = settings(max_examples=100, deadline=None, database=None)(given(**FIT_SPECS)(fit_property))
+test_fit_property_deeply = pytest.mark.slow(
+    settings(max_examples=1000, deadline=None, database=None)(given(**FIT_SPECS)(fit_property))
+)
 
 
 # --- route patterns and origin labels in alerts --------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from support import (
     ProxyProcess,
     RawOrigin,
@@ -101,6 +102,7 @@ def test_three_instances_on_one_redis_count_each_unit_once(
         assert users_by_variant(results(proxy)) == expected
 
 
+@pytest.mark.slow  # two workers and thousands of requests: make test-slow
 def test_two_workers_on_one_sqlite_file_count_each_unit_once(
     origin_factory: Callable[..., RawOrigin], proxy_factory: Callable[..., ProxyProcess]
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,9 +50,7 @@ def everything_then_trim(flags: list[Any], context: dict[str, Any], available: i
     return HEADERS.fit(resolved, available)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(flag_sets(), st.text(min_size=1, max_size=12), st.integers(-50, 3000))
-def test_lazy_fit_equals_evaluate_everything_then_trim(definitions, user: str, available: int) -> None:
+def lazy_fit_equals_evaluate_everything_then_trim(definitions, user: str, available: int) -> None:
     flags = [compile_flag(key, definition) for key, definition in definitions]
     ordered = tuple(sorted(flags, key=lambda f: f.key))
     context = {"key": user, "path": "/", "method": "GET"}
@@ -66,6 +65,19 @@ def test_lazy_fit_equals_evaluate_everything_then_trim(definitions, user: str, a
     assert len(evaluated) <= len(flags)
     for _name, value in got.headers:  # every header stays valid JSON (or a count)
         assert json.loads(value) is not None
+
+
+FIT_INPUTS = (flag_sets(), st.text(min_size=1, max_size=12), st.integers(-50, 3000))
+QUIET = [HealthCheck.too_slow]
+# make test: 100 examples; make test-slow: 1,000
+test_lazy_fit_equals_evaluate_everything_then_trim = settings(
+    max_examples=100, deadline=None, suppress_health_check=QUIET
+)(given(*FIT_INPUTS)(lazy_fit_equals_evaluate_everything_then_trim))
+test_lazy_fit_equals_evaluate_everything_then_trim_deeply = pytest.mark.slow(
+    settings(max_examples=1000, deadline=None, suppress_health_check=QUIET)(
+        given(*FIT_INPUTS)(lazy_fit_equals_evaluate_everything_then_trim)
+    )
+)
 
 
 def test_a_path_with_thousands_of_flags_evaluates_only_what_can_fit() -> None:

@@ -125,6 +125,7 @@ def test_secrets_never_appear_in_error_bodies_or_logs(proxy) -> None:
         assert secret not in text
 
 
+@pytest.mark.slow  # a load test: make test-slow
 def test_ten_thousand_requests_at_c256_without_errors(proxy, origin) -> None:
     async def run() -> list[int]:
         connector = aiohttp.TCPConnector(limit=256)
