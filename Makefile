@@ -56,7 +56,7 @@ chromium:
 test: install-test unleash-spec redis-server nginx chromium
 	$(BIN)/pytest --cov --cov-report=term:skip-covered
 
-# The long property and scale tests (about two minutes), left out of make test.
+# The long property, load and failover tests (a few minutes), left out of make test.
 test-slow: install-test unleash-spec redis-server nginx
 	$(BIN)/pytest -m slow
 

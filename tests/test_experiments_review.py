@@ -134,6 +134,7 @@ def test_a_conversion_the_origin_tracks_while_answering_the_exposing_request_is_
     assert sum(row["conversions"] for row in results["goals"]["signup"]["variants"]) == 1
 
 
+@pytest.mark.slow  # two workers: make test-slow
 def test_with_two_workers_a_conversion_tracked_right_after_its_exposure_is_attributed(
     origin_factory: Callable[..., RawOrigin], proxy_factory: Callable[..., ProxyProcess]
 ) -> None:

@@ -284,6 +284,7 @@ def sentinel(tmp_path: Path) -> Iterator[SentinelDeployment]:
         deployment.close()
 
 
+@pytest.mark.slow  # a failover under load: make test-slow
 def test_sentinel_failover_under_load(
     sentinel: SentinelDeployment, origin: RawOrigin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -353,6 +354,7 @@ async def claim_twice(settings: StoreSettings) -> tuple[list[str], list[str]]:
         await client.aclose()
 
 
+@pytest.mark.slow  # a three-master cluster and a failover under load: make test-slow
 def test_cluster_one_slot_changes_reach_every_instance_and_a_failover_under_load(
     redis_cluster: RedisClusterDeployment,
     origin: RawOrigin,

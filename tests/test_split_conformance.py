@@ -561,7 +561,11 @@ def _ours(flag: Any, matching: str, bucketing: str | None, attrs: dict[str, Any]
 # --- localhost-mode oracle -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[SEED, SEED + 100], ids=["corpus1", "corpus2"])
+@pytest.fixture(
+    scope="module",
+    params=[SEED, pytest.param(SEED + 100, marks=pytest.mark.slow)],  # the second corpus: make test-slow
+    ids=["corpus1", "corpus2"],
+)
 def localhost_corpus(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Corpus, Any, dict[str, Any]]]:
