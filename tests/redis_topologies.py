@@ -173,6 +173,17 @@ class SentinelServer(RedisServer):
         return int(reply[1]) if reply else None
 
 
+def distinct_ports(servers: list[Any]) -> None:
+    """``free_port`` can name the same port twice in a row (nothing held it in between): a server
+    that then cannot bind would leave its port answered by another, and a test talking to the
+    wrong server. Each gets its own."""
+    taken: set[int] = set()
+    for server in servers:
+        while server.port in taken:
+            server.port = free_port()
+        taken.add(server.port)
+
+
 class SentinelDeployment:
     """A master, one replica in sync and a sentinel that knows both."""
 
@@ -181,6 +192,7 @@ class SentinelDeployment:
         self.master = MasterServer(dir=root / "master")
         self.replica = ReplicaServer(root / "replica", self.master.port)
         self.sentinel = SentinelServer(root / "sentinel", name, self.master.port)
+        distinct_ports([self.master, self.replica, self.sentinel])
 
     @property
     def address(self) -> str:
@@ -225,6 +237,12 @@ class RedisClusterDeployment:
 
     def __init__(self, root: Path, masters: int = 3) -> None:
         self.nodes = [ClusterNode(dir=root / f"node{i}") for i in range(masters)]
+        distinct_ports(self.nodes)
+        taken = {node.port for node in self.nodes}
+        for node in self.nodes:  # a bus port no node listens on either
+            while node.bus_port in taken:
+                node.bus_port = free_port()
+            taken.add(node.bus_port)
         self.replica: ClusterNode | None = None
         self.root = root
 
