@@ -62,6 +62,15 @@ def _fields(section: Any) -> dict[str, Any]:
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
 
 
+def _restart_only(section: str, key: str) -> bool:
+    """Of [server], [log] and [store]: does ``key`` keep its running value until a restart?"""
+    if section == "server":
+        return key in SERVER_FIXED
+    if section == "log":
+        return key not in LOG_LIVE
+    return True  # [store]: the store and its file are built once
+
+
 def compare(old: Settings, new: Settings) -> ReloadReport:
     """What differs between ``old`` and ``new``, split into live and restart-only names."""
     report = ReloadReport()
@@ -79,12 +88,10 @@ def compare(old: Settings, new: Settings) -> ReloadReport:
         if name in LIVE_SECTIONS:
             report.applied.append(title)
             continue
-        if name in ("server", "log", "store"):
+        if name in ("server", "log", "store"):  # named key by key: some of them change live
             b, a = _fields(before), _fields(after)
-            live = {"server": None, "log": LOG_LIVE, "store": ()}[name]
             for key in (k for k in b if b[k] != a[k]):
-                fixed = key in SERVER_FIXED if name == "server" else key not in (live or ())
-                (report.restart if fixed else report.applied).append(f"[{name}] {key}")
+                (report.restart if _restart_only(name, key) else report.applied).append(f"[{name}] {key}")
             continue
         report.restart.append(title)
     return report
@@ -101,7 +108,7 @@ def compare_workers(old: Settings, new: Settings) -> ReloadReport:
     return ReloadReport([n for n in changed if n not in fixed], [n for n in changed if n in fixed])
 
 
-def effective(old: Settings, new: Settings, report: ReloadReport) -> Settings:
+def effective(old: Settings, new: Settings) -> Settings:
     """``new`` with every restart-only setting kept at its running value."""
     server = dataclasses.replace(new.server, **{k: getattr(old.server, k) for k in SERVER_FIXED})
     log_ = dataclasses.replace(old.log, **{k: getattr(new.log, k) for k in LOG_LIVE})
@@ -116,7 +123,7 @@ def effective(old: Settings, new: Settings, report: ReloadReport) -> Settings:
 async def reload(app: FlagProxy, new: Settings) -> ReloadReport:
     """Apply ``new`` (already validated) to the running ``app``; the flags file is re-read too."""
     report = compare(app.settings, new)
-    settings = effective(app.settings, new, report)
+    settings = effective(app.settings, new)
     if report.applied:
         await app.reconfigure(settings)
     native = app.syncs.get("native")

@@ -84,7 +84,6 @@ class FlagsFileSync:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.reloads = 0
 
     @property
     def enabled(self) -> bool:
@@ -165,11 +164,6 @@ class FlagsFileSync:
 
     async def reload(self) -> str:
         """Read, validate and apply the file if its content changed; the outcome as a word."""
-        outcome = await self._reload()
-        self.reloads += 1
-        return outcome
-
-    async def _reload(self) -> str:
         data = await asyncio.to_thread(self._read)
         if data is None:
             if self.path.exists():
